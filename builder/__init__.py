@@ -1,0 +1,1 @@
+"""Berth image builder: one module per build stage (see docs/building.md)."""
