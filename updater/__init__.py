@@ -1,0 +1,1 @@
+"""Berth update agent and provisioner, installed into the image."""
