@@ -1,0 +1,221 @@
+"""The whole build of one image version, stage by stage (see docs/building.md for the flow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import disk, elf, initrd, overlay, rootfs, uki
+from builder.config import ImageConfig, OutputFormat
+from builder.disk import stable_uuid
+from builder.erofs import make_erofs
+from builder.errors import BuildError
+from builder.log import complete_step, log
+from builder.verity import make_verity
+from updater.manifest import Manifest, describe
+from updater.version import Version
+
+ARCH = "x86_64"
+
+# Host tools a build needs (see builder/run.py for their packages).
+BUILD_TOOLS = ("mmdebstrap", "mkfs.vfat", "mcopy", "mmd", "qemu-img", "zstd", "dpkg-deb")
+BUILD_FILES = ("/usr/share/keyrings/debian-archive-keyring.gpg",)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    output: Path
+    version: Version
+    roothash: str
+    seconds: float
+
+
+def os_release(config: ImageConfig, version: Version) -> str:
+    fields = {
+        "NAME": "Berth",
+        "PRETTY_NAME": f"Berth {version} ({config.name})",
+        "ID": "berth",
+        "ID_LIKE": "debian",
+        "VERSION": str(version),
+        "VERSION_ID": str(version),
+        "IMAGE_ID": config.name,
+        "IMAGE_VERSION": str(version),
+        "VARIANT_ID": config.name,
+        "BERTH_SUITE": config.suite,
+        "HOME_URL": "https://github.com/berth-os/berth",
+    }
+    return "".join(f'{k}="{v}"\n' for k, v in fields.items())
+
+
+def _hardlink_copy(source: Path, dest: Path) -> None:
+    """A copy of the cached tree whose files share inodes with the cache: fast and small.
+
+    Later stages must replace files, never modify them in place (builder.overlay.replace_file).
+    """
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest, symlinks=True, copy_function=os.link)
+
+
+def _write_package_list(packages: tuple[tuple[str, str, str], ...], path: Path) -> None:
+    lines = "".join(f"{name}\t{version}\t{arch}\n" for name, version, arch in packages)
+    overlay.replace_file(path, lines.encode())
+
+
+def _spdx(config: ImageConfig, version: Version, packages: tuple[tuple[str, str, str], ...]) -> str:
+    doc = {
+        "spdxVersion": "SPDX-2.3",
+        "dataLicense": "CC0-1.0",
+        "SPDXID": "SPDXRef-DOCUMENT",
+        "name": f"berth-{config.name}-{version}",
+        "documentNamespace": f"https://berth.invalid/spdx/{config.name}/{version}",
+        "creationInfo": {"created": "1970-01-01T00:00:00Z", "creators": ["Tool: berth-build"]},
+        "packages": [
+            {
+                "SPDXID": f"SPDXRef-deb-{name.replace('+', 'plus').replace('.', '-')}",
+                "name": name,
+                "versionInfo": ver,
+                "downloadLocation": "NOASSERTION",
+                "externalRefs": [
+                    {
+                        "referenceCategory": "PACKAGE-MANAGER",
+                        "referenceType": "purl",
+                        "referenceLocator": f"pkg:deb/debian/{name}@{ver}?arch={arch}",
+                    }
+                ],
+            }
+            for name, ver, arch in packages
+        ],
+    }
+    return json.dumps(doc, indent=1) + "\n"
+
+
+def build_image(
+    config: ImageConfig,
+    version: Version,
+    repo: Path,
+    *,
+    refresh: bool = False,
+) -> BuildResult:
+    """Build `config` as `version` into out/<image>/<version>/; point `latest` at it."""
+    start = time.monotonic()
+    cache = repo / "cache"
+    out_root = repo / "out" / config.name
+    output = out_root / str(version)
+    work = repo / "cache" / "work" / config.name
+    seed = f"{config.name}:{version}"
+
+    root = rootfs.build_rootfs(config, cache, refresh=refresh)
+    work.mkdir(parents=True, exist_ok=True)
+    tree = work / "tree"
+    with complete_step("Preparing the image tree"):
+        _hardlink_copy(root.path, tree)
+        release = os_release(config, version)
+        overlay.replace_file(tree / "usr/lib/os-release", release.encode())
+        variables = {
+            "image": config,
+            "name": config.name,
+            "version": str(version),
+            "suite": config.suite,
+            "update": config.update,
+            "vars": dict(config.variables),
+        }
+        for name in config.overlays:
+            overlay.apply_overlay(repo / "overlays" / name, tree, variables)
+        overlay.install_agent(repo / "updater", tree)
+        _write_package_list(root.packages, tree / "usr/share/berth/packages.txt")
+        for mountpoint in ("boot", "root", "home", "var", "sysroot"):
+            (tree / mountpoint).mkdir(exist_ok=True)
+
+    with complete_step("Checking every ELF file (pyelftools)"):
+        problems = elf.lint_tree(tree)
+        if problems:
+            raise BuildError(
+                f"ELF lint found {len(problems)} problem(s):\n" + elf.format_problems(problems)
+            )
+
+    staging = work / "staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    with complete_step("Composing the initrd from the image tree"):
+        initrd.compose_initrd(
+            tree, root.package_files, root.kernel_version, release, staging / "initrd.zst"
+        )
+    with complete_step(f"Making the root file system (erofs, {config.compression})"):
+        make_erofs(tree, staging / "root.erofs", config.compression, stable_uuid(seed, "erofs"))
+    with complete_step("Computing the dm-verity hash tree"):
+        roothash = make_verity(tree, staging / "root.erofs", staging / "root.verity", seed)
+        log(f"root hash: {roothash}")
+    with complete_step("Building the UKI"):
+        cmdline = uki.kernel_cmdline(roothash, config.cmdline)
+        uki.build_uki(
+            tree,
+            root.kernel,
+            root.kernel_version,
+            staging / "initrd.zst",
+            tree / "usr/lib/os-release",
+            cmdline,
+            staging / "uki.efi",
+        )
+    with complete_step("Assembling the disk image"):
+        disk.make_esp(
+            tree,
+            staging / "uki.efi",
+            str(version),
+            config.partitions.esp,
+            staging / "esp.vfat",
+            seed,
+        )
+        disk.make_state(tree, root.var, config.partitions.state, staging / "state.ext4", seed)
+        layout = disk.berth_layout(
+            config,
+            str(version),
+            roothash,
+            staging / "esp.vfat",
+            staging / "root.erofs",
+            staging / "root.verity",
+            staging / "state.ext4",
+            seed,
+        )
+        disk.make_disk(layout, staging / "disk.raw", seed)
+        (staging / "esp.vfat").unlink()
+        (staging / "state.ext4").unlink()
+        if OutputFormat.QCOW2 in config.formats:
+            disk.convert_qcow2(staging / "disk.raw", staging / "disk.qcow2")
+        if OutputFormat.RAW not in config.formats:
+            (staging / "disk.raw").unlink()
+    with complete_step("Writing the manifest and package list"):
+        _write_package_list(root.packages, staging / "packages.txt")
+        (staging / "sbom.spdx.json").write_text(_spdx(config, version, root.packages))
+        (staging / "cmdline.txt").write_text(cmdline + "\n")
+        payload = {
+            "root.erofs": staging / "root.erofs",
+            "root.verity": staging / "root.verity",
+            "uki.efi": staging / "uki.efi",
+        }
+        manifest = Manifest(
+            image=config.name,
+            version=version,
+            arch=ARCH,
+            roothash=roothash,
+            files=describe(payload),
+        )
+        (staging / "manifest.json").write_text(manifest.to_json())
+        (staging / "initrd.zst").unlink()
+
+    # Publish the finished directory in one rename, then move the `latest` link atomically.
+    out_root.mkdir(parents=True, exist_ok=True)
+    if output.exists():
+        shutil.rmtree(output)
+    staging.rename(output)
+    link_tmp = out_root / ".latest.tmp"
+    link_tmp.unlink(missing_ok=True)
+    link_tmp.symlink_to(str(version))
+    os.replace(link_tmp, out_root / "latest")
+    shutil.rmtree(tree)
+    return BuildResult(output, version, roothash, time.monotonic() - start)

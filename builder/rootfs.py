@@ -1,0 +1,228 @@
+"""Stage 1: the root tree from Debian packages (mmdebstrap), trimmed and cached by content hash.
+
+The cache key covers everything that decides the tree: suite, package sources, package list, the
+mmdebstrap version and this module's recipe version. A rebuild with the same key reuses the cached
+tree without touching the network or mmdebstrap; `--refresh` forces a new bootstrap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import trim
+from builder.config import ImageConfig
+from builder.errors import BuildError
+from builder.log import complete_step, log
+from builder.run import run
+
+# Bump when the bootstrap or trim recipe changes in a way that changes the cached tree.
+RECIPE_VERSION = 3
+
+# Debian's kernel packages insist on an initramfs generator; Berth composes its initrd from the
+# tree itself (builder/initrd.py), so a tiny local package satisfies the dependency instead of
+# pulling initramfs-tools, busybox and klibc into every image.
+_INITRD_STUB_CONTROL = """\
+Package: berth-initrd
+Version: 1
+Architecture: all
+Maintainer: Berth <berth@localhost>
+Provides: linux-initramfs-tool
+Description: marker: Berth composes its initrd from the image tree
+"""
+
+
+@dataclass(frozen=True)
+class AptSource:
+    uri: str
+    suite: str
+    components: str = "main"
+
+    def line(self) -> str:
+        return f"deb {self.uri} {self.suite} {self.components}"
+
+
+@dataclass(frozen=True)
+class RootTree:
+    """A cached, trimmed root tree and what was recorded about it before trimming."""
+
+    path: Path  # the tree itself
+    kernel: Path  # vmlinuz, moved out of /boot (the kernel lives in the UKI)
+    kernel_version: str
+    packages: tuple[tuple[str, str, str], ...]  # (name, version, architecture)
+    package_files: Path  # directory of <package>.list files (dpkg's file lists)
+    var: Path  # the tree's /var, seeded onto the STATE partition
+
+
+def _host_apt_uris() -> list[tuple[str, str]]:
+    """(uri, suite) pairs from the build host's apt configuration, one-line and deb822 formats."""
+    pairs: list[tuple[str, str]] = []
+    apt = Path("/etc/apt")
+    one_line = [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]
+    for file in one_line:
+        if not file.is_file():
+            continue
+        for raw in file.read_text().splitlines():
+            words = re.sub(r"\[[^]]*\]", "", raw.split("#", 1)[0]).split()
+            if len(words) >= 3 and words[0] == "deb":
+                pairs.append((words[1], words[2]))
+    for file in sorted((apt / "sources.list.d").glob("*.sources")):
+        for stanza in file.read_text().split("\n\n"):
+            fields: dict[str, str] = {}
+            for raw in stanza.splitlines():
+                if raw.startswith("#") or ":" not in raw or raw.startswith((" ", "\t")):
+                    continue
+                key, value = raw.split(":", 1)
+                fields[key.strip().lower()] = value.strip()
+            if "deb" not in fields.get("types", "").split() or fields.get("enabled") == "no":
+                continue
+            for uri in fields.get("uris", "").split():
+                for suite in fields.get("suites", "").split():
+                    pairs.append((uri, suite))
+    return pairs
+
+
+def apt_sources(config: ImageConfig) -> tuple[AptSource, ...]:
+    """The package sources for an image: image `mirror`, else $BERTH_MIRROR, else the host's apt.
+
+    Security updates come from the host's security source when it has one.
+    """
+    suite = config.suite
+    mirror = config.mirror or os.environ.get("BERTH_MIRROR")
+    security: str | None = os.environ.get("BERTH_SECURITY_MIRROR")
+    host = _host_apt_uris()
+    if mirror is None:
+        candidates = [uri for uri, s in host if not s.endswith("-security")]
+        if not candidates:
+            raise BuildError(
+                "no Debian package mirror configured",
+                hint="set `mirror` in the image definition or BERTH_MIRROR in the environment",
+            )
+        mirror = candidates[0]
+    if security is None:
+        security = next((uri for uri, s in host if s.endswith("-security")), None)
+    sources = [AptSource(mirror, suite)]
+    if suite not in ("sid", "unstable", "experimental"):
+        sources.append(AptSource(mirror, f"{suite}-updates"))
+        if security is not None:
+            sources.append(AptSource(security, f"{suite}-security"))
+    return tuple(sources)
+
+
+def _mmdebstrap_version() -> str:
+    out = run(["mmdebstrap", "--version"], capture=True).stdout.decode().strip()
+    return out
+
+
+def cache_key(config: ImageConfig, sources: tuple[AptSource, ...]) -> str:
+    material = {
+        "recipe": RECIPE_VERSION,
+        "suite": config.suite,
+        "sources": [s.line() for s in sources],
+        "packages": sorted(set(config.packages)),
+        "mmdebstrap": _mmdebstrap_version(),
+        "stub": _INITRD_STUB_CONTROL,
+        "trim": trim.RECIPE,
+    }
+    blob = json.dumps(material, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def _build_stub_deb(workdir: Path) -> Path:
+    pkg = workdir / "berth-initrd"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN" / "control").write_text(_INITRD_STUB_CONTROL)
+    deb = workdir / "berth-initrd_1_all.deb"
+    run(
+        ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", pkg, deb],
+        quiet=True,
+        env={"SOURCE_DATE_EPOCH": "0"},
+    )
+    return deb
+
+
+def _load(entry: Path) -> RootTree:
+    meta = json.loads((entry / "meta.json").read_text())
+    return RootTree(
+        path=entry / "tree",
+        kernel=entry / "vmlinuz",
+        kernel_version=meta["kernel_version"],
+        packages=tuple((p[0], p[1], p[2]) for p in meta["packages"]),
+        package_files=entry / "dpkg-lists",
+        var=entry / "var",
+    )
+
+
+def build_rootfs(config: ImageConfig, cache_dir: Path, *, refresh: bool = False) -> RootTree:
+    """Return the trimmed root tree for `config`, bootstrapping it only when not cached."""
+    sources = apt_sources(config)
+    key = cache_key(config, sources)
+    entry = cache_dir / "rootfs" / key
+    if (entry / "meta.json").exists() and not refresh:
+        log(f"root tree cached ({key}): no bootstrap needed")
+        return _load(entry)
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
+    try:
+        with complete_step(
+            f"Bootstrapping Debian {config.suite} ({len(config.packages)} packages)"
+        ):
+            for source in sources:
+                log(f"source: {source.line()}")
+            deb = _build_stub_deb(staging)
+            tree = staging / "tree"
+            run(
+                [
+                    "mmdebstrap",
+                    "--variant=minbase",
+                    "--mode=root",
+                    "--format=directory",
+                    '--aptopt=APT::Install-Recommends "false"',
+                    "--dpkgopt=path-exclude=/usr/share/doc/*",
+                    "--dpkgopt=path-exclude=/usr/share/man/*",
+                    "--dpkgopt=path-exclude=/usr/share/info/*",
+                    "--dpkgopt=path-exclude=/usr/share/locale/*",
+                    "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+                    "--dpkgopt=path-exclude=/usr/share/lintian/*",
+                    # Installed before apt resolves the package list, so that apt sees
+                    # linux-initramfs-tool already provided.
+                    f"--essential-hook=copy-in {deb} /tmp",
+                    f'--essential-hook=chroot "$1" dpkg -i /tmp/{deb.name}',
+                    f'--essential-hook=rm "$1/tmp/{deb.name}"',
+                    "--include=" + ",".join(config.packages),
+                    config.suite,
+                    tree,
+                    *[s.line() for s in sources],
+                ],
+                env={"SOURCE_DATE_EPOCH": "0"},
+            )
+        with complete_step("Recording packages and trimming the tree"):
+            packages = trim.installed_packages(tree)
+            (staging / "dpkg-lists").mkdir()
+            for lst in (tree / "var/lib/dpkg/info").glob("*.list"):
+                shutil.copy2(lst, staging / "dpkg-lists" / lst.name.replace(":amd64", ""))
+            kernels = sorted((tree / "boot").glob("vmlinuz-*"))
+            if len(kernels) != 1:
+                raise BuildError(f"expected exactly one kernel in /boot, found {len(kernels)}")
+            kernel_version = kernels[0].name.removeprefix("vmlinuz-")
+            shutil.move(kernels[0], staging / "vmlinuz")
+            trim.trim_tree(tree)
+            # /var is not part of the read-only root: it is STATE's initial content.
+            shutil.move(tree / "var", staging / "var")
+            (tree / "var").mkdir(mode=0o755)
+        meta = {"kernel_version": kernel_version, "packages": packages, "key": key}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+        if entry.exists():
+            shutil.rmtree(entry)
+        staging.rename(entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _load(entry)

@@ -1,0 +1,142 @@
+"""Trim the bootstrapped tree: documentation, locales, caches and package-manager state go.
+
+Berth updates only as whole images, so apt and dpkg's database are removed: nothing on a machine
+invites an in-place upgrade. The package list survives as /usr/share/berth/packages.txt (written by
+the image stage) and beside the build outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+# Part of the root-tree cache key: edit this text whenever the trim behaviour changes.
+RECIPE = "trim-v4: docs man info locale lintian apt dpkg-state caches logs hostkeys machine-id boot"
+
+# Paths (relative to the tree) removed outright.
+_REMOVE = (
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/lintian",
+    "usr/share/bug",
+    "usr/share/bash-completion",
+    "usr/share/zsh",
+    "usr/share/fish",
+    "etc/apt",
+    "usr/lib/apt",
+    "usr/share/apt",
+    "var/lib/apt",
+    "var/cache/apt",
+    "var/cache/debconf",
+    "var/cache/ldconfig",
+    "var/lib/dpkg",
+    "etc/dpkg",
+    "usr/share/dpkg",
+    "usr/share/debconf",
+    "usr/share/perl5/Debconf",
+    "etc/cron.daily/apt-compat",
+    "etc/cron.daily/dpkg",
+    "etc/logrotate.d/apt",
+    "etc/logrotate.d/dpkg",
+    "usr/lib/systemd/system/apt-daily.service",
+    "usr/lib/systemd/system/apt-daily.timer",
+    "usr/lib/systemd/system/apt-daily-upgrade.service",
+    "usr/lib/systemd/system/apt-daily-upgrade.timer",
+    "usr/lib/systemd/system/dpkg-db-backup.service",
+    "usr/lib/systemd/system/dpkg-db-backup.timer",
+    "etc/systemd/system/timers.target.wants/apt-daily.timer",
+    "etc/systemd/system/timers.target.wants/apt-daily-upgrade.timer",
+    "etc/systemd/system/timers.target.wants/dpkg-db-backup.timer",
+    "var/lib/dbus/machine-id",
+    "var/lib/systemd/random-seed",
+    "var/log",
+    "etc/initramfs-tools",
+)
+
+# Package-manager commands: without their databases they could only do harm.
+_REMOVE_COMMANDS = (
+    "apt",
+    "apt-get",
+    "apt-cache",
+    "apt-config",
+    "apt-mark",
+    "apt-cdrom",
+    "apt-key",
+    "dpkg",
+    "dpkg-deb",
+    "dpkg-divert",
+    "dpkg-query",
+    "dpkg-split",
+    "dpkg-statoverride",
+    "dpkg-trigger",
+    "dpkg-maintscript-helper",
+    "dpkg-realpath",
+)
+
+
+def installed_packages(tree: Path) -> list[list[str]]:
+    """[name, version, architecture] of every installed package, from dpkg's status file."""
+    status = (tree / "var/lib/dpkg/status").read_text()
+    packages: list[list[str]] = []
+    for stanza in status.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line and not line[0].isspace() and ":" in line:
+                key, value = line.split(":", 1)
+                fields[key] = value.strip()
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+            packages.append([fields["Package"], fields["Version"], fields["Architecture"]])
+    packages.sort()
+    return packages
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def trim_tree(tree: Path) -> None:
+    for rel in _REMOVE:
+        _remove(tree / rel)
+    for command in _REMOVE_COMMANDS:
+        _remove(tree / "usr/bin" / command)
+    for lib in (tree / "usr/lib/x86_64-linux-gnu").glob("libapt-*"):
+        _remove(lib)
+    # Translations: keep only the C locale that glibc has built in.
+    for locale_dir in (tree / "usr/share/locale").glob("*"):
+        if locale_dir.is_dir():
+            shutil.rmtree(locale_dir)
+    # The kernel travels inside the UKI; /boot holds nothing the running system needs.
+    boot = tree / "boot"
+    if boot.exists():
+        shutil.rmtree(boot)
+    for link in ("vmlinuz", "vmlinuz.old", "initrd.img", "initrd.img.old"):
+        _remove(tree / link)
+    # Host keys generated during bootstrap would be shared by every machine: each machine makes
+    # its own on first boot (berth-ssh-keygen.service).
+    for key in (tree / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    # An "uninitialized" machine-id makes the first boot a real first boot (ConditionFirstBoot),
+    # and systemd commits the generated id to the persistent /etc overlay.
+    machine_id = tree / "etc/machine-id"
+    machine_id.unlink(missing_ok=True)
+    machine_id.write_text("uninitialized\n")
+    # No account may log in with a password: lock every password field.
+    shadow = tree / "etc/shadow"
+    lines = []
+    for line in shadow.read_text().splitlines():
+        fields = line.split(":")
+        if len(fields) > 1 and not fields[1].startswith(("!", "*")):
+            fields[1] = "!*"
+        lines.append(":".join(fields))
+    shadow.write_text("\n".join(lines) + "\n")
+    os.chmod(shadow, 0o640)
+    # Stale backups of the account databases carry the same hashes.
+    for backup in ("passwd-", "shadow-", "group-", "gshadow-"):
+        _remove(tree / "etc" / backup)
+    for pycache in (tree / "usr/share/python3").rglob("__pycache__"):
+        shutil.rmtree(pycache, ignore_errors=True)
