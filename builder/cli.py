@@ -18,8 +18,21 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = "containerhost"
 
 # Host packages the test suite needs beyond the build's (VM boots, SSH, GPT checks).
-TEST_TOOLS = ("qemu-system-x86_64", "ssh", "ssh-keygen", "sfdisk")
-TEST_FILES = ("/usr/share/OVMF/OVMF_CODE_4M.fd",)
+TEST_TOOLS = (
+    "qemu-system-x86_64",
+    "ssh",
+    "ssh-keygen",
+    "sfdisk",
+    "gcc",
+    "nginx",
+    "veritysetup",
+    "timeout",
+)
+TEST_FILES = (
+    "/usr/share/OVMF/OVMF_CODE_4M.fd",
+    "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    "/usr/lib/x86_64-linux-gnu/libc.a",
+)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.config import ImageConfig
+from builder.errors import BuildError
 from builder.run import run
 from builder.treetool import tree_command
 from updater import gpt
@@ -136,17 +137,23 @@ def make_disk(partitions: Sequence[PartitionImage], output: Path, seed: str) -> 
         )
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.unlink(missing_ok=True)
-    with tmp.open("w+b") as f:
-        f.truncate(total)
-        for part, entry in zip(partitions, table.partitions, strict=True):
-            if part.content is not None:
-                if part.content.stat().st_size > entry.size_bytes():
-                    raise ValueError(
-                        f"{part.content.name} ({part.content.stat().st_size} bytes) does not fit "
-                        f"partition '{entry.name}' ({entry.size_bytes()} bytes)"
-                    )
-                _copy_sparse(part.content, f.fileno(), entry.offset_bytes())
-        gpt.write_table(f, total, table)
+    try:
+        with tmp.open("w+b") as f:
+            f.truncate(total)
+            for part, entry in zip(partitions, table.partitions, strict=True):
+                if part.content is not None:
+                    if part.content.stat().st_size > entry.size_bytes():
+                        raise BuildError(
+                            f"{part.content.name} ({part.content.stat().st_size} bytes) does not "
+                            f"fit partition '{entry.name}' ({entry.size_bytes()} bytes)",
+                            hint="raise the partition's size under [partitions] in the image "
+                            "definition",
+                        )
+                    _copy_sparse(part.content, f.fileno(), entry.offset_bytes())
+            gpt.write_table(f, total, table)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, output)
     return table
 

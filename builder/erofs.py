@@ -14,7 +14,7 @@ def make_erofs(tree: Path, output: Path, compression: Compression, fs_uuid: uuid
     """Pack `tree` into `output`. /var is left empty: STATE is mounted there."""
     options = ["-T", "0", "-U", str(fs_uuid), "--exclude-regex=^var/.+"]
     if compression is not Compression.NONE:
-        level = {Compression.LZMA: ",9", Compression.ZSTD: ",15", Compression.LZ4HC: ",12"}
+        level = {Compression.LZMA: ",6", Compression.ZSTD: ",9", Compression.LZ4HC: ",9"}
         # Big physical clusters compress better; 64 KiB keeps random reads cheap.
         options += [f"-z{compression.value}{level.get(compression, '')}", "-C65536"]
         # erofs packs small files' tails inline and dedupes fragments only when asked.

@@ -100,11 +100,12 @@ def build_image(
     repo: Path,
     *,
     refresh: bool = False,
+    out_dir: Path | None = None,
 ) -> BuildResult:
     """Build `config` as `version` into out/<image>/<version>/; point `latest` at it."""
     start = time.monotonic()
     cache = repo / "cache"
-    out_root = repo / "out" / config.name
+    out_root = (out_dir or repo / "out") / config.name
     output = out_root / str(version)
     work = repo / "cache" / "work" / config.name
     seed = f"{config.name}:{version}"

@@ -145,10 +145,17 @@ def module_closure(tree: Path, kver: str, wanted: Iterable[str]) -> list[str]:
     softdep_file = moddir / "modules.softdep"
     if softdep_file.exists():
         for line in softdep_file.read_text().splitlines():
+            # "softdep NAME pre: A B post: C": the sections may come in any order, and depmod
+            # writes one line per MODULE_SOFTDEP, so a module can have several lines.
             words = line.split()
             if len(words) > 2 and words[0] == "softdep":
-                pre = words[3 : words.index("post:")] if "post:" in words else words[3:]
-                softdeps[words[1].replace("-", "_")] = [w for w in pre if w != "pre:"]
+                pre = softdeps.setdefault(words[1].replace("-", "_"), [])
+                section: str | None = None
+                for word in words[2:]:
+                    if word in ("pre:", "post:"):
+                        section = word
+                    elif section == "pre:":
+                        pre.append(word)
     builtin = {
         _module_name(line)
         for line in (moddir / "modules.builtin").read_text().splitlines()

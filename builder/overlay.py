@@ -139,7 +139,7 @@ def apply_overlay(overlay: Path, tree: Path, variables: Mapping[str, Any]) -> li
             os.chown(target, 0, 0)
         else:
             data = rendered if rendered is not None else source.read_bytes()
-            mode = 0o755 if os.access(source, os.X_OK) and rendered is None else 0o644
+            mode = 0o755 if os.access(source, os.X_OK) else 0o644
             replace_file(target, data, mode)
             os.chown(target, 0, 0)
         installed.append(abs_path)

@@ -38,6 +38,12 @@ Description: marker: Berth composes its initrd from the image tree
 """
 
 
+DEBIAN_SUITES = frozenset(
+    {"buster", "bullseye", "bookworm", "trixie", "forky", "duke", "sid", "experimental"}
+    | {"oldoldstable", "oldstable", "stable", "testing", "unstable"}
+)
+
+
 @dataclass(frozen=True)
 class AptSource:
     uri: str
@@ -60,17 +66,20 @@ class RootTree:
     var: Path  # the tree's /var, seeded onto the STATE partition
 
 
-def _host_apt_uris() -> list[tuple[str, str]]:
-    """(uri, suite) pairs from the build host's apt configuration, one-line and deb822 formats."""
+def _host_apt_uris(apt: Path = Path("/etc/apt")) -> list[tuple[str, str]]:
+    """(uri, suite) pairs from the build host's apt configuration, one-line and deb822 formats.
+
+    Only sources with the `main` component count: Debian's archives have it, third-party
+    repositories (which may well name their suite "bookworm" too) usually do not.
+    """
     pairs: list[tuple[str, str]] = []
-    apt = Path("/etc/apt")
     one_line = [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]
     for file in one_line:
         if not file.is_file():
             continue
         for raw in file.read_text().splitlines():
             words = re.sub(r"\[[^]]*\]", "", raw.split("#", 1)[0]).split()
-            if len(words) >= 3 and words[0] == "deb":
+            if len(words) >= 4 and words[0] == "deb" and "main" in words[3:]:
                 pairs.append((words[1], words[2]))
     for file in sorted((apt / "sources.list.d").glob("*.sources")):
         for stanza in file.read_text().split("\n\n"):
@@ -82,13 +91,15 @@ def _host_apt_uris() -> list[tuple[str, str]]:
                 fields[key.strip().lower()] = value.strip()
             if "deb" not in fields.get("types", "").split() or fields.get("enabled") == "no":
                 continue
+            if "main" not in fields.get("components", "").split():
+                continue
             for uri in fields.get("uris", "").split():
                 for suite in fields.get("suites", "").split():
                     pairs.append((uri, suite))
     return pairs
 
 
-def apt_sources(config: ImageConfig) -> tuple[AptSource, ...]:
+def apt_sources(config: ImageConfig, apt_dir: Path = Path("/etc/apt")) -> tuple[AptSource, ...]:
     """The package sources for an image: image `mirror`, else $BERTH_MIRROR, else the host's apt.
 
     Security updates come from the host's security source when it has one.
@@ -96,7 +107,8 @@ def apt_sources(config: ImageConfig) -> tuple[AptSource, ...]:
     suite = config.suite
     mirror = config.mirror or os.environ.get("BERTH_MIRROR")
     security: str | None = os.environ.get("BERTH_SECURITY_MIRROR")
-    host = _host_apt_uris()
+    # Only Debian's own suites: a host may also list third-party repositories.
+    host = [(uri, s) for uri, s in _host_apt_uris(apt_dir) if s.split("-")[0] in DEBIAN_SUITES]
     if mirror is None:
         candidates = [uri for uri, s in host if not s.endswith("-security")]
         if not candidates:

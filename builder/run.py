@@ -28,17 +28,23 @@ HOST_TOOLS: dict[str, str] = {
     "qemu-system-x86_64": "qemu-system-x86",
     "sfdisk": "fdisk",
     "zstd": "zstd",
-    "nginx": "nginx-light",
+    "nginx": "nginx",
     "arch-test": "arch-test",
     "dpkg-deb": "dpkg",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "gcc": "gcc",
+    "timeout": "coreutils",
+    "veritysetup": "cryptsetup-bin",
 }
 
 # Files (not commands) the build or the VM harness needs, with their packages.
 HOST_FILES: dict[str, str] = {
     "/usr/share/OVMF/OVMF_CODE_4M.fd": "ovmf",
     "/usr/share/keyrings/debian-archive-keyring.gpg": "debian-archive-keyring",
+    "/usr/share/OVMF/OVMF_VARS_4M.fd": "ovmf",
+    # Static libc: the tests compile a tiny static program to put in an OCI image.
+    "/usr/lib/x86_64-linux-gnu/libc.a": "libc6-dev",
 }
 
 DEBUG = bool(os.environ.get("BERTH_DEBUG"))

@@ -11,8 +11,13 @@ import os
 import shutil
 from pathlib import Path
 
+from builder.run import run
+from builder.treetool import tree_command
+
 # Part of the root-tree cache key: edit this text whenever the trim behaviour changes.
-RECIPE = "trim-v4: docs man info locale lintian apt dpkg-state caches logs hostkeys machine-id boot"
+RECIPE = (
+    "trim-v5: modules docs man info locale lintian apt dpkg caches logs hostkeys machine-id boot"
+)
 
 # Paths (relative to the tree) removed outright.
 _REMOVE = (
@@ -53,6 +58,28 @@ _REMOVE = (
     "var/lib/systemd/random-seed",
     "var/log",
     "etc/initramfs-tools",
+)
+
+# Kernel module directories a container host never needs: sound, cameras and TV cards, GPUs (the
+# firmware framebuffer is built in), radios, InfiniBand, industrial I/O. About 45 MB of payload.
+_UNNEEDED_MODULES = (
+    "sound",
+    "drivers/gpu",
+    "drivers/media",
+    "drivers/staging",
+    "drivers/comedi",
+    "drivers/iio",
+    "drivers/infiniband",
+    "drivers/bluetooth",
+    "drivers/net/wireless",
+    "drivers/net/can",
+    "drivers/isdn",
+    "drivers/input/joystick",
+    "drivers/input/touchscreen",
+    "net/bluetooth",
+    "net/mac80211",
+    "net/wireless",
+    "net/can",
 )
 
 # Package-manager commands: without their databases they could only do harm.
@@ -99,6 +126,22 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def trim_kernel_modules(tree: Path) -> None:
+    """Drop unneeded driver families and rebuild the module indexes with the tree's depmod."""
+    modules = tree / "usr/lib/modules"
+    for moddir in sorted(modules.iterdir()) if modules.is_dir() else []:
+        for rel in _UNNEEDED_MODULES:
+            _remove(moddir / "kernel" / rel)
+        run(
+            [
+                *tree_command(tree, "/usr/sbin/depmod", argv0="depmod"),
+                "-b",
+                tree,
+                moddir.name,
+            ]
+        )
+
+
 def trim_tree(tree: Path) -> None:
     for rel in _REMOVE:
         _remove(tree / rel)
@@ -138,5 +181,6 @@ def trim_tree(tree: Path) -> None:
     # Stale backups of the account databases carry the same hashes.
     for backup in ("passwd-", "shadow-", "group-", "gshadow-"):
         _remove(tree / "etc" / backup)
+    trim_kernel_modules(tree)
     for pycache in (tree / "usr/share/python3").rglob("__pycache__"):
         shutil.rmtree(pycache, ignore_errors=True)

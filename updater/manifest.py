@@ -17,7 +17,7 @@ from updater.version import Version
 
 # The release payload: what the agent writes into a slot and onto the ESP.
 PAYLOAD_FILES = ("root.erofs", "root.verity", "uki.efi")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: "$" would allow a "\n"
 
 
 class ManifestError(ValueError):
@@ -65,12 +65,13 @@ class Manifest:
                 raise ManifestError(f"{source}: field '{key}': expected a string, got {value!r}")
             return value
 
+        version_text = text_field("version")
         try:
-            version = Version.parse(text_field("version"))
+            version = Version.parse(version_text)
         except ValueError as e:
             raise ManifestError(f"{source}: field 'version': {e}") from None
         roothash = text_field("roothash")
-        if not _HEX64.match(roothash):
+        if not _HEX64.fullmatch(roothash):
             raise ManifestError(f"{source}: field 'roothash': expected 64 hex digits")
         raw_files = doc.get("files")
         if not isinstance(raw_files, dict):
@@ -83,7 +84,7 @@ class Manifest:
             size, digest = entry.get("size"), entry.get("sha256")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise ManifestError(f"{where}.size: expected a non-negative integer")
-            if not isinstance(digest, str) or not _HEX64.match(digest):
+            if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
                 raise ManifestError(f"{where}.sha256: expected 64 hex digits")
             files[name] = FileEntry(size, digest)
         unknown = set(doc) - {"image", "version", "arch", "roothash", "files"}
