@@ -1,0 +1,25 @@
+"""Same inputs, same bytes: rebuilding a version gives an identical payload (initrd included)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.config import load_image
+from builder.image import BuildResult, build_image
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.vm  # needs the bootstrapped package tree, like the boot tests
+
+
+def test_rebuild_of_a_version_is_byte_identical(built_image: BuildResult, tmp_path: Path) -> None:
+    config = load_image("containerhost", REPO / "images")
+    again = build_image(config, built_image.version, REPO, out_dir=tmp_path)
+    first = (built_image.output / "manifest.json").read_text()
+    second = (again.output / "manifest.json").read_text()
+    # The manifest holds the sha256 of root.erofs, root.verity and uki.efi (kernel + initrd).
+    assert first == second
+    assert again.roothash == built_image.roothash
+    for name in ("packages.txt", "cmdline.txt", "sbom.spdx.json"):
+        assert (again.output / name).read_bytes() == (built_image.output / name).read_bytes()
