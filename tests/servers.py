@@ -1,0 +1,215 @@
+"""A real nginx serving a directory on loopback, for tests that need HTTP with Range support.
+
+nginx answers Range requests on static files by itself, so download-resume tests exercise what a
+production web server or CDN does. Each server gets its own configuration, pid file and logs in a
+private directory; the access log records the request, status, bytes sent and the Range header,
+so a test can check what a client actually fetched.
+
+Use `NginxServer` as a context manager, or the `nginx` fixture (register this module with
+`pytest_plugins = ["tests.servers"]`, or import the fixture into a test module):
+
+    def test_fetch(nginx):
+        server = nginx(repo_dir)
+        requests.get(server.url + "metadata/timestamp.json")
+        assert server.requests()[-1].status == 200
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+
+from builder.run import find_tool
+
+# One line per request; fields are separated by tabs so a request line with spaces stays whole.
+_LOG_FORMAT = "$status\\t$body_bytes_sent\\t$bytes_sent\\t$request\\t$http_range"
+_START_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One access log line."""
+
+    status: int
+    body_bytes: int  # response body bytes nginx sent (after a dropped connection: what went out)
+    bytes_sent: int  # including headers
+    request: str  # e.g. "GET /targets/x HTTP/1.1"
+    range: str | None  # the Range header, or None
+
+    @property
+    def path(self) -> str:
+        parts = self.request.split(" ")
+        return parts[1] if len(parts) >= 2 else self.request
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class NginxServer:
+    """nginx in the foreground serving `root` at http://127.0.0.1:<port>/.
+
+    `extra_config` is inserted into the server block, e.g. a `location` with `limit_rate`.
+    """
+
+    def __init__(self, root: Path, work_dir: Path, extra_config: str = "") -> None:
+        self.root = root.resolve()
+        self.work_dir = work_dir
+        self.extra_config = extra_config
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL, with a trailing slash."""
+        return f"http://127.0.0.1:{self.port}/"
+
+    @property
+    def access_log(self) -> Path:
+        return self.work_dir / "access.log"
+
+    @property
+    def error_log(self) -> Path:
+        return self.work_dir / "error.log"
+
+    def _config(self) -> str:
+        # Running as root, nginx would switch its workers to an unprivileged user that cannot
+        # read pytest's private temporary directories; the workers keep our identity instead.
+        user = "user root;" if os.geteuid() == 0 else ""
+        temp = self.work_dir / "tmp"
+        return f"""
+{user}
+daemon off;
+worker_processes 1;
+pid {self.work_dir / "nginx.pid"};
+error_log {self.error_log} info;
+events {{ worker_connections 64; }}
+http {{
+    types {{ application/json json; }}
+    default_type application/octet-stream;
+    log_format berth "{_LOG_FORMAT}";
+    access_log {self.access_log} berth;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{self.port};
+        root {self.root};
+        {self.extra_config}
+    }}
+}}
+"""
+
+    def start(self) -> NginxServer:
+        nginx = find_tool("nginx")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        (self.work_dir / "tmp").mkdir(exist_ok=True)
+        for _attempt in range(5):
+            # The port can be taken between probing and nginx binding it; try another.
+            self.port = _free_port()
+            config = self.work_dir / "nginx.conf"
+            config.write_text(self._config())
+            self._process = subprocess.Popen(
+                # -e: the startup error log, before the configuration's own is opened.
+                [nginx, "-p", str(self.work_dir), "-e", str(self.error_log), "-c", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            if self._wait_ready():
+                return self
+            self.stop()
+        raise RuntimeError(f"nginx did not start; see {self.error_log}:\n{self._error_tail()}")
+
+    def _wait_ready(self) -> bool:
+        assert self._process is not None
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                return False
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def _error_tail(self) -> str:
+        try:
+            return "\n".join(self.error_log.read_text(errors="replace").splitlines()[-20:])
+        except FileNotFoundError:
+            return "(no error log)"
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            # SIGQUIT is nginx's graceful stop; fall back to SIGKILL if a worker hangs.
+            self._process.send_signal(signal.SIGQUIT)
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def log_lines(self) -> list[str]:
+        try:
+            return self.access_log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def requests(self) -> list[Request]:
+        """The access log parsed, oldest first."""
+        parsed: list[Request] = []
+        for line in self.log_lines():
+            status, body, sent, request, range_ = line.split("\t")
+            parsed.append(
+                Request(
+                    int(status), int(body), int(sent), request, None if range_ == "-" else range_
+                )
+            )
+        return parsed
+
+    def __enter__(self) -> NginxServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., NginxServer]]:
+    """A factory: `nginx(root, extra_config="")` starts a server; all stop at teardown."""
+    servers: list[NginxServer] = []
+
+    def start(root: Path, extra_config: str = "") -> NginxServer:
+        server = NginxServer(root, tmp_path_factory.mktemp("nginx"), extra_config).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
