@@ -1,0 +1,447 @@
+"""Stream one payload file over HTTP into a slot partition (or any file) while hashing it.
+
+The body goes from the socket straight to its place on the destination, one read at a time: a
+2 GB root image never sits in memory or on /var. Nothing is trusted until the very end, when the
+SHA-256 of all `length` bytes (including any written by an earlier, interrupted attempt, which are
+read back and hashed again) matches the trusted metadata. Refusals follow python-tuf's downloader:
+endless data, short data, wrong hash, HTTP errors and slow retrieval.
+
+Runs on the device: standard library and python3-requests (with its urllib3) only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import requests
+import urllib3.exceptions
+
+from updater.errors import (
+    DownloadError,
+    LengthMismatchError,
+    SlowRetrievalError,
+    StorageError,
+    VerificationError,
+)
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# Statuses worth another attempt: the server or a proxy is overloaded or restarting. Anything else
+# (404, 403, 410, ...) will not change by asking again within one run.
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_STATE_FORMAT = 1
+
+
+class _Transient(Exception):
+    """Internal: this attempt failed in a way a later attempt (resuming) may get past."""
+
+    def __init__(self, error: DownloadError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class _Progress:
+    """What one `stream_to` call has written and hashed so far, across its attempts."""
+
+    hasher: Any  # hashlib's type is private; a sha256 object
+    done: int = 0
+    saved: int = 0  # `done` as last recorded in the state file
+
+    def restart(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.done = 0
+        self.saved = 0
+
+
+def write_file_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace `path` with `data`: temp file in the same directory, fsync, rename, fsync the dir.
+
+    A crash at any point leaves either the old file or the new one, never a mix or a torn file.
+    """
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as temp:
+            os.fchmod(temp.fileno(), mode)
+            temp.write(data)
+            temp.flush()
+            os.fsync(temp.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in `directory` durable."""
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _load_state(path: Path, sha256: str, length: int, offset: int) -> int:
+    """Bytes a previous attempt recorded as written for this very target, or 0.
+
+    Anything unexpected restarts from 0: the state file only saves time, it is never trusted
+    (the bytes it points at are hashed again).
+    """
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != _STATE_FORMAT
+        or doc.get("sha256") != sha256
+        or doc.get("length") != length
+        or doc.get("offset") != offset
+    ):
+        return 0
+    done = doc.get("done")
+    if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= length:
+        return 0
+    return done
+
+
+def _save_state(
+    path: Path, url: str, sha256: str, length: int, offset: int, fd: int, done: int
+) -> None:
+    # The data must be on disk before the record that points past it: otherwise a crash leaves a
+    # state file claiming bytes that were lost, and the resumed download fails its hash at the end.
+    os.fsync(fd)
+    doc = {
+        "format": _STATE_FORMAT,
+        "url": url,
+        "sha256": sha256,
+        "length": length,
+        "offset": offset,
+        "done": done,
+    }
+    write_file_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def _clear_state(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _rehash(fd: int, offset: int, done: int, chunk: int, progress: _Progress) -> None:
+    """Hash again what an earlier attempt wrote, reading it back from the destination."""
+    position = 0
+    while position < done:
+        try:
+            data = os.pread(fd, min(chunk, done - position), offset + position)
+        except OSError as e:
+            raise StorageError(
+                f"refused to resume: reading back {done} bytes already written at offset "
+                f"{offset} failed: {e}"
+            ) from e
+        if not data:
+            # The destination is shorter than the state file says (a file was truncated).
+            progress.restart()
+            return
+        progress.hasher.update(data)
+        position += len(data)
+    progress.done = done
+    progress.saved = done
+
+
+def _parse_content_range(url: str, value: str | None, start: int, length: int) -> None:
+    match = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if match is None:
+        raise DownloadError(
+            f"refused {url}: a 206 answer to 'Range: bytes={start}-' carries no usable "
+            f"Content-Range (got {value!r})",
+            url=url,
+            status=206,
+        )
+    first, last, total = int(match[1]), int(match[2]), match[3]
+    if total != "*" and int(total) != length:
+        raise LengthMismatchError(
+            f"refused {url}: the server says the file is {total} bytes, "
+            f"the trusted metadata says {length}"
+        )
+    if first != start or last != length - 1:
+        raise DownloadError(
+            f"refused {url}: asked for bytes {start}-{length - 1}, the server sent {first}-{last}",
+            url=url,
+            status=206,
+        )
+
+
+def _check_status(url: str, response: requests.Response, progress: _Progress) -> None:
+    """Accept 200/206, restart on an ignored Range, else raise (transient or not)."""
+    status = response.status_code
+    asked_range = progress.done > 0
+    if status == 200:
+        if asked_range:
+            # The server ignored Range and sends the whole file: take it from byte 0.
+            log.info("%s: server ignored Range, restarting from byte 0", url)
+            progress.restart()
+        return
+    if status == 206 and asked_range:
+        return
+    reason = response.reason or http.client.responses.get(status, "")
+    if status == 416 and asked_range:
+        # The server's file is shorter than what we already have: start over (the hash decides).
+        error = DownloadError(
+            f"refused {url}: HTTP 416 {reason} for 'Range: bytes={progress.done}-'",
+            url=url,
+            status=status,
+        )
+        progress.restart()
+        raise _Transient(error)
+    error = DownloadError(f"refused {url}: HTTP {status} {reason}".rstrip(), url=url, status=status)
+    if status in _TRANSIENT_STATUS:
+        raise _Transient(error)
+    raise error
+
+
+def _attempt(
+    url: str,
+    session: requests.Session,
+    fd: int,
+    offset: int,
+    length: int,
+    progress: _Progress,
+    *,
+    timeout: tuple[float, float],
+    min_rate: int,
+    rate_window: float,
+    chunk: int,
+    save: Callable[[], None],
+    state_interval: int,
+    report: Callable[[int], None] | None,
+) -> None:
+    """One HTTP request: write from `progress.done` on, until `length` or an error."""
+    # identity: a compressed body would not line up with Range offsets or the trusted hash.
+    headers = {"Accept-Encoding": "identity"}
+    if progress.done:
+        headers["Range"] = f"bytes={progress.done}-"
+    try:
+        response = session.get(url, headers=headers, stream=True, timeout=timeout)
+    except requests.RequestException as e:
+        raise _Transient(DownloadError(f"refused {url}: request failed: {e}", url=url)) from e
+    with response:
+        start = progress.done
+        _check_status(url, response, progress)
+        if response.status_code == 206:
+            _parse_content_range(url, response.headers.get("Content-Range"), start, length)
+        expected = length - progress.done
+        declared = response.headers.get("Content-Length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise DownloadError(
+                    f"refused {url}: invalid Content-Length {declared!r}",
+                    url=url,
+                    status=response.status_code,
+                )
+            if int(declared) != expected:
+                raise LengthMismatchError(
+                    f"refused {url}: the server offers {declared} bytes from byte "
+                    f"{progress.done}, the trusted metadata leaves {expected}"
+                )
+        raw = response.raw
+        window_start = time.monotonic()
+        window_bytes = 0
+        while True:
+            # Once `length` bytes are in, one more read of a single byte must find the end: a
+            # server that keeps sending is caught at byte length + 1, and no further.
+            want = min(chunk, length - progress.done) or 1
+            try:
+                # read1 returns whatever has arrived (at least one byte), so the rate check below
+                # runs even when a hostile server trickles one byte per read timeout.
+                data: bytes = raw.read1(want, decode_content=False)
+            except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as e:
+                raise _Transient(
+                    DownloadError(
+                        f"refused {url}: connection failed after {progress.done} of {length} "
+                        f"bytes: {e}",
+                        url=url,
+                        status=response.status_code,
+                    )
+                ) from e
+            if not data:
+                break
+            if progress.done + len(data) > length:
+                raise LengthMismatchError(
+                    f"refused {url}: the server sent more than the trusted length of "
+                    f"{length} bytes (endless data)"
+                )
+            try:
+                os.pwrite(fd, data, offset + progress.done)
+            except OSError as e:
+                raise StorageError(
+                    f"refused {url}: writing at offset {offset + progress.done} failed: {e}"
+                ) from e
+            progress.hasher.update(data)
+            progress.done += len(data)
+            window_bytes += len(data)
+            if report is not None:
+                report(progress.done)
+            if progress.done - progress.saved >= state_interval:
+                save()
+            now = time.monotonic()
+            if min_rate and now - window_start >= rate_window:
+                rate = window_bytes / (now - window_start)
+                if rate < min_rate:
+                    raise _Transient(
+                        SlowRetrievalError(
+                            f"refused {url}: {rate:.0f} bytes/s over the last "
+                            f"{now - window_start:.1f} s is below the minimum of {min_rate} "
+                            "bytes/s (slow retrieval)",
+                            url=url,
+                            status=response.status_code,
+                        )
+                    )
+                window_start, window_bytes = now, 0
+        if progress.done < length:
+            if declared is None:
+                # A clean end without a declared length (the last chunk, or a close-delimited
+                # body): the server says this is all. A torn chunked body raises in read1 above.
+                raise LengthMismatchError(
+                    f"refused {url}: the server sent {progress.done} bytes, "
+                    f"the trusted metadata says {length} (short data)"
+                )
+            raise _Transient(
+                DownloadError(
+                    f"refused {url}: the connection closed after {progress.done} of {length} bytes",
+                    url=url,
+                    status=response.status_code,
+                )
+            )
+
+
+def stream_to(
+    url: str,
+    dest: BinaryIO,
+    offset: int,
+    length: int,
+    sha256: str,
+    *,
+    session: requests.Session | None = None,
+    state_path: Path | None = None,
+    resume: bool = True,
+    timeout: tuple[float, float] = (10.0, 30.0),
+    min_rate: int = 4096,
+    rate_window: float = 30.0,
+    chunk: int = MiB,
+    attempts: int = 5,
+    backoff: float = 1.0,
+    state_interval: int = 16 * MiB,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Download `url` into `dest` at `offset`; its `length` bytes must hash to `sha256`.
+
+    `dest` is an open block device or file (read-write, for resuming). With `state_path`, the
+    bytes written so far are recorded there (at most every `state_interval` bytes, after an
+    fsync of `dest`), and a later call with `resume` reads them back, hashes them again and asks
+    the server only for the rest (HTTP Range). Transient failures (connection reset, timeout,
+    5xx, slow retrieval) are retried within this call up to `attempts` times, resuming each time,
+    with exponential backoff from `backoff` seconds. `timeout` is (connect, read) in seconds;
+    `min_rate` bytes/s averaged over `rate_window` seconds defends against slow retrieval (0 turns
+    the check off). `progress` is called with the number of bytes done.
+
+    Raises DownloadError (or SlowRetrievalError) when the transfer fails, LengthMismatchError
+    for endless or short data, VerificationError when the bytes written do not hash to `sha256`:
+    then the destination holds garbage and the state file is removed, so the next call starts over.
+    """
+    sha256 = sha256.lower()
+    if not _HEX64.fullmatch(sha256):
+        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    if length < 0 or offset < 0 or chunk <= 0 or attempts < 1:
+        raise ValueError(
+            f"invalid length {length}, offset {offset}, chunk {chunk} or attempts {attempts}"
+        )
+    dest.flush()
+    fd = dest.fileno()
+    state = _Progress(hashlib.sha256())
+    if state_path is not None and resume:
+        done = _load_state(state_path, sha256, length, offset)
+        if done:
+            _rehash(fd, offset, done, chunk, state)
+            log.info("%s: resuming after %d of %d bytes", url, state.done, length)
+
+    def save() -> None:
+        if state_path is not None:
+            try:
+                _save_state(state_path, url, sha256, length, offset, fd, state.done)
+            except OSError as e:
+                raise StorageError(f"cannot record download progress in {state_path}: {e}") from e
+        state.saved = state.done
+
+    own_session = session is None
+    client = requests.Session() if session is None else session
+    try:
+        attempt = 0
+        while state.done < length:
+            attempt += 1
+            try:
+                _attempt(
+                    url,
+                    client,
+                    fd,
+                    offset,
+                    length,
+                    state,
+                    timeout=timeout,
+                    min_rate=min_rate,
+                    rate_window=rate_window,
+                    chunk=chunk,
+                    save=save,
+                    state_interval=state_interval,
+                    report=progress,
+                )
+            except _Transient as transient:
+                save()
+                if attempt >= attempts:
+                    raise transient.error from transient.__cause__
+                delay = min(backoff * 2 ** (attempt - 1), 60.0)
+                log.warning(
+                    "%s (attempt %d of %d); retrying in %.1f s",
+                    transient.error,
+                    attempt,
+                    attempts,
+                    delay,
+                )
+                time.sleep(delay)
+    except VerificationError:
+        # Endless or short data: what is on disk is not trustworthy, do not resume from it.
+        _clear_state(state_path)
+        raise
+    finally:
+        if own_session:
+            client.close()
+
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise StorageError(f"flushing {length} bytes from {url} to disk failed: {e}") from e
+    digest = state.hasher.hexdigest()
+    if digest != sha256:
+        _clear_state(state_path)
+        raise VerificationError(
+            f"refused {url}: its {length} bytes hash to sha256 {digest}, "
+            f"the trusted metadata says {sha256}"
+        )
+    _clear_state(state_path)
