@@ -47,3 +47,13 @@ class SlotError(UpdateError):
 
 class BootEntryError(UpdateError):
     """Boot loader entries on the ESP cannot be read or changed as asked."""
+
+
+class RefusedError(UpdateError):
+    """The agent will not do what was asked: nothing to install, a downgrade without consent, a
+    rollback with nothing to go back to. Nothing was changed."""
+
+
+class ReleaseMismatchError(VerificationError):
+    """A release's signed parts disagree (channel entry, release manifest, TUF targets) or the
+    release is for another image or architecture than this machine runs."""

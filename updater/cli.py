@@ -1,0 +1,155 @@
+"""berth-update: the operator's front end to the update agent.
+
+    berth-update status [--json]
+    berth-update check [--ignore-waves]
+    berth-update apply [--version V] [--allow-downgrade] [--ignore-waves]
+    berth-update rollback
+    berth-update after-boot
+
+The only place that turns errors into exit codes: any UpdateError becomes one line
+"berth-update: <message>" on stderr and exit status 1. The agent is built from the running
+machine (`Machine.detect()`) and the configuration files; tests inject their own agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from updater.agent import Agent, Machine, Status
+from updater.config import load_config
+from updater.errors import UpdateError
+from updater.progress import Progress
+from updater.version import Version
+
+PROG = "berth-update"
+
+
+def default_agent() -> Agent:
+    return Agent(Machine.detect(), load_config())
+
+
+def _version(text: str) -> Version:
+    try:
+        return Version.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Berth's update agent.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the agent does")
+    sub = p.add_subparsers(dest="command", required=True)
+    status = sub.add_parser("status", help="booted version, slots, channel, last check")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    check = sub.add_parser("check", help="look for an update in the signed channel")
+    check.add_argument("--ignore-waves", action="store_true", help="do not wait for this wave")
+    apply = sub.add_parser("apply", help="install an update into the inactive slot")
+    apply.add_argument("--version", type=_version, help="install this version")
+    apply.add_argument(
+        "--allow-downgrade", action="store_true", help="allow --version older than the booted one"
+    )
+    apply.add_argument("--ignore-waves", action="store_true", help="do not wait for this wave")
+    sub.add_parser("rollback", help="boot the previous version next")
+    sub.add_parser("after-boot", help="judge this boot (run once per boot by systemd)")
+    return p
+
+
+def format_status(status: Status) -> str:
+    lines = [
+        f"booted:       {status.image} {status.booted_version} ({status.arch})",
+        *(
+            f"slot {s.name}:       {s.version or '-'} {s.state}"
+            + (f" roothash {s.roothash}" if s.roothash else "")
+            for s in status.slots
+        ),
+        f"channel:      {status.channel} from {status.url}",
+        f"strategy:     {status.strategy}, checking every {status.interval:.0f} s",
+        f"seed:         {status.seed}",
+        f"last check:   {status.last_check or 'never'}"
+        + (f": {status.last_result}" if status.last_result else ""),
+        f"pending:      {status.pending or 'none'}",
+    ]
+    if status.rollback_note:
+        lines.append(f"rollback:     {status.rollback_note}")
+    lines.extend(f"bad:          {b}" for b in status.bad)
+    lines.append(f"boot entries: {', '.join(status.boot_entries) or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+def _run(args: argparse.Namespace, agent: Agent, out: TextIO, err: TextIO) -> int:
+    if args.command == "status":
+        status = agent.status()
+        if args.json:
+            out.write(json.dumps(status.to_json(), indent=2) + "\n")
+        else:
+            out.write(format_status(status))
+    elif args.command == "check":
+        selection = agent.check(ignore_waves=args.ignore_waves)
+        if selection.release is not None:
+            out.write(f"update available: {selection.release.version}\n")
+        else:
+            out.write("no update available\n")
+        for reason in selection.reasons:
+            out.write(f"  skipped {reason}\n")
+    elif args.command == "apply":
+        progress = Progress(err)
+        try:
+            applied = agent.apply(
+                args.version,
+                allow_downgrade=args.allow_downgrade,
+                ignore_waves=args.ignore_waves,
+                progress=progress,
+            )
+        finally:
+            progress.close()
+        out.write(
+            f"installed {applied.version} into slot {applied.slot} ({applied.entry.name}); "
+            "it boots at the next reboot\n"
+        )
+    elif args.command == "rollback":
+        rolled = agent.rollback()
+        out.write(
+            f"{rolled.to_version} boots next (rolled back from {rolled.from_version}); reboot "
+            "to use it\n"
+        )
+    elif args.command == "after-boot":
+        result = agent.after_boot()
+        for reason in result.reasons:
+            out.write(f"{reason}\n")
+        if result.blessed is not None:
+            out.write(f"{result.blessed} booted fine and is now the current version\n")
+        elif result.waiting:
+            out.write(f"{result.booted} booted; waiting for boot-complete to judge it\n")
+        elif not result.reasons:
+            out.write(f"{result.booted} booted; nothing to do\n")
+    return 0
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    agent_factory: Callable[[], Agent] = default_agent,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format=f"{PROG}: %(message)s",
+        stream=err,
+    )
+    try:
+        return _run(args, agent_factory(), out, err)
+    except UpdateError as e:
+        err.write(f"{PROG}: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        err.write(f"{PROG}: interrupted\n")
+        return 130

@@ -1,0 +1,190 @@
+"""The agent's memory between runs: `<var>/lib/berth/state.json`, replaced atomically.
+
+What the disk and the ESP cannot say by themselves lives here: when the last check ran and what
+it found, which installed version waits for a reboot, which versions failed on this machine and
+why (never installed again automatically), and the last version seen booted.
+
+The file is a convenience, never a source of truth for what boots: a corrupt or unreadable
+state file is moved aside with a warning and the agent starts afresh (it rediscovers a failed
+version the next time the boot loader falls back). Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from updater.errors import StorageError
+from updater.fetch import write_file_atomic
+from updater.version import Version
+
+log = logging.getLogger(__name__)
+
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LastCheck:
+    time: datetime
+    result: str  # "1.3.0 available", "up to date", "failed: <why>"
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A version written into the inactive slot and on the ESP, waiting for a reboot."""
+
+    version: Version
+    slot: str
+    roothash: str
+    installed: datetime
+    boot_id: str  # the boot that installed it: a fallback can only be judged after a reboot
+
+
+@dataclass(frozen=True)
+class BadVersion:
+    version: Version
+    reason: str  # "rolled back from 1.3.0: boot did not complete"
+    since: datetime
+
+
+@dataclass(frozen=True)
+class State:
+    last_check: LastCheck | None = None
+    pending: Pending | None = None
+    bad: tuple[BadVersion, ...] = field(default=())
+    last_booted: Version | None = None
+    # This machine's rollout seed as last derived from /etc/machine-id; kept so that status can
+    # show it and so that a machine whose machine-id went missing keeps its place in the waves.
+    seed: int | None = None
+
+    @property
+    def bad_versions(self) -> frozenset[Version]:
+        return frozenset(b.version for b in self.bad)
+
+    def with_bad(self, version: Version, reason: str, when: datetime) -> State:
+        """Mark `version` bad, replacing an earlier reason for it."""
+        others = tuple(b for b in self.bad if b.version != version)
+        return replace(self, bad=(*others, BadVersion(version, reason, when)))
+
+    def without_bad(self, version: Version) -> State:
+        return replace(self, bad=tuple(b for b in self.bad if b.version != version))
+
+    def to_json(self) -> str:
+        doc: dict[str, Any] = {
+            "format": _FORMAT,
+            "last_check": None
+            if self.last_check is None
+            else {
+                "time": _time(self.last_check.time),
+                "result": self.last_check.result,
+                "ok": self.last_check.ok,
+            },
+            "pending": None
+            if self.pending is None
+            else {
+                "version": str(self.pending.version),
+                "slot": self.pending.slot,
+                "roothash": self.pending.roothash,
+                "installed": _time(self.pending.installed),
+                "boot_id": self.pending.boot_id,
+            },
+            "bad": [
+                {"version": str(b.version), "reason": b.reason, "since": _time(b.since)}
+                for b in self.bad
+            ],
+            "last_booted": None if self.last_booted is None else str(self.last_booted),
+            "seed": self.seed,
+        }
+        return json.dumps(doc, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> State:
+        """Parse; any deviation raises ValueError (load_state turns that into a fresh start)."""
+        doc = json.loads(text)
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+            raise ValueError(f"expected an object with format {_FORMAT}")
+        check = doc.get("last_check")
+        pending = doc.get("pending")
+        booted = doc.get("last_booted")
+        seed = doc.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed: expected an integer, got {seed!r}")
+        return cls(
+            last_check=None
+            if check is None
+            else LastCheck(_parse_time(check["time"]), str(check["result"]), bool(check["ok"])),
+            pending=None
+            if pending is None
+            else Pending(
+                Version.parse(pending["version"]),
+                str(pending["slot"]),
+                str(pending["roothash"]),
+                _parse_time(pending["installed"]),
+                str(pending["boot_id"]),
+            ),
+            bad=tuple(
+                BadVersion(Version.parse(b["version"]), str(b["reason"]), _parse_time(b["since"]))
+                for b in doc.get("bad", [])
+            ),
+            last_booted=None if booted is None else Version.parse(booted),
+            seed=seed,
+        )
+
+
+def _time(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _parse_time(text: object) -> datetime:
+    if not isinstance(text, str):
+        raise ValueError(f"expected a time, got {text!r}")
+    when = datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        raise ValueError(f"time {text!r} has no time zone")
+    return when
+
+
+def state_path(var: Path) -> Path:
+    return var / "lib/berth/state.json"
+
+
+def load_state(path: Path, now: datetime | None = None) -> State:
+    """The saved state, or a fresh one when there is none or it is unusable (moved aside)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return State()
+    except OSError as e:
+        log.warning("cannot read %s (%s); starting with an empty state", path, e)
+        return State()
+    try:
+        return State.from_json(text)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        try:
+            os.replace(path, aside)
+        except OSError as move_error:
+            log.warning("cannot move the corrupt %s aside: %s", path, move_error)
+        else:
+            log.warning(
+                "%s is corrupt (%s); moved it to %s and started with an empty state",
+                path,
+                e,
+                aside.name,
+            )
+        return State()
+
+
+def save_state(path: Path, state: State) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(path, state.to_json().encode())
+    except OSError as e:
+        raise StorageError(f"cannot save the agent's state to {path}: {e}") from e
