@@ -39,7 +39,7 @@ TEST_FILES = (
 def _cmd_build(args: argparse.Namespace) -> int:
     ensure_host_packages(image.BUILD_TOOLS, image.BUILD_FILES)
     config = load_image(args.image, REPO / "images")
-    version = Version.parse(args.version) if args.version else default_version(REPO / "out")
+    version: Version = args.version or default_version(REPO / "out")
     log(f"Building image '{config.name}' version {version}")
     result = image.build_image(config, version, REPO, refresh=args.refresh)
     log("")

@@ -35,7 +35,13 @@ _KEEP = re.compile(
     r"|^/usr/sbin/(dmsetup|modprobe|insmod|rmmod|lsmod|depmod|modinfo)$"
 )
 # ...minus what an initrd never uses.
-_DROP = re.compile(r"(/hwdb\.d/|/hwdb\.bin$|/user[^/]*/|\.conf\.d/.+\.conf$)")
+_DROP = re.compile(
+    r"(/hwdb\.d/|/hwdb\.bin$|/user[^/]*/|\.conf\.d/.+\.conf$"
+    # Daemons of the real system that no initrd unit starts.
+    r"|/systemd-(networkd|networkd-wait-online|network-generator|logind|hostnamed|localed"
+    r"|timedated|storagetm|bsod|backlight|rfkill|user-sessions|socket-proxyd|ssh-proxy"
+    r"|pcrlock|pcrextend|measure|xdg-autostart-condition)$)"
+)
 
 # Further programs used by the initrd units and for rescue from the emergency shell.
 EXTRA_FILES = (

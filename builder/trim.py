@@ -15,9 +15,7 @@ from builder.run import run
 from builder.treetool import tree_command
 
 # Part of the root-tree cache key: edit this text whenever the trim behaviour changes.
-RECIPE = (
-    "trim-v5: modules docs man info locale lintian apt dpkg caches logs hostkeys machine-id boot"
-)
+RECIPE = "trim-v6: modules netavark docs man locale apt dpkg caches logs hostkeys machine-id boot"
 
 # Paths (relative to the tree) removed outright.
 _REMOVE = (
@@ -58,6 +56,8 @@ _REMOVE = (
     "var/lib/systemd/random-seed",
     "var/log",
     "etc/initramfs-tools",
+    # Socket activation is enough for netavark's DHCP proxy; Debian also starts it at boot.
+    "etc/systemd/system/default.target.wants/netavark-dhcp-proxy.service",
 )
 
 # Kernel module directories a container host never needs: sound, cameras and TV cards, GPUs (the
