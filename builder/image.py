@@ -14,7 +14,7 @@ from builder.config import ImageConfig, OutputFormat
 from builder.disk import stable_uuid
 from builder.erofs import make_erofs
 from builder.errors import BuildError
-from builder.log import complete_step, log
+from builder.log import complete_step, log, warn
 from builder.verity import make_verity
 from updater.manifest import Manifest, describe
 from updater.version import Version
@@ -49,6 +49,32 @@ def os_release(config: ImageConfig, version: Version) -> str:
         "HOME_URL": "https://github.com/berth-os/berth",
     }
     return "".join(f'{k}="{v}"\n' for k, v in fields.items())
+
+
+def trust_anchor(keys_dir: Path) -> bytes:
+    """The TUF root metadata to embed; development keys are created (loudly) when none exist."""
+    from builder import publish
+
+    root = keys_dir / "root.json"
+    if not root.exists():
+        publish.init_keys(keys_dir)
+        warn("")
+        warn(f"NO SIGNING KEYS in {keys_dir}: created DEVELOPMENT keys there.")
+        warn("Images built now trust only these keys. For releases, create keys deliberately")
+        warn("(./build.py keys init) and keep the root key offline: see docs/updates.md.")
+        warn("")
+    return root.read_bytes()
+
+
+def update_defaults(config: ImageConfig) -> str:
+    """/usr/lib/berth/update.toml: the image's channel and repository; /etc/berth overrides."""
+    lines = [
+        "# Defaults from the image definition. Override in /etc/berth/update.toml.",
+        "[update]",
+        f'url = "{config.update.url}"',
+        f'channel = "{config.update.channel}"',
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _hardlink_copy(source: Path, dest: Path) -> None:
@@ -101,6 +127,7 @@ def build_image(
     *,
     refresh: bool = False,
     out_dir: Path | None = None,
+    keys_dir: Path | None = None,
 ) -> BuildResult:
     """Build `config` as `version` into out/<image>/<version>/; point `latest` at it."""
     start = time.monotonic()
@@ -128,6 +155,10 @@ def build_image(
         for name in config.overlays:
             overlay.apply_overlay(repo / "overlays" / name, tree, variables)
         overlay.install_agent(repo / "updater", tree)
+        # The only trust anchor for updates, inside the verity-protected /usr.
+        anchor = trust_anchor(keys_dir or repo / "keys")
+        overlay.replace_file(tree / "usr/share/berth/tuf/root.json", anchor)
+        overlay.replace_file(tree / "usr/lib/berth/update.toml", update_defaults(config).encode())
         _write_package_list(root.packages, tree / "usr/share/berth/packages.txt")
         for mountpoint in ("boot", "root", "home", "var", "sysroot"):
             (tree / mountpoint).mkdir(exist_ok=True)

@@ -16,6 +16,7 @@ from tests.servers import NginxServer
 from updater import bootentries, gpt, slots
 from updater.agent import Agent, SlotRole
 from updater.cli import main
+from updater.config import UpdateConfig
 from updater.errors import RefusedError, UpdateError
 from updater.slots import SlotState
 from updater.state import load_state, state_path
@@ -323,3 +324,12 @@ def test_progress_bar_on_a_terminal() -> None:
 def test_entries_helper_matches_loader(fake: FakeMachine) -> None:
     # The fake loader variable names the booted entry the way systemd-boot does.
     assert bootentries.booted_version(fake.loader_entry) == V1
+
+
+def test_no_repository_configured_is_refused_but_status_works(
+    site: Site, fake: FakeMachine
+) -> None:
+    agent = Agent(fake.machine(site.keys / "root.json"), UpdateConfig(url="", channel="stable"))
+    assert agent.status().booted_version is not None
+    with pytest.raises(RefusedError, match="no update repository is configured"):
+        agent.check()

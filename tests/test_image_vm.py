@@ -14,7 +14,8 @@ import pytest
 
 from builder.image import BuildResult
 from builder.run import run
-from tests.conftest import boot
+from qemu import DiskBus
+from tests.conftest import REPO, boot
 from tests.oci import oci_archive, static_hello
 from updater import gpt
 
@@ -89,6 +90,18 @@ def test_first_boot_reboot_and_containers(
     assert vm.ssh("command -v apt-get || command -v dpkg", check=False).returncode != 0
     assert "podman\t" in host.file("/usr/share/berth/packages.txt").content_string
 
+    # The update agent's runtime is there: its package, python-tuf and its crypto, the trust
+    # anchor of the keys this image was built with, and the image's update defaults.
+    vm.ssh(
+        "python3 -c 'import tuf.ngclient, securesystemslib.signer, cryptography, requests,"
+        " updater.gpt, updater.manifest'"
+    )
+    status = json.loads(vm.ssh_output("berth-update status --json"))
+    assert str(built_image.version) in json.dumps(status), status
+    anchor = (REPO / "keys" / "root.json").read_text()
+    assert host.file("/usr/share/berth/tuf/root.json").content_string == anchor
+    assert "[update]" in host.file("/usr/lib/berth/update.toml").content_string
+
     machine_id = host.file("/etc/machine-id").content_string.strip()
     assert len(machine_id) == 32
     assert host.file(f"/var/log/journal/{machine_id}").is_directory
@@ -132,12 +145,15 @@ def test_tampered_root_never_runs(
             byte = f.read(1)
             f.seek(start + offset)
             f.write(bytes([byte[0] ^ 0xFF]))
-    vm = boot(disk, artifacts / "vm", snapshot=False, no_reboot=True)
+    # On NVMe, so the same boot also proves the initrd drives NVMe disks (as on most clouds): the
+    # corruption is only found once the root partition is read through that driver.
+    vm = boot(disk, artifacts / "vm", snapshot=False, no_reboot=True, disk_bus=DiskBus.NVME)
     vm_factory.append(vm)
     vm.start()
     # restart-on-corruption reboots; -no-reboot turns that into QEMU exiting.
     vm.wait_exit(timeout=600)
     log = vm.serial_text()
+    assert "nvme0n1" in log, vm.serial_tail()
     assert "verity" in log and "corrupted" in log, vm.serial_tail()
     assert "Reached target multi-user.target" not in log
     assert "Started ssh.service" not in log

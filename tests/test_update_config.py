@@ -93,3 +93,13 @@ def test_reload_keeps_the_last_good_config(paths: tuple[Path, Path]) -> None:
     override(etc, '[update]\nstrategy = "off"\n')
     config, error = reload_config(good, default, etc)
     assert error is None and config.strategy is Strategy.OFF
+
+
+def test_an_image_without_a_repository_loads_and_can_be_given_one(
+    paths: tuple[Path, Path],
+) -> None:
+    default, etc = paths
+    default.write_text('[update]\nurl = ""\nchannel = "stable"\n')
+    assert load_config(default, etc).url == ""
+    override(etc, '[update]\nurl = "https://mirror.example/berth"\n')
+    assert load_config(default, etc).url == "https://mirror.example/berth/"

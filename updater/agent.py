@@ -325,6 +325,11 @@ class Agent:
             raise SlotError(f"cannot read the slots of {self.machine.disk}: {e}") from e
 
     def repository(self) -> TrustedRepository:
+        if not self.config.url:
+            raise RefusedError(
+                "no update repository is configured: set url in the [update] table of "
+                "/etc/berth/update.toml"
+            )
         return TrustedRepository(
             self.machine.state_dir / "tuf",
             self.machine.trusted_root,

@@ -77,6 +77,10 @@ _Parser = Callable[[object, float], object]
 
 
 def _url(value: object, _min: float) -> str:
+    # "" is an image built without a repository: it boots and reports, and updates once an
+    # operator sets one in /etc/berth/update.toml.
+    if value == "":
+        return ""
     if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
         raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
     # The repository's files are resolved relative to it: metadata/… and targets/….
