@@ -408,13 +408,14 @@ class Agent:
             self._record(f"failed: {e}", ok=False)
             raise
 
-    def check(self, *, ignore_waves: bool = False) -> Selection:
-        """Refresh the signed metadata and pick the release this machine should install now."""
+    def _candidate(
+        self, repo: TrustedRepository, booted: _Booted, *, ignore_waves: bool
+    ) -> tuple[ChannelManifest, Selection]:
+        """Refresh, then the newest release this machine may take now (the daemon's choice)."""
         state = self._load()
-        booted = self._booted()
         seed, state = self._seed(state)
         self._save(state)
-        channel = self._channel(self.repository())
+        channel = self._channel(repo)
         selection = select_candidate(
             channel,
             image=booted.image,
@@ -425,6 +426,12 @@ class Agent:
             bad=state.bad_versions,
             ignore_waves=ignore_waves,
         )
+        return channel, selection
+
+    def check(self, *, ignore_waves: bool = False) -> Selection:
+        """Refresh the signed metadata and pick the release this machine should install now."""
+        booted = self._booted()
+        _, selection = self._candidate(self.repository(), booted, ignore_waves=ignore_waves)
         if selection.release is not None:
             self._record(f"{selection.release.version} available", ok=True)
         else:
@@ -442,22 +449,9 @@ class Agent:
         allow_downgrade: bool,
         ignore_waves: bool,
     ) -> Release:
-        state = self._load()
-        seed, state = self._seed(state)
-        self._save(state)
-        channel = self._channel(repo)
-        where = f"{booted.image} ({self.machine.arch}) in channel {channel.channel}"
         if version is None:
-            selection = select_candidate(
-                channel,
-                image=booted.image,
-                arch=self.machine.arch,
-                booted=booted.version,
-                seed=seed,
-                now=self._now(),
-                bad=state.bad_versions,
-                ignore_waves=ignore_waves,
-            )
+            channel, selection = self._candidate(repo, booted, ignore_waves=ignore_waves)
+            where = f"{booted.image} ({self.machine.arch}) in channel {channel.channel}"
             if selection.release is None:
                 self._record(f"up to date ({booted.version})", ok=True)
                 skipped = "; ".join(selection.reasons)
@@ -467,7 +461,7 @@ class Agent:
                 )
         else:
             selection = select_version(
-                channel,
+                self._channel(repo),
                 version,
                 image=booted.image,
                 arch=self.machine.arch,
