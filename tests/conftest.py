@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from builder import publish as pub
 from builder.config import load_image
 from builder.image import BuildResult, build_image
 from qemu import VM, VMConfig
+from tests.machine import FakeMachine, Site
+from tests.servers import NginxServer
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -54,3 +57,18 @@ def vm_factory(artifacts: Path) -> Iterator[list[VM]]:
     yield vms
     for vm in vms:
         vm.close()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    """Signing keys and an empty TUF repository served by nginx on loopback."""
+    pub.init_keys(tmp_path / "keys")
+    (tmp_path / "repo").mkdir()
+    with NginxServer(tmp_path / "repo", tmp_path / "nginx") as server:
+        yield Site(tmp_path, server)
+
+
+@pytest.fixture
+def fake(tmp_path: Path, site: Site) -> FakeMachine:
+    """A machine (GPT disk image, ESP, cmdline) booted into 1.0.0 from slot A."""
+    return FakeMachine(tmp_path / "machine", site.release("1.0.0"))

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from builder import publish as pub
 from tests.machine import FakeMachine, Site, make_agent, release_manifest
-from tests.servers import NginxServer
 from updater import bootentries, gpt, slots
 from updater.agent import Agent, SlotRole
 from updater.cli import main
@@ -23,19 +21,6 @@ from updater.state import load_state, state_path
 from updater.version import Version
 
 V1, V2 = Version(1, 0, 0), Version(1, 1, 0)
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    pub.init_keys(tmp_path / "keys")
-    (tmp_path / "repo").mkdir()
-    with NginxServer(tmp_path / "repo", tmp_path / "nginx") as server:
-        yield Site(tmp_path, server)
-
-
-@pytest.fixture
-def fake(tmp_path: Path, site: Site) -> FakeMachine:
-    return FakeMachine(tmp_path / "machine", site.release("1.0.0"))
 
 
 def test_check_finds_the_candidate_and_explains_skips(site: Site, fake: FakeMachine) -> None:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,19 +39,6 @@ from updater.version import Version
 __all__ = ["misbehaving"]  # the fixture, imported for pytest
 
 FAST = FetchOptions(timeout=(2.0, 2.0), attempts=2, backoff=0.0, state_interval=64 * 1024)
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    pub.init_keys(tmp_path / "keys")
-    (tmp_path / "repo").mkdir()
-    with NginxServer(tmp_path / "repo", tmp_path / "nginx") as server:
-        yield Site(tmp_path, server)
-
-
-@pytest.fixture
-def fake(tmp_path: Path, site: Site) -> FakeMachine:
-    return FakeMachine(tmp_path / "machine", site.release("1.0.0"))
 
 
 def refused(

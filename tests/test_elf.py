@@ -30,12 +30,8 @@ MULTIARCH = "usr/lib/x86_64-linux-gnu"
 LOADER = "/lib64/ld-linux-x86-64.so.2"
 EM_AARCH64 = 183
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("gcc") is None
-    or not Path("/usr/bin/ls").exists()
-    or os.uname().machine != "x86_64",
-    reason="needs an x86_64 host with gcc and /usr/bin/ls",
-)
+# gcc and the x86_64 loader are host requirements of `./build.py test` (builder/cli.py), so a
+# missing one is a failure here, not a skip.
 
 LIBBERTH_C = "int berth_value(void) { return 42; }\n"
 USES_BERTH_C = "int berth_value(void);\nint berth_a(void) { return berth_value(); }\n"
