@@ -101,6 +101,17 @@ def test_first_boot_reboot_and_containers(
     anchor = (REPO / "keys" / "root.json").read_text()
     assert host.file("/usr/share/berth/tuf/root.json").content_string == anchor
     assert "[update]" in host.file("/usr/lib/berth/update.toml").content_string
+    # The health check gated boot-complete.target and passed; the daemon runs, has judged the
+    # boot, and idles without a repository (the test image has none) instead of failing.
+    health = host.service("berth-health.service")
+    assert health.is_enabled and health.is_running  # oneshot with RemainAfterExit
+    assert "health check passed" in vm.ssh_output("journalctl -b -u berth-health.service")
+    daemon = host.service("berth-update.service")
+    assert daemon.is_enabled and daemon.is_running
+    assert "idle" in vm.ssh_output("systemctl show -P StatusText berth-update.service")
+    assert "no update repository configured" in vm.ssh_output(
+        "journalctl -b -u berth-update.service"
+    )
 
     machine_id = host.file("/etc/machine-id").content_string.strip()
     assert len(machine_id) == 32

@@ -5,6 +5,8 @@
     berth-update apply [--version V] [--allow-downgrade] [--ignore-waves]
     berth-update rollback
     berth-update after-boot
+    berth-update daemon           (berth-update.service)
+    berth-update health           (berth-health.service, before boot-complete.target)
 
 The only place that turns errors into exit codes: any UpdateError becomes one line
 "berth-update: <message>" on stderr and exit status 1. The agent is built from the running
@@ -16,13 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from updater.agent import Agent, Machine, Status
-from updater.config import load_config
+from updater.config import ConfigError, UpdateConfig, load_config
+from updater.daemon import ConfigPaths, Daemon, initial_config
 from updater.errors import UpdateError
+from updater.health import HealthCheck
 from updater.progress import Progress
 from updater.version import Version
 
@@ -31,6 +36,29 @@ PROG = "berth-update"
 
 def default_agent() -> Agent:
     return Agent(Machine.detect(), load_config())
+
+
+def default_daemon() -> Daemon:
+    paths = ConfigPaths()
+    return Daemon(Machine.detect(), initial_config(paths), paths=paths)
+
+
+def default_health() -> HealthCheck:
+    try:
+        config = load_config()
+    except ConfigError as e:
+        # The configuration only names the repository; the boot is judged without it.
+        logging.getLogger(__name__).warning("%s", e)
+        config = UpdateConfig(url="", channel="stable")
+    return HealthCheck(Agent(Machine.detect(), config))
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefixes <priority> so journald stores errors as errors (SyslogLevelPrefix=yes)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = 3 if record.levelno >= logging.ERROR else 4 if record.levelno >= 30 else 6
+        return f"<{priority}>{super().format(record)}"
 
 
 def _version(text: str) -> Version:
@@ -56,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
     apply.add_argument("--ignore-waves", action="store_true", help="do not wait for this wave")
     sub.add_parser("rollback", help="boot the previous version next")
     sub.add_parser("after-boot", help="judge this boot (run once per boot by systemd)")
+    sub.add_parser("daemon", help="check, install and reboot at the interval (systemd service)")
+    sub.add_parser("health", help="judge this boot's health before boot-complete.target")
     return p
 
 
@@ -134,18 +164,34 @@ def main(
     argv: Sequence[str] | None = None,
     *,
     agent_factory: Callable[[], Agent] = default_agent,
+    daemon_factory: Callable[[], Daemon] = default_daemon,
+    health_factory: Callable[[], HealthCheck] = default_health,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     args = parser().parse_args(argv)
+    service = args.command in ("daemon", "health")
+    handler = logging.StreamHandler(err)
+    if service and "JOURNAL_STREAM" in os.environ:
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format=f"{PROG}: %(message)s",
-        stream=err,
+        level=logging.INFO if args.verbose or service else logging.WARNING, handlers=[handler]
     )
     try:
+        if args.command == "daemon":
+            daemon_factory().run()
+            return 0
+        if args.command == "health":
+            failed = [r for r in health_factory().run() if not r.ok]
+            if failed:  # each failure is logged above with its detail
+                err.write(f"{PROG}: health check failed: {', '.join(r.name for r in failed)}\n")
+                return 1
+            logging.getLogger(PROG).info("health check passed")
+            return 0
         return _run(args, agent_factory(), out, err)
     except UpdateError as e:
         err.write(f"{PROG}: {e}\n")

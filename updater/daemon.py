@@ -1,0 +1,275 @@
+"""`berth-update daemon`: the long-running agent behind berth-update.service (Type=notify).
+
+Each iteration reloads the configuration, judges the boot while it is still undecided, looks
+for an update, installs it, and reboots per the strategy; then it sleeps for the interval with
+±10% jitter (so a fleet does not hit the repository in step), or after an error for a backoff
+that starts at one minute and doubles up to the interval.
+
+Decisions that matter:
+
+- after-boot is folded in here rather than a separate oneshot unit: the boot is judged at
+  start, and again on every iteration while the booted version is still on trial (systemd-bless-
+  boot renames its entry only after boot-complete.target, which may come after the daemon
+  starts). While on trial nothing is installed: the inactive slot holds the fallback, and
+  overwriting it before the running version is blessed would leave nothing to fall back to.
+- A version already installed and pending is not downloaded again on every check; the daemon
+  only re-announces it (/run/reboot-required, and a reboot again with `immediate`).
+- UpdateError (network, refusals, verification, storage), OSError and requests' errors are
+  logged and retried later; anything else is a bug and ends the process (systemd restarts it).
+- A malformed /etc/berth/update.toml keeps the last good configuration (config.reload_config);
+  at start, when there is none yet, the image's defaults alone are used.
+
+One log line per event on stderr; journald stores it with the unit's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import requests
+
+from updater import fetch
+from updater.agent import REBOOT_REQUIRED_TEXT, Agent, FetchOptions, Machine
+from updater.config import (
+    DEFAULT_PATH,
+    MIN_INTERVAL,
+    OVERRIDE_PATH,
+    ConfigError,
+    Strategy,
+    UpdateConfig,
+    load_config,
+    reload_config,
+)
+from updater.errors import UpdateError
+from updater.notify import Notifier, NotifyError
+from updater.state import load_state, state_path
+
+log = logging.getLogger(__name__)
+
+REBOOT_COMMAND = ("systemctl", "reboot")
+BACKOFF_START = 60.0
+JITTER = 0.1
+# Errors the daemon survives: the next iteration (after a backoff) tries again.
+RECOVERABLE: tuple[type[BaseException], ...] = (UpdateError, OSError, requests.RequestException)
+
+
+def run_command(command: Sequence[str]) -> Callable[[], None]:
+    """A reboot function that runs `command` and raises UpdateError when it fails."""
+
+    def reboot() -> None:
+        try:
+            subprocess.run(list(command), check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", None) or e
+            raise UpdateError(f"cannot reboot with {' '.join(command)}: {detail}") from e
+
+    return reboot
+
+
+@dataclass(frozen=True)
+class ConfigPaths:
+    default: Path = DEFAULT_PATH
+    override: Path = OVERRIDE_PATH
+    min_interval: float = MIN_INTERVAL  # tests poll faster than the device's 60 s
+
+
+def initial_config(paths: ConfigPaths) -> UpdateConfig:
+    """The configuration at start; a malformed override falls back to the image's defaults."""
+    try:
+        return load_config(paths.default, paths.override, min_interval=paths.min_interval)
+    except ConfigError as e:
+        log.error("%s; using the image's defaults until it is fixed", e)
+        # The defaults file as its own override: the image's values and nothing else.
+        return load_config(paths.default, paths.default, min_interval=paths.min_interval)
+
+
+class Daemon:
+    def __init__(
+        self,
+        machine: Machine,
+        config: UpdateConfig,
+        *,
+        paths: ConfigPaths | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
+        reboot: Callable[[], None] | None = None,
+        notifier: Notifier | None = None,
+        fetch_options: FetchOptions | None = None,
+        backoff_start: float = BACKOFF_START,
+    ) -> None:
+        self.machine = machine
+        self.config = config
+        self.paths = paths or ConfigPaths()
+        self._sleep = sleep
+        self._clock = clock
+        self._jitter = jitter
+        self._reboot = reboot or run_command(REBOOT_COMMAND)
+        self._notifier = notifier or Notifier()
+        self._fetch_options = fetch_options
+        self.backoff_start = backoff_start
+        self.failures = 0  # consecutive failed iterations
+        self.judged = False  # the boot is judged and not on trial: updates may be installed
+        self.delays: list[float] = []  # every sleep, for the tests and the curious
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _agent(self) -> Agent:
+        return Agent(
+            self.machine,
+            self.config,
+            now=lambda: datetime.fromtimestamp(self._clock(), UTC),
+            fetch_options=self._fetch_options,
+        )
+
+    def _notify(self, **fields: str) -> None:
+        try:
+            self._notifier.send({k.upper(): v for k, v in fields.items()})
+        except NotifyError as e:
+            log.warning("%s", e)
+
+    def _status(self, text: str) -> None:
+        self._notify(status=text)
+
+    def _reload(self) -> None:
+        config, error = reload_config(
+            self.config,
+            self.paths.default,
+            self.paths.override,
+            min_interval=self.paths.min_interval,
+        )
+        if error is not None:
+            log.error("%s; keeping the last good configuration", error)
+        elif config != self.config:
+            log.info(
+                "configuration changed: channel %s from %s, strategy %s, every %.0f s",
+                config.channel,
+                config.url or "(no repository)",
+                config.strategy,
+                config.interval,
+            )
+        self.config = config
+
+    def _after_boot(self) -> None:
+        result = self._agent().after_boot()
+        for reason in result.reasons:
+            log.warning("%s", reason)
+        if result.blessed is not None:
+            log.info("%s booted fine and is now the current version", result.blessed)
+        for name in result.pruned:
+            log.info("pruned the old boot entry %s", name)
+        if result.waiting:
+            log.info("%s is on trial: waiting for boot-complete before any update", result.booted)
+        self.judged = not result.waiting
+
+    def _write_reboot_required(self) -> None:
+        path = self.machine.reboot_required
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fetch.write_file_atomic(path, REBOOT_REQUIRED_TEXT.encode())
+
+    def _reboot_for(self, version: str) -> None:
+        if self.config.strategy is Strategy.IMMEDIATE:
+            self._status(f"installed {version}, rebooting")
+            log.info("installed %s; rebooting (strategy immediate)", version)
+            self._reboot()
+        else:
+            self._status(f"installed {version}, waiting for a reboot")
+            log.info(
+                "installed %s; not rebooting (strategy off): %s tells kured or an operator",
+                version,
+                self.machine.reboot_required,
+            )
+
+    def _progress(self, version: str) -> Callable[[str, int, int], None]:
+        last = [-1]
+
+        def report(name: str, done: int, total: int) -> None:
+            percent = done * 100 // total if total else 100
+            if percent // 10 != last[0]:  # STATUS at most every 10%: it is a datagram each
+                last[0] = percent // 10
+                self._status(f"downloading {version}: {name} {percent}%")
+
+        return report
+
+    # -- one iteration -------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Judge the boot if undecided, then check, apply and reboot. Raises on errors."""
+        if not self.judged:
+            self._after_boot()
+            if not self.judged:
+                return
+        if not self.config.url:
+            log.info("no update repository configured; set url in /etc/berth/update.toml")
+            return
+        agent = self._agent()
+        self._status("checking for updates")
+        selection = agent.check()
+        for reason in selection.reasons:
+            log.info("skipped %s", reason)
+        release = selection.release
+        if release is None:
+            log.info("up to date")
+            return
+        pending = load_state(state_path(self.machine.var)).pending
+        if pending is not None and pending.version >= release.version:
+            log.info("%s is installed and waiting for a reboot", pending.version)
+            self._write_reboot_required()
+            self._reboot_for(str(pending.version))
+            return
+        log.info("installing %s", release.version)
+        self._status(f"downloading {release.version}")
+        applied = agent.apply(progress=self._progress(str(release.version)))
+        self._reboot_for(str(applied.version))
+
+    def _next_delay(self) -> float:
+        if self.failures:
+            return min(self.backoff_start * 2.0 ** (self.failures - 1), self.config.interval)
+        if not self.judged:
+            # On trial: the blessing comes minutes after boot; look again soon.
+            return min(self.backoff_start, self.config.interval)
+        return self.config.interval * (1 + JITTER * (2 * self._jitter() - 1))
+
+    def run(self, iterations: int | None = None) -> None:
+        """The service's main loop; `iterations` bounds it for tests (None: forever)."""
+        log.info(
+            "starting: channel %s from %s, strategy %s, every %.0f s",
+            self.config.channel,
+            self.config.url or "(no repository)",
+            self.config.strategy,
+            self.config.interval,
+        )
+        try:
+            self._after_boot()
+        except RECOVERABLE as e:
+            log.error("cannot judge this boot: %s", e)
+        self._notify(ready="1", status="started")
+        done = 0
+        while iterations is None or done < iterations:
+            done += 1
+            self._reload()
+            try:
+                self.step()
+            except RECOVERABLE as e:
+                self.failures += 1
+                log.error("update failed (%d in a row): %s", self.failures, e)
+            else:
+                self.failures = 0
+            delay = self._next_delay()
+            when = datetime.fromtimestamp(self._clock() + delay).strftime("%H:%M:%S")
+            if self.failures:
+                self._status(f"retrying at {when} after {self.failures} failure(s)")
+            elif not self.judged:
+                self._status(f"on trial, judging the boot again at {when}")
+            else:
+                self._status(f"idle, next check at {when}")
+            self.delays.append(delay)
+            self._sleep(delay)
