@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.table import print_table
 from builder.config import Compression, load_image
 from builder.image import build_image
 from qemu import VM, VMConfig
@@ -91,9 +92,7 @@ def main() -> int:
     )
 
     print(f"\nBerth {config.name}, erofs {config.compression}")
-    width = max(len(r[0]) for r in rows)
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>14}  {note}")
+    print_table(rows)
     return 0
 
 

@@ -27,8 +27,9 @@ from builder.disk import PartitionImage, make_disk
 from builder.run import run
 from tests.servers import NginxServer
 from updater import bootentries, gpt, slots
-from updater.agent import Agent, FetchOptions, Machine
+from updater.agent import Agent
 from updater.config import UpdateConfig
+from updater.machine import FetchOptions, Machine
 from updater.manifest import PAYLOAD_FILES, Manifest, describe
 from updater.version import Version
 

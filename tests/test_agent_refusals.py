@@ -22,7 +22,7 @@ from tests.machine import FakeMachine, Site, make_agent, release_manifest
 from tests.misbehaving_server import MisbehavingServer, Misbehaviour, misbehaving, start
 from tests.servers import NginxServer
 from updater import trust
-from updater.agent import Agent, FetchOptions
+from updater.agent import Agent
 from updater.errors import (
     DownloadError,
     LengthMismatchError,
@@ -32,6 +32,7 @@ from updater.errors import (
     SlowRetrievalError,
     VerificationError,
 )
+from updater.machine import FetchOptions
 from updater.manifest import Manifest
 from updater.slots import SlotState
 from updater.version import Version

@@ -15,9 +15,9 @@ import pytest
 
 from tests.machine import FakeMachine, Site, make_agent, release_manifest
 from tests.servers import _free_port
-from updater.agent import FetchOptions
 from updater.config import Strategy
 from updater.daemon import ConfigPaths, Daemon, initial_config
+from updater.machine import FetchOptions
 from updater.notify import Notifier, socket_address
 from updater.state import load_state, state_path
 from updater.version import Version
@@ -73,7 +73,7 @@ class Harness:
         self.paths = ConfigPaths(tmp / "usr-update.toml", tmp / "etc-update.toml")
         self.reboots = 0
         self.slept: list[float] = []
-        self.clock = time.time()
+        self.offset = 0.0  # the fake sleeps move the daemon's clock ahead of the real one
         self.notify = notify
 
     def defaults(self, url: str, strategy: str = "immediate") -> None:
@@ -84,7 +84,12 @@ class Harness:
 
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
-        self.clock += seconds
+        self.offset += seconds
+
+    def clock(self) -> float:
+        # Real time plus the slept seconds: a release published after the harness was made
+        # (its wave opening at the time of publishing) is open at the daemon's "now".
+        return time.time() + self.offset
 
     def reboot(self) -> None:
         self.reboots += 1
@@ -95,7 +100,7 @@ class Harness:
             initial_config(self.paths),
             paths=self.paths,
             sleep=self.sleep,
-            clock=lambda: self.clock,
+            clock=self.clock,
             jitter=lambda: jitter,
             reboot=self.reboot,
             notifier=Notifier(self.notify or ""),

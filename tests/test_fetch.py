@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from updater import fetch
+from updater import fetch, files
 from updater.errors import (
     DownloadError,
     LengthMismatchError,
@@ -393,7 +393,7 @@ def test_a_stalled_server_times_out(server: Server, dest: Path) -> None:
 def test_write_file_atomic_replaces_whole(tmp_path: Path) -> None:
     target = tmp_path / "f.json"
     target.write_text("old")
-    fetch.write_file_atomic(target, b"new", mode=0o600)
+    files.write_file_atomic(target, b"new", mode=0o600)
     assert target.read_bytes() == b"new"
     assert target.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from tests.machine import FakeMachine, make_verity_release
-from updater.agent import Agent, Machine
+from updater.agent import Agent
 from updater.cli import main
 from updater.config import UpdateConfig
 from updater.health import HealthCheck, Result
+from updater.machine import Machine
 from updater.state import state_path
 
 

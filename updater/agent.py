@@ -45,13 +45,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
 import shlex
 import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -59,7 +58,7 @@ from typing import Any, BinaryIO
 
 import requests
 
-from updater import bootentries, fetch, gpt, slots
+from updater import bootentries, fetch, files, gpt, slots
 from updater.channel import (
     RELEASE_TARGETS,
     ChannelManifest,
@@ -79,9 +78,10 @@ from updater.errors import (
     StorageError,
     UpdateError,
 )
+from updater.machine import REBOOT_REQUIRED_TEXT, FetchOptions, Machine
 from updater.manifest import Manifest, ManifestError
 from updater.state import LastCheck, Pending, State, load_state, save_state, state_path
-from updater.trust import DEFAULT_TRUSTED_ROOT, TargetInfo, TrustedRepository
+from updater.trust import TargetInfo, TrustedRepository
 from updater.version import Version
 
 log = logging.getLogger(__name__)
@@ -90,59 +90,9 @@ MiB = 1 << 20
 # The release manifest is a few hundred bytes; a signed length far beyond that is a broken release.
 _MANIFEST_LIMIT = MiB
 _DATA, _VERITY, _UKI, _MANIFEST = slots.DATA_FILE, slots.VERITY_FILE, "uki.efi", "manifest.json"
-REBOOT_REQUIRED_TEXT = "*** System restart required ***\n"
 
 # (file name, bytes done, bytes total); called as each payload file streams in.
 ProgressCallback = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class Machine:
-    """Where this machine's parts are. `detect()` on a device; tests point them into a tmp dir."""
-
-    disk: Path  # the boot disk: a block device, or a disk image file
-    esp: Path  # the mounted ESP
-    var: Path  # agent state lives in <var>/lib/berth
-    cmdline: Path  # the kernel command line, with roothash=
-    loader_entry: Path  # systemd-boot's LoaderEntrySelected EFI variable
-    os_release: Path  # IMAGE_ID, IMAGE_VERSION
-    machine_id: Path
-    trusted_root: Path  # the TUF root embedded in the verity-protected image
-    boot_id: Path = Path("/proc/sys/kernel/random/boot_id")
-    reboot_required: Path = Path("/run/reboot-required")
-    arch: str = field(default_factory=platform.machine)
-
-    @classmethod
-    def detect(cls) -> Machine:
-        """The running Berth machine: the disk holding the booted root, the ESP systemd knows."""
-        cmdline = Path("/proc/cmdline")
-        roothash = slots.booted_roothash(cmdline)
-        return cls(
-            disk=slots.find_boot_disk(roothash),
-            esp=bootentries.find_esp(),
-            var=Path("/var"),
-            cmdline=cmdline,
-            loader_entry=bootentries.ENTRY_SELECTED,
-            os_release=Path("/etc/os-release"),
-            machine_id=Path("/etc/machine-id"),
-            trusted_root=DEFAULT_TRUSTED_ROOT,
-        )
-
-    @property
-    def state_dir(self) -> Path:
-        return self.var / "lib/berth"
-
-
-@dataclass(frozen=True)
-class FetchOptions:
-    """Download limits, passed to fetch.stream_to (tests shrink them)."""
-
-    timeout: tuple[float, float] = (10.0, 30.0)
-    min_rate: int = 4096
-    rate_window: float = 30.0
-    attempts: int = 5
-    backoff: float = 1.0
-    state_interval: int = 16 * MiB
 
 
 class SlotRole(StrEnum):
@@ -706,7 +656,7 @@ class Agent:
         path = self.machine.reboot_required
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fetch.write_file_atomic(path, REBOOT_REQUIRED_TEXT.encode())
+            files.write_file_atomic(path, REBOOT_REQUIRED_TEXT.encode())
         except OSError as e:
             raise StorageError(f"cannot write {path}: {e}") from e
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from updater.errors import BootEntryError
+from updater.files import fsync_dir
 from updater.version import Version
 
 ENTRY_DIR = "EFI/Linux"
@@ -128,14 +129,6 @@ def list_entries(esp: Path) -> list[Entry]:
     return boot_order(entries)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _rename(source: Path, target: Path) -> None:
     try:
         os.rename(source, target)
@@ -179,7 +172,7 @@ def staged_uki(esp: Path, version: Version, tries: int = DEFAULT_TRIES) -> Itera
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def install_uki(
@@ -216,7 +209,7 @@ def mark_bad(esp: Path, version: Version) -> list[Path]:
             _rename(entry.path, target)
             renamed.append(target)
     if renamed:
-        _fsync_dir(entry_dir(esp))
+        fsync_dir(entry_dir(esp))
     return renamed
 
 
@@ -231,7 +224,7 @@ def remove_entries(esp: Path, version: Version) -> list[Path]:
                 raise BootEntryError(f"removing boot entry {entry.name} failed: {e}") from e
             removed.append(entry.path)
     if removed:
-        _fsync_dir(entry_dir(esp))
+        fsync_dir(entry_dir(esp))
     return removed
 
 
@@ -248,7 +241,7 @@ def prune(esp: Path, keep: Collection[Version]) -> list[Path]:
                 path.unlink()
                 removed.append(path)
     if removed:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     return removed
 
 
@@ -285,7 +278,7 @@ def set_next_boot(esp: Path, version: Version) -> list[tuple[Path, Path]]:
     for source, target in renames:
         _rename(source, target)
     if renames:
-        _fsync_dir(entry_dir(esp))
+        fsync_dir(entry_dir(esp))
     return renames
 
 

@@ -21,29 +21,41 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from updater.agent import Agent, Machine, Status
 from updater.config import ConfigError, UpdateConfig, load_config
-from updater.daemon import ConfigPaths, Daemon, initial_config
 from updater.errors import UpdateError
-from updater.health import HealthCheck
-from updater.progress import Progress
+from updater.machine import Machine
 from updater.version import Version
+
+if TYPE_CHECKING:
+    from updater.agent import Agent, Status
+    from updater.daemon import Daemon
+    from updater.health import HealthCheck
+
+# The agent (requests, python-tuf, cryptography) is imported only by the commands that use it:
+# `berth-update daemon` must start without it (see updater/worker.py).
 
 PROG = "berth-update"
 
 
 def default_agent() -> Agent:
+    from updater.agent import Agent
+
     return Agent(Machine.detect(), load_config())
 
 
 def default_daemon() -> Daemon:
+    from updater.daemon import ConfigPaths, Daemon, initial_config
+
     paths = ConfigPaths()
     return Daemon(Machine.detect(), initial_config(paths), paths=paths)
 
 
 def default_health() -> HealthCheck:
+    from updater.agent import Agent
+    from updater.health import HealthCheck
+
     try:
         config = load_config()
     except ConfigError as e:
@@ -127,6 +139,8 @@ def _run(args: argparse.Namespace, agent: Agent, out: TextIO, err: TextIO) -> in
         for reason in selection.reasons:
             out.write(f"  skipped {reason}\n")
     elif args.command == "apply":
+        from updater.progress import Progress
+
         progress = Progress(err)
         try:
             applied = agent.apply(

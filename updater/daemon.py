@@ -14,8 +14,12 @@ Decisions that matter:
   overwriting it before the running version is blessed would leave nothing to fall back to.
 - A version already installed and pending is not downloaded again on every check; the daemon
   only re-announces it (/run/reboot-required, and a reboot again with `immediate`).
-- UpdateError (network, refusals, verification, storage), OSError and requests' errors are
-  logged and retried later; anything else is a bug and ends the process (systemd restarts it).
+- The work (judging the boot, checking, downloading, installing) runs in a forked child
+  (worker.py): requests, python-tuf and cryptography are imported there and never in the
+  resident process, which stays small while it idles between checks.
+- UpdateError (network, refusals, verification, storage), OSError and requests' errors (raised
+  in the child, reported back as UpdateError) are logged and retried later; anything else is a
+  bug and ends the process (systemd restarts it).
 - A malformed /etc/berth/update.toml keeps the last good configuration (config.reload_config);
   at start, when there is none yet, the image's defaults alone are used.
 
@@ -32,11 +36,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import requests
-
-from updater import fetch
-from updater.agent import REBOOT_REQUIRED_TEXT, Agent, FetchOptions, Machine
+from updater import files
 from updater.config import (
     DEFAULT_PATH,
     MIN_INTERVAL,
@@ -48,16 +50,24 @@ from updater.config import (
     reload_config,
 )
 from updater.errors import UpdateError
+from updater.machine import REBOOT_REQUIRED_TEXT, FetchOptions, Machine
 from updater.notify import Notifier, NotifyError
 from updater.state import load_state, state_path
+from updater.worker import run_in_child
+
+if TYPE_CHECKING:  # imported at run time only in the worker child
+    from updater.agent import Agent
 
 log = logging.getLogger(__name__)
 
 REBOOT_COMMAND = ("systemctl", "reboot")
 BACKOFF_START = 60.0
 JITTER = 0.1
-# Errors the daemon survives: the next iteration (after a backoff) tries again.
-RECOVERABLE: tuple[type[BaseException], ...] = (UpdateError, OSError, requests.RequestException)
+# Errors the daemon survives: the next iteration (after a backoff) tries again. The worker
+# reports the child's network errors as UpdateError.
+RECOVERABLE: tuple[type[BaseException], ...] = (UpdateError, OSError)
+# Runs a function in a worker and returns its result (run_in_child; tests may run it inline).
+Worker = Callable[[Callable[[], Any]], Any]
 
 
 def run_command(command: Sequence[str]) -> Callable[[], None]:
@@ -71,6 +81,18 @@ def run_command(command: Sequence[str]) -> Callable[[], None]:
             raise UpdateError(f"cannot reboot with {' '.join(command)}: {detail}") from e
 
     return reboot
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """agent.AfterBoot as plain data: the worker sends it back, and unpickling an agent class
+    would import the agent (and requests, python-tuf) into the resident daemon."""
+
+    booted: str
+    reasons: tuple[str, ...]
+    blessed: str | None
+    pruned: tuple[str, ...]
+    waiting: bool
 
 
 @dataclass(frozen=True)
@@ -104,6 +126,7 @@ class Daemon:
         notifier: Notifier | None = None,
         fetch_options: FetchOptions | None = None,
         backoff_start: float = BACKOFF_START,
+        worker: Worker = run_in_child,
     ) -> None:
         self.machine = machine
         self.config = config
@@ -115,6 +138,7 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._fetch_options = fetch_options
         self.backoff_start = backoff_start
+        self._work = worker
         self.failures = 0  # consecutive failed iterations
         self.judged = False  # the boot is judged and not on trial: updates may be installed
         self.delays: list[float] = []  # every sleep, for the tests and the curious
@@ -122,6 +146,8 @@ class Daemon:
     # -- helpers -------------------------------------------------------------------------------
 
     def _agent(self) -> Agent:
+        from updater.agent import Agent  # in the worker child only: see worker.py
+
         return Agent(
             self.machine,
             self.config,
@@ -157,8 +183,18 @@ class Daemon:
             )
         self.config = config
 
-    def _after_boot(self) -> None:
+    def _judge(self) -> Judgement:
         result = self._agent().after_boot()
+        return Judgement(
+            booted=str(result.booted),
+            reasons=tuple(result.reasons),
+            blessed=None if result.blessed is None else str(result.blessed),
+            pruned=tuple(result.pruned),
+            waiting=result.waiting,
+        )
+
+    def _after_boot(self) -> None:
+        result: Judgement = self._work(self._judge)
         for reason in result.reasons:
             log.warning("%s", reason)
         if result.blessed is not None:
@@ -173,7 +209,7 @@ class Daemon:
         path = self.machine.reboot_required
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fetch.write_file_atomic(path, REBOOT_REQUIRED_TEXT.encode())
+            files.write_file_atomic(path, REBOOT_REQUIRED_TEXT.encode())
 
     def _reboot_for(self, version: str) -> None:
         if self.config.strategy is Strategy.IMMEDIATE:
@@ -201,6 +237,26 @@ class Daemon:
 
     # -- one iteration -------------------------------------------------------------------------
 
+    def _update(self) -> str | None:
+        """In the worker: check, and install a newer release. The version to reboot into."""
+        agent = self._agent()
+        self._status("checking for updates")
+        selection = agent.check()
+        for reason in selection.reasons:
+            log.info("skipped %s", reason)
+        release = selection.release
+        if release is None:
+            log.info("up to date")
+            return None
+        pending = load_state(state_path(self.machine.var)).pending
+        if pending is not None and pending.version >= release.version:
+            log.info("%s is installed and waiting for a reboot", pending.version)
+            return str(pending.version)
+        log.info("installing %s", release.version)
+        self._status(f"downloading {release.version}")
+        applied = agent.apply(progress=self._progress(str(release.version)))
+        return str(applied.version)
+
     def step(self) -> None:
         """Judge the boot if undecided, then check, apply and reboot. Raises on errors."""
         if not self.judged:
@@ -210,25 +266,11 @@ class Daemon:
         if not self.config.url:
             log.info("no update repository configured; set url in /etc/berth/update.toml")
             return
-        agent = self._agent()
-        self._status("checking for updates")
-        selection = agent.check()
-        for reason in selection.reasons:
-            log.info("skipped %s", reason)
-        release = selection.release
-        if release is None:
-            log.info("up to date")
+        version: str | None = self._work(self._update)
+        if version is None:
             return
-        pending = load_state(state_path(self.machine.var)).pending
-        if pending is not None and pending.version >= release.version:
-            log.info("%s is installed and waiting for a reboot", pending.version)
-            self._write_reboot_required()
-            self._reboot_for(str(pending.version))
-            return
-        log.info("installing %s", release.version)
-        self._status(f"downloading {release.version}")
-        applied = agent.apply(progress=self._progress(str(release.version)))
-        self._reboot_for(str(applied.version))
+        self._write_reboot_required()
+        self._reboot_for(version)
 
     def _next_delay(self) -> float:
         if self.failures:

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from updater.errors import (
     StorageError,
     VerificationError,
 )
+from updater.files import write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,35 +67,6 @@ class _Progress:
         self.hasher = hashlib.sha256()
         self.done = 0
         self.saved = 0
-
-
-def write_file_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace `path` with `data`: temp file in the same directory, fsync, rename, fsync the dir.
-
-    A crash at any point leaves either the old file or the new one, never a mix or a torn file.
-    """
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as temp:
-            os.fchmod(temp.fileno(), mode)
-            temp.write(data)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or unlink in `directory` durable."""
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _load_state(path: Path, sha256: str, length: int, offset: int) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from updater.errors import StorageError
-from updater.fetch import write_file_atomic
+from updater.files import write_file_atomic
 from updater.version import Version
 
 log = logging.getLogger(__name__)

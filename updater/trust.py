@@ -11,11 +11,9 @@ the consistent-snapshot URL, and the agent streams them straight into a slot, ch
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -27,10 +25,10 @@ from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
 from updater import channel as channels
+from updater import files
 from updater.channel import ChannelManifest
 from updater.errors import UpdateError
 
-DEFAULT_TRUSTED_ROOT = Path("/usr/share/berth/tuf/root.json")
 _ROLLBACK_MESSAGE = re.compile(r"must be >=|Expected \S+\.json version")
 
 
@@ -170,17 +168,7 @@ class TrustedRepository:
         cached = _root_version(cached_path)
         if cached is not None and cached >= embedded:
             return
-        fd, temp = tempfile.mkstemp(dir=self.metadata_dir, prefix=".root.json.")
-        try:
-            with os.fdopen(fd, "wb") as out, self.trusted_root.open("rb") as src:
-                shutil.copyfileobj(src, out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, cached_path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
+        files.write_file_atomic(cached_path, self.trusted_root.read_bytes())
 
     def refresh(self) -> None:
         """Fetch and verify root, timestamp, snapshot and targets metadata (the TUF workflow)."""

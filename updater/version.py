@@ -8,13 +8,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+
+from updater import files
 
 # [0-9] rather than \d: \d also accepts non-ASCII digits, which int() would happily convert.
 _VERSION_RE = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
@@ -68,7 +68,9 @@ def default_version(counter_dir: Path, today: date | None = None) -> Version:
     with _locked(counter_dir / _LOCK_FILE):
         last_day, last_count = _read_counter(path)
         count = last_count + 1 if last_day == day.isoformat() else 0
-        _write_atomically(path, json.dumps({"date": day.isoformat(), "count": count}) + "\n")
+        files.write_file_atomic(
+            path, (json.dumps({"date": day.isoformat(), "count": count}) + "\n").encode()
+        )
     return Version(day.year, day.month * 100 + day.day, count)
 
 
@@ -107,23 +109,3 @@ def _read_counter(path: Path) -> tuple[str | None, int]:
             "delete it to restart the count"
         )
     return data["date"], data["count"]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # Write, fsync, rename: a crash leaves either the old counter or the new one, never half a file.
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as temp:
-            temp.write(text)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

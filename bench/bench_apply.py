@@ -1,0 +1,197 @@
+"""Measure the update agent: apply throughput against this machine's limits, and idle memory.
+
+    .venv/bin/python -m bench.bench_apply [--size-mib 512] [--workdir DIR]
+
+Prints a table: sha256 throughput (hashlib over an in-memory buffer), raw sequential write
+throughput (O_DIRECT where the file system allows it, else write + fsync), the agent's apply
+throughput (a random release published with builder.publish, served by nginx on loopback,
+applied into a tests.machine.FakeMachine disk image: download, slot write, hashing and
+`veritysetup verify` included) with its ratio to the slower of the two (target >= 0.8), and the
+daemon's resident memory once idle (target <= 30 MB), measured on a real `Daemon` in a child
+process that reports "idle" over a real $NOTIFY_SOCKET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench.table import print_table
+from updater.machine import Machine
+
+if TYPE_CHECKING:  # the daemon child must not pay for the test helpers' imports
+    from tests import machine as tm
+
+MiB = 1 << 20
+MB = 1e6
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sha256_rate(size: int) -> float:
+    block = os.urandom(4 * MiB)
+    digest = hashlib.sha256()
+    start = time.perf_counter()
+    for _ in range(size // len(block)):
+        digest.update(block)
+    return size / (time.perf_counter() - start)
+
+
+def raw_write_rate(path: Path, size: int) -> tuple[float, str]:
+    """Sequential write of `size` bytes, fsynced; O_DIRECT skips the page cache when allowed."""
+    block = mmap.mmap(-1, 4 * MiB)  # page-aligned, as O_DIRECT needs
+    block.write(os.urandom(4 * MiB))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+        how = "O_DIRECT"
+    except OSError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        how = "write+fsync"
+    try:
+        start = time.perf_counter()
+        for _ in range(size // len(block)):
+            os.write(fd, block)
+        os.fsync(fd)
+        elapsed = time.perf_counter() - start
+    finally:
+        os.close(fd)
+        path.unlink()
+    return size / elapsed, how
+
+
+def apply_rate(work: Path, size: int) -> tuple[float, str]:
+    """Apply a `size`-byte release: bytes/s; then the idle daemon's VmRSS on that machine."""
+    from builder import publish as pub
+    from tests import machine as tm
+    from tests.servers import NginxServer
+    from updater.agent import Agent
+
+    # The fake machine's slots must hold the release (a sparse disk image file).
+    tm.SLOT_DATA = size + 16 * MiB
+    tm.SLOT_VERITY = size // 64 + 16 * MiB
+    pub.init_keys(work / "keys")
+    (work / "repo").mkdir()
+    installed = tm.make_verity_release(work / "out-installed", "1.0.0")
+    fake = tm.FakeMachine(work / "machine", installed)
+    release = tm.make_verity_release(work / "out-new", "1.1.0", data_size=size)
+    pub.publish(release, work / "repo", work / "keys", "stable", immediate=True)
+    server = NginxServer(work / "repo", work / "nginx").start()
+    try:
+        site = tm.Site(work, server)
+        agent = Agent(fake.machine(work / "keys/root.json"), site.config())
+        start = time.perf_counter()
+        applied = agent.apply()
+        elapsed = time.perf_counter() - start
+        assert str(applied.version) == "1.1.0"
+        total = sum((release / n).stat().st_size for n in ("root.erofs", "root.verity", "uki.efi"))
+        _idle_rss_setup(work, fake, server.url)
+        rss = idle_rss(work)
+    finally:
+        server.stop()
+    return total / elapsed, rss
+
+
+def _idle_rss_setup(work: Path, fake: tm.FakeMachine, url: str) -> None:
+    (work / "update.toml").write_text(
+        f'[update]\nurl = "{url}"\nchannel = "stable"\nstrategy = "off"\ninterval = "1h"\n'
+    )
+    (work / "daemon.json").write_text(json.dumps({"base": str(fake.base)}))
+
+
+def idle_rss(work: Path) -> str:
+    """Start a daemon child with $NOTIFY_SOCKET; read its VmRSS once it reports idle."""
+    address = work / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(address))
+        s.settimeout(60)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "bench.bench_apply", "--daemon-child", str(work)],
+            cwd=REPO,
+            env={**os.environ, "NOTIFY_SOCKET": str(address)},
+        )
+        try:
+            while not s.recv(4096).decode().startswith("STATUS=idle"):
+                pass
+            time.sleep(1.0)
+            status = Path(f"/proc/{child.pid}/status").read_text()
+            return next(
+                line.split(":", 1)[1].strip()
+                for line in status.splitlines()
+                if line.startswith("VmRSS")
+            )
+        finally:
+            child.terminate()
+            child.wait()
+
+
+def daemon_child(work: Path) -> None:
+    """The daemon as berth-update.service runs it, pointed at the fake machine's paths."""
+    import logging
+
+    from updater.daemon import ConfigPaths, Daemon, initial_config
+
+    logging.basicConfig(level=logging.INFO, format="daemon: %(message)s")
+    spec = json.loads((work / "daemon.json").read_text())
+    base = Path(spec["base"])
+    machine = _machine(base, base / "root", work)
+    paths = ConfigPaths(work / "update.toml", work / "no-override.toml")
+    Daemon(machine, initial_config(paths), paths=paths).run()
+
+
+def _machine(base: Path, root: Path, work: Path) -> Machine:
+    return Machine(
+        disk=base / "disk.raw",
+        esp=base / "esp",
+        var=root / "var",
+        cmdline=root / "proc/cmdline",
+        loader_entry=root / "efivars/LoaderEntrySelected",
+        os_release=root / "etc/os-release",
+        machine_id=root / "etc/machine-id",
+        trusted_root=work / "keys/root.json",
+        boot_id=root / "proc/boot_id",
+        reboot_required=root / "run/reboot-required",
+        arch="x86_64",  # the fake machine's architecture (tests.machine.ARCH)
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size-mib", type=int, default=512)
+    p.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    p.add_argument("--daemon-child", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.daemon_child:
+        daemon_child(args.daemon_child)
+        return 0
+    size = args.size_mib * MiB
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-apply-") as tmp:
+        work = Path(tmp)
+        sha = sha256_rate(size)
+        raw, how = raw_write_rate(work / "raw", size)
+        rate, rss = apply_rate(work, size)
+    floor = min(sha, raw)
+    rows = [
+        ("sha256 (hashlib, in memory)", f"{sha / MB:.0f} MB/s", ""),
+        (f"raw sequential write ({how})", f"{raw / MB:.0f} MB/s", ""),
+        (
+            f"apply {args.size_mib} MiB (loopback, verify incl.)",
+            f"{rate / MB:.0f} MB/s",
+            f"ratio {rate / floor:.2f} of {floor / MB:.0f} MB/s (target >= 0.80)",
+        ),
+        ("daemon idle VmRSS", rss, "target <= 30 MB"),
+    ]
+    print_table(rows, 10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

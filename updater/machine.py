@@ -1,0 +1,68 @@
+"""Where a machine's parts are (disk, ESP, state, kernel command line, trust anchor) and the
+download limits: what the resident daemon and the short-lived update work share.
+
+Deliberately light (no requests, no python-tuf): the daemon imports it and stays small while idle;
+the heavy work runs in a child process (see worker.py).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from updater import bootentries, slots
+
+MiB = 1 << 20
+REBOOT_REQUIRED_TEXT = "*** System restart required ***\n"
+# The TUF root embedded in the verity-protected image: the agent's only trust anchor.
+DEFAULT_TRUSTED_ROOT = Path("/usr/share/berth/tuf/root.json")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where this machine's parts are. `detect()` on a device; tests point them into a tmp dir."""
+
+    disk: Path  # the boot disk: a block device, or a disk image file
+    esp: Path  # the mounted ESP
+    var: Path  # agent state lives in <var>/lib/berth
+    cmdline: Path  # the kernel command line, with roothash=
+    loader_entry: Path  # systemd-boot's LoaderEntrySelected EFI variable
+    os_release: Path  # IMAGE_ID, IMAGE_VERSION
+    machine_id: Path
+    trusted_root: Path  # the TUF root embedded in the verity-protected image
+    boot_id: Path = Path("/proc/sys/kernel/random/boot_id")
+    reboot_required: Path = Path("/run/reboot-required")
+    arch: str = field(default_factory=platform.machine)
+
+    @classmethod
+    def detect(cls) -> Machine:
+        """The running Berth machine: the disk holding the booted root, the ESP systemd knows."""
+        cmdline = Path("/proc/cmdline")
+        roothash = slots.booted_roothash(cmdline)
+        return cls(
+            disk=slots.find_boot_disk(roothash),
+            esp=bootentries.find_esp(),
+            var=Path("/var"),
+            cmdline=cmdline,
+            loader_entry=bootentries.ENTRY_SELECTED,
+            os_release=Path("/etc/os-release"),
+            machine_id=Path("/etc/machine-id"),
+            trusted_root=DEFAULT_TRUSTED_ROOT,
+        )
+
+    @property
+    def state_dir(self) -> Path:
+        return self.var / "lib/berth"
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """Download limits, passed to fetch.stream_to (tests shrink them)."""
+
+    timeout: tuple[float, float] = (10.0, 30.0)
+    min_rate: int = 4096
+    rate_window: float = 30.0
+    attempts: int = 5
+    backoff: float = 1.0
+    state_interval: int = 16 * MiB
