@@ -41,7 +41,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     config = load_image(args.image, REPO / "images")
     version: Version = args.version or default_version(REPO / "out")
     log(f"Building image '{config.name}' version {version}")
-    result = image.build_image(config, version, REPO, refresh=args.refresh)
+    result = image.build_image(
+        config, version, REPO, refresh=args.refresh, extra_trees=args.extra_tree
+    )
     log("")
     log(f"{'stage':<50} {'seconds':>8}")
     for title, seconds in timings():
@@ -177,6 +179,14 @@ def parser() -> argparse.ArgumentParser:
         "--version", type=_version, help="MAJOR.MINOR.PATCH (default: YYYY.MMDD.N from date)"
     )
     b.add_argument("--refresh", action="store_true", help="bootstrap again, ignoring the cache")
+    b.add_argument(
+        "--extra-tree",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="copy DIR onto the image tree after the overlays (repeatable)",
+    )
     b.set_defaults(func=_cmd_build)
     r = sub.add_parser(
         "run", help="boot an image or disk file in QEMU (see `run --help`)", add_help=False

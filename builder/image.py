@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def build_image(
     refresh: bool = False,
     out_dir: Path | None = None,
     keys_dir: Path | None = None,
+    extra_trees: Sequence[Path] = (),
 ) -> BuildResult:
     """Build `config` as `version` into out/<image>/<version>/; point `latest` at it."""
     start = time.monotonic()
@@ -154,6 +156,10 @@ def build_image(
         }
         for name in config.overlays:
             overlay.apply_overlay(repo / "overlays" / name, tree, variables)
+        # Site-specific files (certificates, units, a marker) on top, like mkosi's ExtraTrees:
+        # no overlay in the repository needed; templates and .modes work as in overlays.
+        for extra in extra_trees:
+            overlay.apply_overlay(extra, tree, variables)
         overlay.install_agent(repo / "updater", tree)
         # The only trust anchor for updates, inside the verity-protected /usr.
         anchor = trust_anchor(keys_dir or repo / "keys")

@@ -58,6 +58,7 @@ EXTRA_FILES = (
     "/usr/bin/partx",
     "/usr/sbin/veritysetup",
     "/usr/bin/mkdir",
+    "/usr/bin/sleep",
     "/usr/bin/cat",
     "/usr/bin/ls",
     "/usr/bin/ln",
@@ -270,7 +271,11 @@ def compose_initrd(
         rel = str(source.relative_to(berth))
         if source.is_dir():
             continue
-        if rel.startswith("units/"):
+        if rel.startswith("units/") and source.parent.name.endswith(".d"):
+            # A drop-in for a unit the initrd already has (units/<unit>.d/<name>.conf).
+            dropin = f"usr/lib/systemd/system/{source.parent.name}/{source.name}"
+            b.add(Entry(dropin, stat.S_IFREG | 0o644, source.read_bytes()))
+        elif rel.startswith("units/"):
             name = source.name
             b.add(
                 Entry(f"usr/lib/systemd/system/{name}", stat.S_IFREG | 0o644, source.read_bytes())

@@ -15,6 +15,7 @@ import pytest
 
 from tests.machine import FakeMachine, Site, make_agent, release_manifest
 from tests.servers import _free_port
+from updater import slots
 from updater.config import Strategy
 from updater.daemon import ConfigPaths, Daemon, initial_config
 from updater.machine import FetchOptions
@@ -242,3 +243,30 @@ def test_notify_reaches_an_abstract_socket() -> None:
         assert s.recv(4096) == b"READY=1\nSTATUS=idle"
     assert socket_address("/run/systemd/notify") == "/run/systemd/notify"
     assert not Notifier("").enabled
+
+
+def test_a_pending_slot_that_changed_after_install_never_boots(
+    harness: Harness, site: Site, fake: FakeMachine
+) -> None:
+    harness.defaults(site.url, strategy="off")
+    site.publish(site.release("1.1.0"))
+    daemon = harness.daemon()
+    daemon.run(iterations=1)
+    assert fake.boot_order() == ("berth_1.1.0+3.efi", "berth_1.0.0.efi")
+    # Something flips bytes in the inactive slot while the update waits for its reboot.
+    with fake.disk.open("r+b") as disk:
+        slot_b = slots.read_slots(disk)[1]
+        disk.seek(slot_b.data_offset + 4096)
+        block = disk.read(16)
+        disk.seek(slot_b.data_offset + 4096)
+        disk.write(bytes(b ^ 0xFF for b in block))
+    harness.paths.override.write_text('[update]\nstrategy = "immediate"\n')
+    daemon.run(iterations=1)
+    assert harness.reboots == 0
+    assert fake.boot_order() == ("berth_1.0.0.efi",)
+    state = load_state(state_path(fake.var))
+    assert state.pending is None
+    assert "slot B changed after it was installed" in state.bad[0].reason
+    # Marked bad: later iterations neither reinstall nor reboot into it.
+    daemon.run(iterations=1)
+    assert harness.reboots == 0 and fake.boot_order() == ("berth_1.0.0.efi",)

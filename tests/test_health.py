@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.machine import FakeMachine, make_verity_release
+from tests.machine import FakeMachine, Site, make_agent, make_verity_release, release_manifest
 from updater.agent import Agent
 from updater.cli import main
 from updater.config import UpdateConfig
 from updater.health import HealthCheck, Result
 from updater.machine import Machine
 from updater.state import state_path
+from updater.version import Version
 
 
 @pytest.fixture
@@ -148,3 +149,47 @@ def test_cli_exit_status(
     assert main(["health"], health_factory=lambda: check(fake, tmp_path)) == 1
     assert "health: hook 10-fails: FAILED: exit status 1: broken" in caplog.text
     assert capsys.readouterr().err == "berth-update: health check failed: hook 10-fails\n"
+
+
+def test_a_failed_trial_boot_is_marked_bad_at_once_and_reported_after_the_fallback(
+    tmp_path: Path, site: Site
+) -> None:
+    machine = FakeMachine(tmp_path / "trial", site.release("1.0.0"))
+    new = site.release("1.1.0")
+    site.publish(new)
+    make_agent(machine, site).apply()
+    machine.boot(Version(1, 1, 0), release_manifest(new).roothash)  # on trial: +3 in its name
+    hook(tmp_path, "50-app", "echo the app is not answering; exit 1")
+    reboots: list[int] = []
+    clock = Clock()
+    health = HealthCheck(
+        Agent(machine.machine(site.keys / "root.json"), site.config()),
+        hooks_dir=tmp_path / "health.d",
+        systemctl=Systemctl([[]], ["berth-app.service"]),
+        sleep=clock.sleep,
+        clock=clock,
+        reboot=lambda: reboots.append(1),
+    )
+    failed = [r.name for r in health.judge() if not r.ok]
+    assert failed == ["failed units", "hook 50-app"]
+    # Zero tries left: the boot loader starts 1.0.0 next, not 1.1.0 twice more.
+    assert machine.boot_order() == ("berth_1.0.0.efi", "berth_1.1.0+0.efi")
+    assert reboots == [1]
+    # After the fallback, status names the reason and the agent never installs 1.1.0 again.
+    machine.boot(Version(1, 0, 0), release_manifest(site.release("1.0.0")).roothash)
+    agent = make_agent(machine, site)
+    agent.after_boot()
+    status = agent.status()
+    assert status.pending is None
+    assert len(status.bad) == 1 and status.bad[0].startswith("1.1.0: rolled back from 1.1.0")
+    assert "berth-app.service" in status.bad[0] and "the app is not answering" in status.bad[0]
+    assert agent.check().release is None
+
+
+def test_a_failure_on_a_blessed_boot_only_reports(fake: FakeMachine, tmp_path: Path) -> None:
+    hook(tmp_path, "50-app", "exit 1")
+    health = check(fake, tmp_path)
+    reboots: list[int] = []
+    health._reboot = lambda: reboots.append(1)
+    assert [r.name for r in health.judge() if not r.ok] == ["hook 50-app"]
+    assert reboots == [] and fake.boot_order() == ("berth_1.0.0.efi",)

@@ -77,6 +77,7 @@ from updater.errors import (
     SlotError,
     StorageError,
     UpdateError,
+    VerificationError,
 )
 from updater.machine import REBOOT_REQUIRED_TEXT, FetchOptions, Machine
 from updater.manifest import Manifest, ManifestError
@@ -728,6 +729,61 @@ class Agent:
         floor = previous if previous is not None and previous < booted.version else booted.version
         keep = {e.version for e in bootentries.list_entries(self.machine.esp) if e.version >= floor}
         return [p.name for p in bootentries.prune(self.machine.esp, keep)]
+
+    def verify_pending(self) -> Version:
+        """Re-verify the pending slot against its signed root hash before rebooting into it.
+
+        Bytes that changed after the install (a failing disk, a tampering process) must not get
+        as far as the boot loader. On a mismatch the version's boot entries are removed and it
+        is marked bad, and the VerificationError says why; the running system is untouched.
+        """
+        state = self._load()
+        pending = state.pending
+        if pending is None:
+            raise RefusedError("nothing is pending: there is no installed update to verify")
+        slot = next((s for s in self._slots() if str(s.name) == pending.slot), None)
+        if slot is None:
+            raise SlotError(
+                f"the pending {pending.version} names slot {pending.slot}, which is gone"
+            )
+        try:
+            with self.machine.disk.open("rb") as disk:
+                size = slots.verity_data_size(disk, slot)
+            slots.verify_slot(self.machine.disk, slot, pending.roothash, size)
+        except VerificationError as e:
+            bootentries.remove_entries(self.machine.esp, pending.version)
+            reason = (
+                f"refused to boot {pending.version}: slot {slot.name} changed after it was "
+                f"installed ({e})"
+            )
+            state = replace(state.with_bad(pending.version, reason, self._now()), pending=None)
+            self._save(state)
+            raise VerificationError(reason) from e
+        return pending.version
+
+    def reject_trial(self, reason: str) -> Version | None:
+        """The booted version, on trial, failed its health check: mark it bad now.
+
+        Its entries get zero tries left, so the next boot is the previous version (rather than
+        this one again until the counter runs out), and the reason is recorded where status and
+        after-boot find it. Returns the rejected version, or None when the booted entry is
+        blessed (a failing check on a blessed boot changes nothing; it is only logged).
+        """
+        booted = self._booted()
+        mine = [
+            e for e in bootentries.list_entries(self.machine.esp) if e.version == booted.version
+        ]
+        if not any(e.state is bootentries.EntryState.INDETERMINATE for e in mine):
+            return None
+        bootentries.mark_bad(self.machine.esp, booted.version)
+        state = self._load()
+        state = state.with_bad(
+            booted.version, f"rolled back from {booted.version}: {reason}", self._now()
+        )
+        if state.pending is not None and state.pending.version == booted.version:
+            state = replace(state, pending=None)
+        self._save(state)
+        return booted.version
 
     # -- rollback ------------------------------------------------------------------------------
 

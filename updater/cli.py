@@ -200,7 +200,7 @@ def main(
             daemon_factory().run()
             return 0
         if args.command == "health":
-            failed = [r for r in health_factory().run() if not r.ok]
+            failed = [r for r in health_factory().judge() if not r.ok]
             if failed:  # each failure is logged above with its detail
                 err.write(f"{PROG}: health check failed: {', '.join(r.name for r in failed)}\n")
                 return 1

@@ -251,6 +251,9 @@ class Daemon:
         pending = load_state(state_path(self.machine.var)).pending
         if pending is not None and pending.version >= release.version:
             log.info("%s is installed and waiting for a reboot", pending.version)
+            # Installed in an earlier iteration (or boot): check the slot again before any
+            # reboot can start it. A fresh install was verified moments ago by apply.
+            agent.verify_pending()
             return str(pending.version)
         log.info("installing %s", release.version)
         self._status(f"downloading {release.version}")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from updater import bootentries, slots
 from updater.agent import Agent, SlotRole
+from updater.daemon import REBOOT_COMMAND, run_command
 from updater.errors import UpdateError
 from updater.state import State, state_path
 
@@ -94,6 +95,7 @@ class HealthCheck:
         hook_timeout: float = HOOK_TIMEOUT,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        reboot: Callable[[], None] | None = None,
     ) -> None:
         self.agent = agent
         self.hooks_dir = hooks_dir
@@ -103,6 +105,7 @@ class HealthCheck:
         self.hook_timeout = hook_timeout
         self._sleep = sleep
         self._clock = clock
+        self._reboot = reboot or run_command(REBOOT_COMMAND)
 
     # -- (1) failed units ----------------------------------------------------------------------
 
@@ -221,4 +224,21 @@ class HealthCheck:
                 log.info("health: %s: ok (%s)", r.name, r.detail)
             else:
                 log.error("health: %s: FAILED: %s", r.name, r.detail)
+        return results
+
+    def judge(self) -> list[Result]:
+        """run(); on a boot on trial that failed, mark the version bad and reboot at once.
+
+        Waiting for the boot counter to run out would boot the failing version twice more; the
+        check has already decided, so the previous version boots next, and the reason is kept
+        for `berth-update status`.
+        """
+        results = self.run()
+        failed = [r for r in results if not r.ok]
+        if failed:
+            reason = "health check failed: " + "; ".join(f"{r.name}: {r.detail}" for r in failed)
+            rejected = self.agent.reject_trial(_tail(reason))
+            if rejected is not None:
+                log.error("%s is marked bad; rebooting into the previous version", rejected)
+                self._reboot()
         return results

@@ -295,6 +295,20 @@ def _veritysetup() -> str:
     return path
 
 
+def verity_data_size(disk: BinaryIO, slot: Slot) -> int:
+    """The data size the slot's verity superblock covers (blocks × block size).
+
+    Used to re-verify an installed slot. Trusting the superblock for the size is sound: the
+    geometry of the hash tree follows from it, so a changed count yields another root hash.
+    """
+    disk.seek(slot.verity_offset)
+    raw = disk.read(_VERITY_SB.size)
+    if len(raw) < _VERITY_SB.size or not raw.startswith(_VERITY_MAGIC):
+        raise VerificationError(f"refused: slot {slot.name} holds no verity superblock")
+    fields = _VERITY_SB.unpack(raw)
+    return int(fields[5]) * int(fields[7])
+
+
 def _check_superblock(hash_path: Path, hash_offset: int, data_size: int) -> None:
     try:
         with hash_path.open("rb") as f:
