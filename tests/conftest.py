@@ -72,3 +72,14 @@ def site(tmp_path: Path) -> Iterator[Site]:
 def fake(tmp_path: Path, site: Site) -> FakeMachine:
     """A machine (GPT disk image, ESP, cmdline) booted into 1.0.0 from slot A."""
     return FakeMachine(tmp_path / "machine", site.release("1.0.0"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The end-to-end scenarios' table (tests/e2e.py): case, boots, seconds, outcome."""
+    from tests.e2e import summary_table
+
+    lines = summary_table()
+    if lines:
+        terminalreporter.section("end-to-end update scenarios")
+        for line in lines:
+            terminalreporter.write_line(line)

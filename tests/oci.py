@@ -27,13 +27,32 @@ HELLO_C = textwrap.dedent(
 )
 
 
-def static_hello(workdir: Path) -> bytes:
-    """A tiny statically linked program, compiled with the host's gcc."""
-    source = workdir / "hello.c"
-    source.write_text(HELLO_C)
-    binary = workdir / "hello"
-    run(["gcc", "-static", "-Os", "-s", "-o", binary, source])
+# A container's long-running service: sleeps until stopped (SIGTERM ends it: it is PID 1).
+SLEEPER_C = textwrap.dedent(
+    """\
+    #include <signal.h>
+    #include <stdlib.h>
+    #include <unistd.h>
+    static void stop(int sig) { (void)sig; exit(0); }
+    int main(void) {
+        signal(SIGTERM, stop);
+        for (;;) pause();
+    }
+    """
+)
+
+
+def static_binary(workdir: Path, name: str, source: str) -> bytes:
+    """A tiny statically linked program from C `source`, compiled with the host's gcc."""
+    path = workdir / f"{name}.c"
+    path.write_text(source)
+    binary = workdir / name
+    run(["gcc", "-static", "-Os", "-s", "-o", binary, path])
     return binary.read_bytes()
+
+
+def static_hello(workdir: Path) -> bytes:
+    return static_binary(workdir, "hello", HELLO_C)
 
 
 def _blob(data: bytes) -> tuple[str, bytes]:

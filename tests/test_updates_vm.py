@@ -1,0 +1,335 @@
+"""Updates, automatic rollback, tampering and power loss on machines booted under QEMU.
+
+Releases are built by the project's builder (1.0.0 is the session's image; the others reuse its
+package cache), published with its publisher and keys, and served by nginx on loopback. The
+daemon, not a test command, finds and installs them. Boots are the expensive part under TCG,
+so each machine walks through several scenarios in order; every scenario prints one summary
+line (case, boots, seconds, outcome) and the session ends with the table (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from builder.image import BuildResult
+from tests.e2e import MARKER, PANIC_WORD, Machine, Site, build_release, record
+from tests.oci import SLEEPER_C, oci_archive, static_binary
+
+pytestmark = pytest.mark.vm
+
+# Power cuts: at least 3 in CI; BERTH_POWER_CUTS=20 (with -m slow) for the long run, and
+# BERTH_POWER_SEED to replay a failure.
+POWER_CUTS = int(os.environ.get("BERTH_POWER_CUTS", "3"))
+SLOW_POWER_CUTS = int(os.environ.get("BERTH_SLOW_POWER_CUTS", "20"))
+CUTS_PER_CHAIN = 4
+
+
+class Releases:
+    """Versions after the session's 1.0.0, each built once per module on first use."""
+
+    def __init__(self, base: BuildResult, work: Path) -> None:
+        self.base = base
+        self.work = work
+        self._built: dict[str, BuildResult] = {}
+
+    def get(self, version: str, **options: object) -> BuildResult:
+        if version not in self._built:
+            self._built[version] = build_release(
+                self.base,
+                version,
+                self.work / "out",
+                self.work,
+                **options,  # type: ignore[arg-type]
+            )
+        return self._built[version]
+
+    def good(self) -> BuildResult:
+        """2.0.0: only the version and a marker file differ from 1.0.0."""
+        return self.get("2.0.0", marker="e2e 2.0.0")
+
+    def panics(self) -> BuildResult:
+        """3.0.0: its UKI's kernel cannot start the initrd and panics."""
+        return self.get("3.0.0", cmdline=(PANIC_WORD,))
+
+    def unhealthy(self) -> BuildResult:
+        """4.0.0: boots, but the operator's health hook and a required unit fail on it."""
+        return self.get("4.0.0")
+
+
+@pytest.fixture(scope="module")
+def releases(built_image: BuildResult, tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    return Releases(built_image, tmp_path_factory.mktemp("releases"))
+
+
+@pytest.fixture
+def machine(built_image: BuildResult, artifacts: Path) -> Iterator[Machine]:
+    m = Machine(built_image, artifacts / "vm")
+    try:
+        yield m
+    finally:
+        m.save_logs(artifacts)
+        m.close()
+
+
+def start_container(m: Machine, work: Path) -> None:
+    """A container with restart policy `always`: podman-restart.service starts it at boot."""
+    sleeper = static_binary(work, "sleeper", SLEEPER_C)
+    archive = oci_archive({"sleeper": (sleeper, 0o755)}, ["/sleeper"], "berth/sleeper:1")
+    m.vm.ssh("cat > /var/tmp/sleeper.tar", input=archive)
+    m.ssh("podman load -q -i /var/tmp/sleeper.tar && rm /var/tmp/sleeper.tar", timeout=300)
+    m.ssh("podman run -d --name sleeper --restart=always localhost/berth/sleeper:1", timeout=300)
+
+
+def container_running(m: Machine) -> bool:
+    out = m.try_ssh("podman inspect -f '{{.State.Running}}' sleeper")
+    return out == "true"
+
+
+def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
+    machine: Machine, releases: Releases, tmp_path: Path
+) -> None:
+    good, pulled = releases.good(), releases.panics()
+    with Site(tmp_path / "site") as site:
+        site.publish(good)
+        site.publish(pulled)
+        site.pull("3.0.0")  # published, then withdrawn before any machine installed it
+
+        m = machine
+        m.start()
+        assert m.version() == "1.0.0"
+        m.ssh("echo kept > /etc/berth-e2e.conf && mkdir -p /var/lib/e2e")
+        m.ssh("echo data > /var/lib/e2e/file && sync")
+        start_container(m, tmp_path)
+        boot_id = m.vm.boot_id()
+
+        # (1) The daemon finds 2.0.0, installs it and reboots into it.
+        m.configure(site.guest_url)
+        m.wait_for_boot("2.0.0", boot_id)
+        m.wait_until_blessed("2.0.0")
+        status = m.status()
+        assert status["boot_entries"] == ["berth_2.0.0.efi", "berth_1.0.0.efi"], status
+        roles = {s["version"]: s["state"] for s in status["slots"]}
+        assert roles == {"2.0.0": "booted", "1.0.0": "previous"}, status
+        assert m.ssh(f"cat {MARKER}") == "e2e 2.0.0"
+        assert m.ssh("cat /etc/berth-e2e.conf") == "kept"
+        assert m.ssh("cat /var/lib/e2e/file") == "data"
+        m.wait_for("the container to run again", lambda: container_running(m), 300)
+        assert m.ssh("systemctl is-system-running --wait", timeout=300) == "running"
+        # (2d) The pulled 3.0.0 was never installed.
+        assert not any("3.0.0" in e for e in status["boot_entries"])
+        assert all(s["version"] != "3.0.0" for s in status["slots"])
+        record("update 1.0.0 -> 2.0.0 by the daemon", m.boots(), m.seconds(), "2.0.0 blessed")
+        journal = m.ssh("journalctl --no-pager -o cat -u berth-update")
+        assert "skipped 3.0.0: pulled" in journal, journal[-3000:]
+        record("pulled release 3.0.0", 0, 0, "never installed")
+
+        # (5) The operator rolls back; the daemon does not bring 2.0.0 back by itself.
+        start = m.seconds()
+        assert "1.0.0 boots next" in m.ssh("berth-update rollback")
+        m.vm.reboot_and_wait(timeout=900)
+        assert m.version() == "1.0.0"
+        m.ssh("systemctl restart berth-update.service")
+        m.wait_for(
+            "the daemon's next check",
+            lambda: "skipped 2.0.0: marked bad" in m.journal("-u berth-update"),
+            300,
+        )
+        status = m.status()
+        assert status["pending"] is None
+        assert any(b.startswith("2.0.0: rolled back by the operator") for b in status["bad"])
+        assert status["boot_entries"][0] == "berth_1.0.0.efi"
+        assert m.ssh("cat /etc/berth-e2e.conf") == "kept"
+        m.wait_for("the container to run again", lambda: container_running(m), 300)
+        record("manual rollback to 1.0.0", 1, m.seconds() - start, "1.0.0 stays")
+
+
+HEALTH_HOOK = """#!/bin/sh
+. /etc/os-release
+if [ "$IMAGE_VERSION" = 4.0.0 ]; then
+    echo "the e2e service does not answer on $IMAGE_VERSION"
+    exit 1
+fi
+"""
+
+REQUIRED_UNIT = """[Unit]
+Description=A service the operator requires (fails on 4.0.0)
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c '. /etc/os-release; test "$IMAGE_VERSION" != 4.0.0'
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _bad(m: Machine, version: str) -> str:
+    reasons = [b for b in m.status()["bad"] if b.startswith(f"{version}: ")]
+    assert reasons, m.status()
+    return str(reasons[0])
+
+
+def test_bad_releases_roll_back_by_themselves(
+    machine: Machine, releases: Releases, tmp_path: Path
+) -> None:
+    with Site(tmp_path / "site") as site:
+        m = machine
+        m.start()
+        m.ssh("mkdir -p /etc/berth/health.d")
+        m.vm.ssh("cat > /etc/berth/health.d/50-e2e", input=HEALTH_HOOK.encode())
+        m.vm.ssh("cat > /etc/systemd/system/e2e-required.service", input=REQUIRED_UNIT.encode())
+        m.ssh("chmod 755 /etc/berth/health.d/50-e2e && systemctl enable --now e2e-required")
+        m.ssh("sync")
+
+        # (2a) A kernel that panics: three tries, then the boot loader falls back.
+        site.publish(releases.panics())
+        start, boots = m.seconds(), m.boots()
+        boot_id = m.vm.boot_id()
+        m.configure(site.guest_url)
+        m.wait_for_boot("1.0.0", boot_id, timeout=1500)
+        m.wait_for("the agent to judge the fallback", lambda: bool(_bad(m, "3.0.0")), 300)
+        reason = _bad(m, "3.0.0")
+        assert "rolled back from 3.0.0: boot did not complete" in reason
+        assert m.status()["boot_entries"][0] == "berth_1.0.0.efi"
+        assert "Kernel panic" in m.vm.serial_text()
+        record("bad release: kernel panics", m.boots() - boots, m.seconds() - start, "1.0.0")
+
+        # (2c) A health check fails (an operator hook, a required unit): one try, then back.
+        site.publish(releases.unhealthy())
+        start, boots = m.seconds(), m.boots()
+        boot_id = m.vm.boot_id()
+        m.ssh("systemctl restart berth-update.service")
+        m.wait_for_boot("1.0.0", boot_id, timeout=1500)
+        m.wait_for("the fallback to be judged", lambda: bool(_bad(m, "4.0.0")), 300)
+        reason = _bad(m, "4.0.0")
+        assert "rolled back from 4.0.0: health check failed" in reason, reason
+        assert "e2e-required.service" in reason and "does not answer on 4.0.0" in reason
+        assert m.ssh("systemctl is-system-running --wait", timeout=300) == "running"
+        record("bad release: health check fails", m.boots() - boots, m.seconds() - start, "1.0.0")
+
+        # (4) Bytes change in the installed, inactive slot: the daemon re-verifies it before
+        # rebooting and refuses it.
+        site.publish(releases.good())
+        start, boots = m.seconds(), m.boots()
+        m.configure(site.guest_url, strategy="off")
+        m.wait_for("2.0.0 to be installed", lambda: m.status()["pending"] == "2.0.0", 900)
+        tamper_inactive_slot(m)
+        m.configure(site.guest_url, strategy="immediate")
+        m.wait_for("the re-verification", lambda: bool(_bad(m, "2.0.0")), 600)
+        assert "slot B changed after it was installed" in _bad(m, "2.0.0")
+        assert m.version() == "1.0.0"
+        assert not any("2.0.0" in e for e in m.entries())
+        record("tampered inactive slot, daemon", m.boots() - boots, m.seconds() - start, "refused")
+
+        # (2b) The same, but the operator reboots straight into it: dm-verity stops the boot
+        # and the tries run out.
+        start, boots = m.seconds(), m.boots()
+        m.configure(site.guest_url, strategy="off")
+        m.ssh("berth-update apply --version 2.0.0", timeout=1200)
+        tamper_inactive_slot(m)
+        boot_id = m.vm.boot_id()
+        m.vm.ssh("systemctl reboot", check=False, timeout=30)
+        m.wait_for_boot("1.0.0", boot_id, timeout=1500)
+        m.wait_for("the fallback to be judged", lambda: bool(_bad(m, "2.0.0")), 300)
+        assert "rolled back from 2.0.0: boot did not complete" in _bad(m, "2.0.0")
+        assert "verity" in m.vm.serial_text().lower()
+        record("slot data != root hash, booted", m.boots() - boots, m.seconds() - start, "1.0.0")
+
+
+def tamper_inactive_slot(m: Machine) -> None:
+    """Flip bytes in the erofs superblock of the slot that is not booted (read at mount)."""
+    slot = next(s for s in m.status()["slots"] if s["state"] != "booted")
+    label = "root-" + slot["name"].lower()
+    device = m.ssh(
+        "lsblk -rno PATH,PARTLABEL | awk -v want=" + label + " 'index($2, want) == 1 { print $1 }'"
+        " | head -1"
+    )
+    assert device.startswith("/dev/"), device
+    m.ssh(
+        f"dd if={device} bs=1 skip=1024 count=16 status=none | tr '\\000-\\377' '\\377-\\000'"
+        f" | dd of={device} bs=1 seek=1024 conv=notrunc status=none && sync"
+    )
+
+
+def _power_cuts(
+    built_image: BuildResult, artifacts: Path, releases: Releases, tmp_path: Path, cuts: int
+) -> None:
+    """Cut the power at random moments while 1.0.0 updates itself to 2.0.0.
+
+    A chain starts from a fresh 1.0.0 machine and cuts up to CUTS_PER_CHAIN times, each after a
+    random delay from the moment the machine answered (the daemon is at work by then); after
+    every cut the machine must come up fully on 1.0.0 or 2.0.0. The chain ends when 2.0.0 is
+    blessed. More cuts than one chain holds start new chains, so that every cut hits an update.
+    """
+    seed = int(os.environ.get("BERTH_POWER_SEED", str(random.randrange(1 << 32))))
+    print(f"\npower-loss seed: {seed} (BERTH_POWER_SEED={seed} replays it)", flush=True)
+    rng = random.Random(seed)
+    # About 25 s of download at 8 MB/s: cuts land in every phase, not only in the reboot.
+    limit = "location /targets/ { limit_rate 8m; }"
+    done, chain, boots, seconds = 0, 0, 0, 0.0
+    phases: list[str] = []
+    with Site(tmp_path / "site", limit) as site:
+        site.publish(releases.good())
+        while done < cuts:
+            chain += 1
+            m = Machine(built_image, artifacts / f"vm-{chain}")
+            try:
+                m.start()
+                m.configure(site.guest_url)
+                for _ in range(min(CUTS_PER_CHAIN, cuts - done)):
+                    delay = rng.uniform(5, 150)
+                    phase = watch_phase(m, delay)
+                    m.cut_power()
+                    done += 1
+                    phases.append(phase)
+                    m.start(timeout=1500)
+                    version = m.version()
+                    print(f"cut {done}: {delay:.0f} s in, during {phase}: booted {version}")
+                    assert version in ("1.0.0", "2.0.0"), version
+                    state = m.ssh("systemctl is-system-running --wait", timeout=600)
+                    assert state == "running", m.ssh("systemctl --failed --no-legend")
+                    assert m.status()["booted_version"] == version  # the state file survived
+                m.wait_until_blessed("2.0.0", timeout=1500)
+                assert m.ssh(f"cat {MARKER}") == "e2e 2.0.0"
+                boots += m.boots()
+                seconds += m.seconds()
+            finally:
+                m.save_logs(artifacts)
+                m.close()
+    resumed = sum(1 for r in site.server.requests() if r.range)
+    outcome = f"2.0.0 every time; cuts during {', '.join(phases)}; {resumed} resumed GETs"
+    record(f"power loss x{cuts} (seed {seed})", boots, seconds, outcome)
+
+
+def watch_phase(m: Machine, seconds: float) -> str:
+    """Wait `seconds` while noting what the machine is doing (from the daemon's status)."""
+    phase = "boot"
+    deadline = m.seconds() + seconds
+    while m.seconds() < deadline:
+        text = m.try_ssh("systemctl show -P StatusText berth-update.service")
+        if text is None:
+            phase = "reboot"
+        elif text.startswith("downloading"):
+            phase = "download " + text.rsplit(": ", 1)[-1] if ": " in text else "download"
+        elif text:
+            phase = text.split(",")[0]
+    return phase
+
+
+def test_power_loss_during_an_update(
+    built_image: BuildResult, artifacts: Path, releases: Releases, tmp_path: Path
+) -> None:
+    _power_cuts(built_image, artifacts, releases, tmp_path, POWER_CUTS)
+
+
+@pytest.mark.slow
+def test_power_loss_many_times(
+    built_image: BuildResult, artifacts: Path, releases: Releases, tmp_path: Path
+) -> None:
+    _power_cuts(built_image, artifacts, releases, tmp_path, SLOW_POWER_CUTS)
