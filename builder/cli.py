@@ -26,6 +26,7 @@ TEST_TOOLS = (
     "sfdisk",
     "gcc",
     "nginx",
+    "etcd",
     "veritysetup",
     "timeout",
 )

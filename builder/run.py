@@ -29,6 +29,7 @@ HOST_TOOLS: dict[str, str] = {
     "sfdisk": "fdisk",
     "zstd": "zstd",
     "nginx": "nginx",
+    "etcd": "etcd-server",
     "arch-test": "arch-test",
     "dpkg-deb": "dpkg",
     "ssh": "openssh-client",

@@ -12,6 +12,7 @@ from builder import publish as pub
 from builder.config import load_image
 from builder.image import BuildResult, build_image
 from qemu import VM, VMConfig
+from tests.etcd import EtcdServer
 from tests.machine import FakeMachine, Site
 from tests.servers import NginxServer
 
@@ -72,6 +73,13 @@ def site(tmp_path: Path) -> Iterator[Site]:
 def fake(tmp_path: Path, site: Site) -> FakeMachine:
     """A machine (GPT disk image, ESP, cmdline) booted into 1.0.0 from slot A."""
     return FakeMachine(tmp_path / "machine", site.release("1.0.0"))
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    """A real etcd on loopback, shared by a test module's tests (each uses its own groups)."""
+    with EtcdServer() as server:
+        yield server
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

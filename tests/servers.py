@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import pytest
 
@@ -59,18 +60,104 @@ def _free_port() -> int:
         return port
 
 
-class NginxServer:
+class ServerProcess:
+    """A server process in the foreground on a free loopback port (nginx, etcd, ...).
+
+    `start` picks a port, spawns, and waits until the server answers, trying other ports when
+    one was taken between probing and binding; `stop` sends `stop_signal`, then SIGKILL.
+    """
+
+    name = "server"
+    stop_signal = signal.SIGTERM
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        raise NotImplementedError
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """Start the server on `self.port`."""
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+        ):
+            return True
+        return False
+
+    def start(self) -> Self:
+        for _attempt in range(5):
+            self.port = _free_port()
+            self._process = self._spawn()
+            if self._wait_ready():
+                return self
+            self.stop()
+        raise RuntimeError(f"{self.name} did not start; see {self.log_path}:\n{self._log_tail()}")
+
+    def _wait_ready(self) -> bool:
+        assert self._process is not None
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                return False
+            if self._ready():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def _log_tail(self) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(self.stop_signal)
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def close(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class NginxServer(ServerProcess):
     """nginx in the foreground serving `root` at http://127.0.0.1:<port>/.
 
     `extra_config` is inserted into the server block, e.g. a `location` with `limit_rate`.
     """
 
+    name = "nginx"
+    # SIGQUIT is nginx's graceful stop; SIGKILL follows if a worker hangs.
+    stop_signal = signal.SIGQUIT
+
     def __init__(self, root: Path, work_dir: Path, extra_config: str = "") -> None:
+        super().__init__()
         self.root = root.resolve()
         self.work_dir = work_dir
         self.extra_config = extra_config
-        self.port = 0
-        self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -84,6 +171,10 @@ class NginxServer:
     @property
     def error_log(self) -> Path:
         return self.work_dir / "error.log"
+
+    @property
+    def log_path(self) -> Path:
+        return self.error_log
 
     def _config(self) -> str:
         # Running as root, nginx would switch its workers to an unprivileged user that cannot
@@ -116,59 +207,26 @@ http {{
 }}
 """
 
-    def start(self) -> NginxServer:
-        nginx = find_tool("nginx")
+    def _spawn(self) -> subprocess.Popen[bytes]:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         (self.work_dir / "tmp").mkdir(exist_ok=True)
-        for _attempt in range(5):
-            # The port can be taken between probing and nginx binding it; try another.
-            self.port = _free_port()
-            config = self.work_dir / "nginx.conf"
-            config.write_text(self._config())
-            self._process = subprocess.Popen(
-                # -e: the startup error log, before the configuration's own is opened.
-                [nginx, "-p", str(self.work_dir), "-e", str(self.error_log), "-c", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            if self._wait_ready():
-                return self
-            self.stop()
-        raise RuntimeError(f"nginx did not start; see {self.error_log}:\n{self._error_tail()}")
-
-    def _wait_ready(self) -> bool:
-        assert self._process is not None
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                return False
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-            ):
-                return True
-            time.sleep(0.02)
-        return False
-
-    def _error_tail(self) -> str:
-        try:
-            return "\n".join(self.error_log.read_text(errors="replace").splitlines()[-20:])
-        except FileNotFoundError:
-            return "(no error log)"
-
-    def stop(self) -> None:
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            # SIGQUIT is nginx's graceful stop; fall back to SIGKILL if a worker hangs.
-            self._process.send_signal(signal.SIGQUIT)
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._process = None
+        config = self.work_dir / "nginx.conf"
+        config.write_text(self._config())
+        return subprocess.Popen(
+            # -e: the startup error log, before the configuration's own is opened.
+            [
+                find_tool("nginx"),
+                "-p",
+                str(self.work_dir),
+                "-e",
+                str(self.error_log),
+                "-c",
+                str(config),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def log_lines(self) -> list[str]:
         try:
@@ -187,17 +245,6 @@ http {{
                 )
             )
         return parsed
-
-    def __enter__(self) -> NginxServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @pytest.fixture

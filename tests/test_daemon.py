@@ -106,6 +106,7 @@ class Harness:
             reboot=self.reboot,
             notifier=Notifier(self.notify or ""),
             fetch_options=FetchOptions(timeout=(2.0, 2.0), attempts=1, backoff=0.0),
+            sessions=lambda: 0,  # nobody logged in: no warning delay (tests/test_reboot_gate.py)
         )
 
 

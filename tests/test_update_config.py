@@ -103,3 +103,78 @@ def test_an_image_without_a_repository_loads_and_can_be_given_one(
     assert load_config(default, etc).url == ""
     override(etc, '[update]\nurl = "https://mirror.example/berth"\n')
     assert load_config(default, etc).url == "https://mirror.example/berth/"
+
+
+def test_reboot_coordination_tables(paths: tuple[Path, Path]) -> None:
+    default, etc = paths
+    override(
+        etc,
+        '[update]\nstrategy = "etcd-lock"\nreboot_delay = "2m"\n'
+        '[etcd_lock]\nendpoints = ["https://etcd1:2379/", "https://etcd2:2379"]\n'
+        'group = "workers"\nslots = 2\nca_file = "/etc/berth/ca.pem"\n'
+        'cert_file = "/etc/berth/c.pem"\nkey_file = "/etc/berth/k.pem"\n'
+        '[fleet_lock]\nbase_url = "http://lockd:8080/base"\n'
+        '[[window]]\ndays = ["Sat"]\nstart_time = "23:00"\nlength_minutes = 90\n'
+        'time_zone = "Europe/Berlin"\n',
+    )
+    config = load_config(default, etc)
+    assert config.strategy is Strategy.ETCD_LOCK and config.reboot_delay == 120
+    assert config.etcd_endpoints == ("https://etcd1:2379", "https://etcd2:2379")
+    assert (config.etcd_group, config.etcd_slots) == ("workers", 2)
+    assert config.etcd_ca_file == Path("/etc/berth/ca.pem")
+    assert config.fleet_lock_url == "http://lockd:8080/base/"
+    assert config.fleet_lock_group == "default"
+    assert [str(w) for w in config.windows] == ["Sat 23:00 for 90 min (Europe/Berlin)"]
+
+
+def test_windows_in_the_override_replace_the_images(paths: tuple[Path, Path]) -> None:
+    default, etc = paths
+    window = '[[window]]\ndays = ["{}"]\nstart_time = "01:00"\nlength_minutes = 30\n'
+    default.write_text(DEFAULTS + window.format("Mon"))
+    override(etc, '[update]\nstrategy = "window"\n' + window.format("Tue") + window.format("Wed"))
+    config = load_config(default, etc)
+    assert [sorted(w.days) for w in config.windows] == [[1], [2]]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[update]\nstrategy = "window"\n', 'strategy "window" needs at least one [[window]]'),
+        ('[update]\nstrategy = "fleet-lock"\n', "needs key 'fleet_lock.base_url'"),
+        ('[update]\nstrategy = "etcd-lock"\n', "needs key 'etcd_lock.endpoints'"),
+        ('[update]\nstrategy = "periodic"\n', "expected one of immediate, off, window"),
+        ('[update]\nreboot_delay = "later"\n', "key 'update.reboot_delay': expected a duration"),
+        ('[fleet_lock]\nbase_url = "lockd:8080"\n', "key 'fleet_lock.base_url': expected an http"),
+        ('[fleet_lock]\ngroup = "a b"\n', "key 'fleet_lock.group': expected a group name"),
+        ("[etcd_lock]\nendpoints = []\n", "key 'etcd_lock.endpoints': expected a list"),
+        ('[etcd_lock]\nendpoints = ["etcd:2379"]\n', "key 'etcd_lock.endpoints': expected http"),
+        ("[etcd_lock]\nslots = 0\n", "key 'etcd_lock.slots': expected a whole number"),
+        ('[etcd_lock]\nca_file = "ca.pem"\n', "key 'etcd_lock.ca_file': expected an absolute"),
+        ('[etcd_lock]\ncert_file = "/c.pem"\n', "'etcd_lock.cert_file' and 'etcd_lock.key_file'"),
+        ('[etcd_lock]\nendpoint = "x"\n', "unknown key 'etcd_lock.endpoint'"),
+        ("[window]\ndays = 1\n", "'window' must be an array of tables ([[window]])"),
+        (
+            '[[window]]\ndays = ["Mon"]\nstart_time = "01:00"\nlength_minutes = 5\n'
+            '[[window]]\ndays = ["Mon"]\nstart_time = "25:00"\nlength_minutes = 5\n',
+            "[[window]] number 2: key 'start_time'",
+        ),
+        (
+            "[updates]\nstrategy = 1\n",
+            "known tables: [update], [fleet_lock], [etcd_lock], [[window]]",
+        ),
+    ],
+)
+def test_reboot_coordination_rejections_name_file_and_field(
+    paths: tuple[Path, Path], text: str, message: str
+) -> None:
+    # The same check as for the [update] keys, over the reboot coordination tables.
+    test_malformed_override_names_file_key_and_expectation(paths, text, message)
+
+
+def test_a_strategy_chosen_by_the_image_is_blamed_on_the_image(paths: tuple[Path, Path]) -> None:
+    default, etc = paths
+    default.write_text(DEFAULTS + 'strategy = "fleet-lock"\n')
+    with pytest.raises(ConfigError, match=f'^{default}: strategy "fleet-lock" needs'):
+        load_config(default, etc)
+    override(etc, '[fleet_lock]\nbase_url = "http://lockd/"\n')
+    assert load_config(default, etc).strategy is Strategy.FLEET_LOCK

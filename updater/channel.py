@@ -12,8 +12,6 @@ last wave must have bound 2048 so that every machine is eventually covered.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import itertools
 import json
 import re
@@ -24,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from updater.errors import UpdateError
+from updater.identity import app_specific_id
 from updater.manifest import PAYLOAD_FILES
 from updater.version import Version
 
@@ -44,7 +43,6 @@ DEFAULT_WAVES: tuple[tuple[int, timedelta], ...] = (
 # from the machine id without revealing it, and other applications' ids derived from the same
 # machine id do not correlate with it.
 _SEED_APP_KEY = bytes.fromhex("6c1b0e5d2f9a4c3e8b7d1a2f4e6c8b0d")
-_MACHINE_ID = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -283,10 +281,7 @@ def immediate_waves(now: datetime) -> Mapping[int, datetime]:
 
 def machine_seed(machine_id: str) -> int:
     """This machine's rollout seed, 0..2047, stable for the life of /etc/machine-id."""
-    text = machine_id.strip()
-    if not _MACHINE_ID.fullmatch(text):
-        raise ValueError(f"machine id {machine_id!r} is not 32 lowercase hex digits")
-    digest = hmac.new(bytes.fromhex(text), _SEED_APP_KEY, hashlib.sha256).digest()
+    digest = app_specific_id(machine_id, _SEED_APP_KEY)
     # 65536 is a multiple of 2048, so the modulo keeps every seed equally likely.
     return int.from_bytes(digest[:2], "big") % SEED_RANGE
 

@@ -7,6 +7,9 @@
     berth-update after-boot
     berth-update daemon           (berth-update.service)
     berth-update health           (berth-health.service, before boot-complete.target)
+    berth-update lock id|show|release ID|slots N [--etcd URL] [--group G]
+                                  the reboot semaphore in etcd (strategies etcd-lock, fleet-lock
+                                  with berth-lockd or airlock); works on any host with Python
 
 The only place that turns errors into exit codes: any UpdateError becomes one line
 "berth-update: <message>" on stderr and exit status 1. The agent is built from the running
@@ -21,10 +24,11 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from updater.config import ConfigError, UpdateConfig, load_config
-from updater.errors import UpdateError
+from updater.config import DEFAULT_GROUP, ConfigError, UpdateConfig, load_config
+from updater.errors import RefusedError, UpdateError
 from updater.machine import Machine
 from updater.version import Version
 
@@ -32,11 +36,13 @@ if TYPE_CHECKING:
     from updater.agent import Agent, Status
     from updater.daemon import Daemon
     from updater.health import HealthCheck
+    from updater.semaphore import SemaphoreClient
 
 # The agent (requests, python-tuf, cryptography) is imported only by the commands that use it:
 # `berth-update daemon` must start without it (see updater/worker.py).
 
 PROG = "berth-update"
+MACHINE_ID = Path("/etc/machine-id")
 
 
 def default_agent() -> Agent:
@@ -98,6 +104,25 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("after-boot", help="judge this boot (run once per boot by systemd)")
     sub.add_parser("daemon", help="check, install and reboot at the interval (systemd service)")
     sub.add_parser("health", help="judge this boot's health before boot-complete.target")
+    lock = sub.add_parser("lock", help="the fleet's reboot semaphore in etcd (operators)")
+    lock.add_argument(
+        "--etcd",
+        action="extend",
+        type=lambda t: [e for e in t.split(",") if e],
+        help="etcd URL(s); default: [etcd_lock] endpoints of this machine's configuration",
+    )
+    lock.add_argument("--group", help=f"reboot group (default: configured or {DEFAULT_GROUP})")
+    lock.add_argument("--ca-file", type=Path)
+    lock.add_argument("--cert-file", type=Path)
+    lock.add_argument("--key-file", type=Path)
+    action = lock.add_subparsers(dest="action", required=True)
+    action.add_parser("id", help="this machine's holder id")
+    show = action.add_parser("show", help="slots and holders")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    release = action.add_parser("release", help="free the slot of a dead or removed machine")
+    release.add_argument("holder", help="the holder id, as `show` lists it")
+    slots = action.add_parser("slots", help="change the number of slots")
+    slots.add_argument("count", type=int)
     return p
 
 
@@ -121,6 +146,73 @@ def format_status(status: Status) -> str:
     lines.extend(f"bad:          {b}" for b in status.bad)
     lines.append(f"boot entries: {', '.join(status.boot_entries) or 'none'}")
     return "\n".join(lines) + "\n"
+
+
+def _semaphore(
+    args: argparse.Namespace, config_factory: Callable[[], UpdateConfig]
+) -> SemaphoreClient:
+    """The semaphore named on the command line, else the one this machine's strategy uses."""
+    from updater.etcdlock import EtcdStore, TLSFiles
+    from updater.semaphore import SemaphoreClient
+
+    config: UpdateConfig | None = None
+    if not args.etcd or args.group is None:
+        try:
+            config = config_factory()
+        except ConfigError:
+            config = None  # not a Berth machine, or a broken file: the options must say it all
+    endpoints = args.etcd or (config.etcd_endpoints if config else ())
+    if not endpoints:
+        raise RefusedError(
+            "no etcd endpoints: pass --etcd URL, or set [etcd_lock] endpoints in "
+            "/etc/berth/update.toml"
+        )
+    group = args.group or (config.etcd_group if config else DEFAULT_GROUP)
+    tls = TLSFiles(args.ca_file, args.cert_file, args.key_file)
+    if not args.etcd and config is not None:
+        tls = TLSFiles(config.etcd_ca_file, config.etcd_cert_file, config.etcd_key_file)
+    return SemaphoreClient(EtcdStore(endpoints, tls), group)
+
+
+def _lock(args: argparse.Namespace, config_factory: Callable[[], UpdateConfig], out: TextIO) -> int:
+    from updater.gate import holder_id
+
+    if args.action == "id":
+        out.write(holder_id(MACHINE_ID) + "\n")
+        return 0
+    semaphore = _semaphore(args, config_factory)
+    where = f"group {semaphore.group} ({semaphore.key})"
+    if args.action == "show":
+        current, exists = semaphore.show()
+        if args.json:
+            doc = {
+                "group": semaphore.group,
+                "key": semaphore.key,
+                "exists": exists,
+                "total_slots": current.total_slots,
+                "holders": list(current.holders),
+            }
+            out.write(json.dumps(doc, indent=2) + "\n")
+        elif not exists:
+            out.write(f"{where}: no semaphore yet (created on the first lock)\n")
+        else:
+            out.write(f"{where}: {len(current.holders)} of {current.total_slots} slots held\n")
+            out.writelines(f"  {holder}\n" for holder in current.holders)
+    elif args.action == "release":
+        outcome = semaphore.release(args.holder)
+        if not outcome.changed:
+            raise RefusedError(f"{args.holder} holds no slot in {where}")
+        s = outcome.semaphore
+        out.write(f"released {args.holder} in {where}: {len(s.holders)} of {s.total_slots} held\n")
+    elif args.action == "slots":
+        if args.count < 0:
+            raise RefusedError(f"slots must be 0 or more, got {args.count}")
+        before, _ = semaphore.show()
+        s = semaphore.set_slots(args.count).semaphore
+        out.write(
+            f"{where}: {before.total_slots} -> {s.total_slots} slots, {len(s.holders)} held\n"
+        )
+    return 0
 
 
 def _run(args: argparse.Namespace, agent: Agent, out: TextIO, err: TextIO) -> int:
@@ -180,6 +272,7 @@ def main(
     agent_factory: Callable[[], Agent] = default_agent,
     daemon_factory: Callable[[], Daemon] = default_daemon,
     health_factory: Callable[[], HealthCheck] = default_health,
+    config_factory: Callable[[], UpdateConfig] = load_config,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
@@ -206,6 +299,8 @@ def main(
                 return 1
             logging.getLogger(PROG).info("health check passed")
             return 0
+        if args.command == "lock":
+            return _lock(args, config_factory, out)
         return _run(args, agent_factory(), out, err)
     except UpdateError as e:
         err.write(f"{PROG}: {e}\n")

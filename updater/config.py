@@ -6,13 +6,20 @@
     [update]
     url = "https://updates.example/berth/"
     channel = "stable"
-    strategy = "immediate"      # or "off"
+    strategy = "immediate"      # "window", "fleet-lock", "etcd-lock" or "off"
     interval = "1h"             # "30m", "90s", "3600" or 3600: seconds between checks
+    reboot_delay = "10m"        # logged-in users are warned this long before a reboot
+
+    [[window]]                  # strategy "window": see updater/windows.py
+    [fleet_lock]                # strategy "fleet-lock": base_url, group
+    [etcd_lock]                 # strategy "etcd-lock": endpoints, group, slots, TLS files
 
 Both files share one schema (`_SCHEMA`): a table name maps to its keys, each with a parser and the
 `UpdateConfig` field it sets. A later feature adds its table there and its fields to
 `UpdateConfig`, nothing else. Unknown tables and keys are errors naming the file and the key: a
-typo must not silently fall back to a default.
+typo must not silently fall back to a default. `[[window]]` is an array of tables
+(`_ARRAY_TABLES`); an override that has any replaces the image's list as a whole. A strategy
+that needs a table it does not find is an error naming the file that chose the strategy.
 
 A malformed override raises ConfigError. The daemon keeps running with its last good
 configuration: that decision lives in `reload_config`, which the daemon calls on every reload
@@ -34,11 +41,15 @@ from typing import Any
 
 from updater.channel import CHANNEL_NAME
 from updater.errors import UpdateError
+from updater.semaphore import GROUP_NAME
+from updater.windows import Window, parse_window
 
 DEFAULT_PATH = Path("/usr/lib/berth/update.toml")
 OVERRIDE_PATH = Path("/etc/berth/update.toml")
 MIN_INTERVAL = 60.0
 DEFAULT_INTERVAL = 3600.0
+DEFAULT_REBOOT_DELAY = 600.0
+DEFAULT_GROUP = "default"
 
 _DURATION = re.compile(r"([0-9]+)\s*(s|m|h|d)?")
 _UNIT_SECONDS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -53,6 +64,9 @@ class Strategy(StrEnum):
 
     IMMEDIATE = "immediate"  # as soon as the update is installed
     OFF = "off"  # never by itself: an operator or kured (via /run/reboot-required) reboots
+    WINDOW = "window"  # only inside a maintenance window ([[window]])
+    FLEET_LOCK = "fleet-lock"  # holding a slot from a FleetLock server ([fleet_lock])
+    ETCD_LOCK = "etcd-lock"  # holding a slot of airlock's semaphore in etcd ([etcd_lock])
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,17 @@ class UpdateConfig:
     channel: str
     strategy: Strategy = Strategy.IMMEDIATE
     interval: float = DEFAULT_INTERVAL  # seconds between checks
+    # Reboot coordination (docs/updates.md, "Reboot coordination").
+    reboot_delay: float = DEFAULT_REBOOT_DELAY  # seconds logged-in users are warned ahead
+    windows: tuple[Window, ...] = ()
+    fleet_lock_url: str = ""
+    fleet_lock_group: str = DEFAULT_GROUP
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_group: str = DEFAULT_GROUP
+    etcd_slots: int = 1  # the slot count when this machine creates the group's semaphore
+    etcd_ca_file: Path | None = None
+    etcd_cert_file: Path | None = None
+    etcd_key_file: Path | None = None
 
     @property
     def metadata_url(self) -> str:
@@ -121,6 +146,40 @@ def parse_interval(value: object, minimum: float = MIN_INTERVAL) -> float:
     return seconds
 
 
+def _delay(value: object, _min: float) -> float:
+    return parse_interval(value, 0.0)
+
+
+def _group(value: object, _min: float) -> str:
+    if not isinstance(value, str) or not GROUP_NAME.fullmatch(value):
+        raise ValueError(f"expected a group name of letters, digits, '.' or '-', got {value!r}")
+    return value
+
+
+def _endpoints(value: object, _min: float) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError(f'expected a list of etcd URLs like ["https://etcd1:2379"], got {value!r}')
+    endpoints = []
+    for item in items:
+        if not isinstance(item, str) or not re.fullmatch(r"https?://[^\s/]+/?", item):
+            raise ValueError(f"expected http:// or https:// host:port URLs, got {item!r}")
+        endpoints.append(item.rstrip("/"))
+    return tuple(endpoints)
+
+
+def _slots(value: object, _min: float) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"expected a whole number of slots, at least 1, got {value!r}")
+    return value
+
+
+def _file(value: object, _min: float) -> Path:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"expected an absolute file path, got {value!r}")
+    return Path(value)
+
+
 # table -> key -> (UpdateConfig field, parser). The one place a new table or key is added.
 _SCHEMA: Mapping[str, Mapping[str, tuple[str, _Parser]]] = MappingProxyType(
     {
@@ -130,11 +189,37 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[str, _Parser]]] = MappingProxyType(
                 "channel": ("channel", _channel),
                 "strategy": ("strategy", _strategy),
                 "interval": ("interval", parse_interval),
+                "reboot_delay": ("reboot_delay", _delay),
+            }
+        ),
+        "fleet_lock": MappingProxyType(
+            {"base_url": ("fleet_lock_url", _url), "group": ("fleet_lock_group", _group)}
+        ),
+        "etcd_lock": MappingProxyType(
+            {
+                "endpoints": ("etcd_endpoints", _endpoints),
+                "group": ("etcd_group", _group),
+                "slots": ("etcd_slots", _slots),
+                "ca_file": ("etcd_ca_file", _file),
+                "cert_file": ("etcd_cert_file", _file),
+                "key_file": ("etcd_key_file", _file),
             }
         ),
     }
 )
+# Arrays of tables ([[name]]): table -> (UpdateConfig field, parser of one entry).
+_ARRAY_TABLES: Mapping[str, tuple[str, Callable[[object], object]]] = MappingProxyType(
+    {"window": ("windows", parse_window)}
+)
 _REQUIRED = ("url", "channel")
+# What a strategy cannot work without: (field, how the operator sets it).
+_STRATEGY_NEEDS: Mapping[Strategy, tuple[str, str]] = MappingProxyType(
+    {
+        Strategy.WINDOW: ("windows", "at least one [[window]] table"),
+        Strategy.FLEET_LOCK: ("fleet_lock_url", "key 'fleet_lock.base_url'"),
+        Strategy.ETCD_LOCK: ("etcd_endpoints", "key 'etcd_lock.endpoints'"),
+    }
+)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -150,9 +235,12 @@ def _read(path: Path) -> dict[str, Any]:
 def _fields(path: Path, doc: Mapping[str, Any], min_interval: float) -> dict[str, object]:
     values: dict[str, object] = {}
     for table, content in doc.items():
+        if table in _ARRAY_TABLES:
+            values.update(_array(path, table, content))
+            continue
         keys = _SCHEMA.get(table)
         if keys is None:
-            known = ", ".join(f"[{t}]" for t in _SCHEMA)
+            known = ", ".join([*(f"[{t}]" for t in _SCHEMA), *(f"[[{t}]]" for t in _ARRAY_TABLES)])
             raise ConfigError(f"{path}: unknown table or key '{table}' (known tables: {known})")
         if not isinstance(content, dict):
             raise ConfigError(f"{path}: '{table}' must be a table ([{table}])")
@@ -169,6 +257,34 @@ def _fields(path: Path, doc: Mapping[str, Any], min_interval: float) -> dict[str
     return values
 
 
+def _array(path: Path, table: str, content: object) -> dict[str, object]:
+    field_name, parse = _ARRAY_TABLES[table]
+    if not isinstance(content, list):
+        raise ConfigError(f"{path}: '{table}' must be an array of tables ([[{table}]])")
+    entries = []
+    for number, entry in enumerate(content, 1):
+        try:
+            entries.append(parse(entry))
+        except ValueError as e:
+            raise ConfigError(f"{path}: [[{table}]] number {number}: {e}") from None
+    return {field_name: tuple(entries)}
+
+
+def _check_strategy(values: Mapping[str, object], origin: Mapping[str, Path]) -> None:
+    """A strategy's own table must be there; TLS client certificate and key come together."""
+    strategy = values.get("strategy", Strategy.IMMEDIATE)
+    need = _STRATEGY_NEEDS.get(strategy)  # type: ignore[call-overload]
+    if need is not None and not values.get(need[0]):
+        raise ConfigError(f'{origin["strategy"]}: strategy "{strategy}" needs {need[1]}')
+    cert, key = values.get("etcd_cert_file"), values.get("etcd_key_file")
+    if (cert is None) != (key is None):
+        given = "etcd_cert_file" if cert is not None else "etcd_key_file"
+        raise ConfigError(
+            f"{origin[given]}: keys 'etcd_lock.cert_file' and 'etcd_lock.key_file' go together "
+            "(a client certificate needs its key)"
+        )
+
+
 def load_config(
     default_path: Path = DEFAULT_PATH,
     override_path: Path = OVERRIDE_PATH,
@@ -181,13 +297,17 @@ def load_config(
     overrides. `min_interval` exists for tests that poll fast; the device always uses 60 s.
     """
     values = _fields(default_path, _read(default_path), min_interval)
+    origin = dict.fromkeys(values, default_path)
     if override_path.exists():
-        values.update(_fields(override_path, _read(override_path), min_interval))
+        overrides = _fields(override_path, _read(override_path), min_interval)
+        values.update(overrides)
+        origin.update(dict.fromkeys(overrides, override_path))
     for key in _REQUIRED:
         if key not in values:
             raise ConfigError(
                 f"{default_path}: key 'update.{key}' is missing and {override_path} does not set it"
             )
+    _check_strategy(values, origin)
     base = UpdateConfig(url=str(values.pop("url")), channel=str(values.pop("channel")))
     return replace(base, **values)  # type: ignore[arg-type]
 

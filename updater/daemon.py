@@ -22,6 +22,13 @@ Decisions that matter:
   bug and ends the process (systemd restarts it).
 - A malformed /etc/berth/update.toml keeps the last good configuration (config.reload_config);
   at start, when there is none yet, the image's defaults alone are used.
+- Reboots go through the strategy's gate (updater.gate): a window or a lock slot may say "not
+  yet", and the daemon looks again when the gate says it is worth it (the window opens, the lock
+  retry delay) or at the interval, whichever is first. Once the boot is judged the gate is
+  released (FleetLock steady-state): at start, since this machine may hold a slot from before
+  its reboot, and after every blessing. Nothing is checked or installed until that release
+  succeeds, as with Zincati: a slot that is never given back blocks the fleet.
+- Before rebooting, logged-in users are warned (wall) and get `reboot_delay` (updater.notice).
 
 One log line per event on stderr; journald stores it with the unit's name.
 """
@@ -44,13 +51,14 @@ from updater.config import (
     MIN_INTERVAL,
     OVERRIDE_PATH,
     ConfigError,
-    Strategy,
     UpdateConfig,
     load_config,
     reload_config,
 )
 from updater.errors import UpdateError
+from updater.gate import RebootGate, gate_for
 from updater.machine import REBOOT_REQUIRED_TEXT, FetchOptions, Machine
+from updater.notice import WALL, count_sessions, reboot_message, warn_users
 from updater.notify import Notifier, NotifyError
 from updater.state import load_state, state_path
 from updater.worker import run_in_child
@@ -127,6 +135,9 @@ class Daemon:
         fetch_options: FetchOptions | None = None,
         backoff_start: float = BACKOFF_START,
         worker: Worker = run_in_child,
+        gate_factory: Callable[[UpdateConfig], RebootGate] | None = None,
+        sessions: Callable[[], int | None] = count_sessions,
+        wall: Sequence[str] = WALL,
     ) -> None:
         self.machine = machine
         self.config = config
@@ -142,6 +153,12 @@ class Daemon:
         self.failures = 0  # consecutive failed iterations
         self.judged = False  # the boot is judged and not on trial: updates may be installed
         self.delays: list[float] = []  # every sleep, for the tests and the curious
+        self._gate_factory = gate_factory or (lambda c: gate_for(c, machine.machine_id))
+        self._gate: RebootGate | None = None  # built on first use: it may need the network
+        self.steady = False  # the gate was released since the boot was judged
+        self.retry_after: float | None = None  # the gate asked to be asked again sooner
+        self._sessions = sessions
+        self._wall = wall
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -164,6 +181,22 @@ class Daemon:
     def _status(self, text: str) -> None:
         self._notify(status=text)
 
+    @property
+    def gate(self) -> RebootGate:
+        if self._gate is None:
+            self._gate = self._gate_factory(self.config)
+        return self._gate
+
+    def _retire_gate(self) -> None:
+        """The strategy's settings changed: give back what the old gate holds, best effort."""
+        if self._gate is not None:
+            try:
+                self._gate.release()
+            except RECOVERABLE as e:
+                log.warning("cannot release the reboot slot of the previous strategy: %s", e)
+        self._gate = None
+        self.steady = False
+
     def _reload(self) -> None:
         config, error = reload_config(
             self.config,
@@ -181,6 +214,7 @@ class Daemon:
                 config.strategy,
                 config.interval,
             )
+            self._retire_gate()
         self.config = config
 
     def _judge(self) -> Judgement:
@@ -212,17 +246,42 @@ class Daemon:
             files.write_file_atomic(path, REBOOT_REQUIRED_TEXT.encode())
 
     def _reboot_for(self, version: str) -> None:
-        if self.config.strategy is Strategy.IMMEDIATE:
-            self._status(f"installed {version}, rebooting")
-            log.info("installed %s; rebooting (strategy immediate)", version)
-            self._reboot()
-        else:
-            self._status(f"installed {version}, waiting for a reboot")
+        decision = self.gate.acquire(datetime.fromtimestamp(self._clock(), UTC))
+        if not decision.allowed:
+            self.retry_after = decision.retry_after
+            self._status(f"installed {version}, waiting for a reboot: {decision.reason}")
             log.info(
-                "installed %s; not rebooting (strategy off): %s tells kured or an operator",
+                "installed %s; not rebooting now (%s); %s tells kured or an operator",
                 version,
+                decision.reason,
                 self.machine.reboot_required,
             )
+            return
+        self.steady = False  # from here on this machine may hold a slot until it is blessed
+        self._status(f"installed {version}, rebooting")
+        log.info(
+            "installed %s; rebooting (strategy %s: %s)",
+            version,
+            self.config.strategy,
+            decision.reason,
+        )
+        self._warn_and_wait(version)
+        self._reboot()
+
+    def _warn_and_wait(self, version: str) -> None:
+        delay = self.config.reboot_delay
+        if delay <= 0:
+            return
+        users = self._sessions()
+        if users == 0:
+            return
+        warn_users(reboot_message(version, delay), self._wall)
+        log.info(
+            "warned %s logged-in session(s); rebooting in %.0f s",
+            "unknown" if users is None else users,
+            delay,
+        )
+        self._sleep(delay)
 
     def _progress(self, version: str) -> Callable[[str, int, int], None]:
         last = [-1]
@@ -266,6 +325,10 @@ class Daemon:
             self._after_boot()
             if not self.judged:
                 return
+        if not self.steady:
+            # Give back a reboot slot held from before this boot (FleetLock steady-state).
+            self.gate.release()
+            self.steady = True
         if not self.config.url:
             log.info("no update repository configured; set url in /etc/berth/update.toml")
             return
@@ -281,7 +344,10 @@ class Daemon:
         if not self.judged:
             # On trial: the blessing comes minutes after boot; look again soon.
             return min(self.backoff_start, self.config.interval)
-        return self.config.interval * (1 + JITTER * (2 * self._jitter() - 1))
+        delay = self.config.interval * (1 + JITTER * (2 * self._jitter() - 1))
+        if self.retry_after is not None:
+            delay = min(delay, self.retry_after)
+        return delay
 
     def run(self, iterations: int | None = None) -> None:
         """The service's main loop; `iterations` bounds it for tests (None: forever)."""
@@ -301,6 +367,7 @@ class Daemon:
         while iterations is None or done < iterations:
             done += 1
             self._reload()
+            self.retry_after = None
             try:
                 self.step()
             except RECOVERABLE as e:
@@ -314,6 +381,8 @@ class Daemon:
                 self._status(f"retrying at {when} after {self.failures} failure(s)")
             elif not self.judged:
                 self._status(f"on trial, judging the boot again at {when}")
+            elif self.retry_after is not None:
+                self._status(f"update installed, asking for a reboot again at {when}")
             else:
                 self._status(f"idle, next check at {when}")
             self.delays.append(delay)

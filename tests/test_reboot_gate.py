@@ -1,0 +1,180 @@
+"""The daemon's reboot strategies on a fake machine with a real signed repository: a maintenance
+window on a fake clock, FleetLock through berth-lockd on a real etcd (denied, granted, held over
+the reboot, released once blessed, and a slot left from before the reboot released at start),
+etcd-lock directly, and the warning to logged-in users."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.etcd import EtcdServer
+from tests.machine import MACHINE_ID, FakeMachine, Site, release_manifest
+from tests.test_daemon import INTERVAL, Harness
+from updater.daemon import Daemon, initial_config
+from updater.etcdlock import EtcdStore
+from updater.gate import LOCK_RETRY_START
+from updater.identity import lock_id
+from updater.lockd import LockServer
+from updater.machine import FetchOptions
+from updater.notify import Notifier
+from updater.semaphore import Semaphore, SemaphoreClient
+from updater.version import Version
+
+ME = lock_id(MACHINE_ID)
+
+
+def make_daemon(h: Harness, **overrides: Any) -> Daemon:
+    options: dict[str, Any] = {
+        "paths": h.paths,
+        "sleep": h.sleep,
+        "clock": h.clock,
+        "jitter": lambda: 0.5,
+        "reboot": h.reboot,
+        "notifier": Notifier(""),
+        "fetch_options": FetchOptions(timeout=(2.0, 2.0), attempts=1, backoff=0.0),
+        "sessions": lambda: 0,
+        **overrides,
+    }
+    return Daemon(h.fake.machine(h.site.keys / "root.json"), initial_config(h.paths), **options)
+
+
+def configure(h: Harness, extra: str, strategy: str) -> None:
+    h.paths.default.write_text(
+        f'[update]\nurl = "{h.site.url}"\nchannel = "stable"\nstrategy = "{strategy}"\n'
+        f"interval = {INTERVAL:.0f}\n{extra}"
+    )
+
+
+@pytest.fixture
+def harness(tmp_path: Path, fake: FakeMachine, site: Site) -> Harness:
+    return Harness(tmp_path, fake, site, None)
+
+
+def test_window_waits_for_the_opening_then_reboots(
+    harness: Harness, site: Site, fake: FakeMachine
+) -> None:
+    # The next whole minute: after the publish below opened the wave, and easy to write down.
+    now = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    harness.offset = now.timestamp() - time.time()
+    opens = now + timedelta(minutes=5)
+    day = opens.strftime("%a")
+    configure(
+        harness,
+        f'[[window]]\ndays = ["{day}"]\nstart_time = "{opens:%H:%M}"\nlength_minutes = 10\n',
+        "window",
+    )
+    site.publish(site.release("1.1.0"))
+    daemon = make_daemon(harness)
+    daemon.run(iterations=1)
+    assert harness.reboots == 0 and (fake.run / "reboot-required").exists()
+    # To the opening (less the seconds this test took), not the 600 s interval.
+    assert harness.slept == [pytest.approx(301, abs=10)]
+    daemon.run(iterations=1)  # the fake sleep moved the clock into the window
+    assert harness.reboots == 1
+    assert harness.slept[-1] == pytest.approx(INTERVAL)
+
+
+@pytest.fixture
+def lockd(etcd: EtcdServer) -> Iterator[LockServer]:
+    server = LockServer(("127.0.0.1", 0), EtcdStore([etcd.url]), 1).start()
+    yield server
+    server.stop()
+
+
+def test_fleet_lock_through_berth_lockd(
+    harness: Harness,
+    site: Site,
+    fake: FakeMachine,
+    etcd: EtcdServer,
+    lockd: LockServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    group = "daemon-fleet"
+    configure(harness, f'[fleet_lock]\nbase_url = "{lockd.url}"\ngroup = "{group}"\n', "fleet-lock")
+    sem = SemaphoreClient(EtcdStore([etcd.url]), group)
+    # This machine took a slot before its last reboot and never said steady-state.
+    assert sem.acquire(ME).ok
+    daemon = make_daemon(harness)
+    daemon.run(iterations=1)
+    assert sem.show()[0] == Semaphore(1, ())  # released at start: the boot is judged
+    assert daemon.steady
+
+    # Another machine holds the only slot: the update is installed but the reboot waits.
+    assert sem.acquire("other").ok
+    first = site.release("1.1.0")
+    site.publish(first)
+    with caplog.at_level(logging.INFO, logger="updater.daemon"):
+        daemon.run(iterations=2)
+    assert harness.reboots == 0 and (fake.run / "reboot-required").exists()
+    assert "failed_lock_semaphore_full" not in caplog.text  # the reason is the server's text
+    assert "semaphore of group daemon-fleet full: 1 of 1 slots held" in caplog.text
+    assert harness.slept[-2:] == [LOCK_RETRY_START, 2 * LOCK_RETRY_START]
+
+    # The other machine is done: this one gets the slot and reboots holding it.
+    assert sem.release("other").changed
+    daemon.run(iterations=1)
+    assert harness.reboots == 1
+    assert sem.show()[0].holders == (ME,)
+
+    # It boots the new version on trial: the slot stays held until the version is blessed.
+    new = next(e for e in fake.boot_order() if e.startswith("berth_1.1.0"))
+    fake.boot(Version(1, 1, 0), release_manifest(first).roothash)
+    after = make_daemon(harness)
+    after.run(iterations=1)
+    assert not after.judged and sem.show()[0].holders == (ME,)
+    (fake.entry_dir / new).rename(fake.entry_dir / "berth_1.1.0.efi")  # systemd-bless-boot
+    after.run(iterations=1)
+    assert after.judged and sem.show()[0].holders == ()
+
+
+def test_etcd_lock_takes_a_slot_directly(
+    harness: Harness, site: Site, etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    group = "daemon-etcd"
+    configure(
+        harness,
+        f'[etcd_lock]\nendpoints = ["{etcd.url}"]\ngroup = "{group}"\nslots = 2\n',
+        "etcd-lock",
+    )
+    site.publish(site.release("1.1.0"))
+    make_daemon(harness).run(iterations=1)
+    assert harness.reboots == 1
+    sem = SemaphoreClient(EtcdStore([etcd.url]), group)
+    assert sem.show() == (Semaphore(2, (ME,)), True)  # created with the configured slot count
+
+    # A missing TLS file is an error naming the key; the daemon logs it and backs off.
+    harness.paths.override.write_text('[etcd_lock]\nca_file = "/nonexistent/ca.pem"\n')
+    daemon = make_daemon(harness)
+    with caplog.at_level(logging.ERROR, logger="updater.daemon"):
+        daemon.run(iterations=1)
+    assert "etcd_lock.ca_file: /nonexistent/ca.pem does not exist" in caplog.text
+    assert daemon.failures == 1
+
+
+def test_logged_in_users_are_warned_and_given_the_delay(
+    harness: Harness, site: Site, tmp_path: Path
+) -> None:
+    configure(harness, "", "immediate")
+    harness.paths.override.write_text('[update]\nreboot_delay = "2m"\n')
+    heard = tmp_path / "wall.txt"
+    wall = tmp_path / "wall"
+    wall.write_text(f"#!/bin/sh\ncat > {heard}\n")
+    wall.chmod(0o755)
+    site.publish(site.release("1.1.0"))
+    make_daemon(harness, sessions=lambda: 1, wall=[str(wall)]).run(iterations=1)
+    assert harness.reboots == 1
+    assert harness.slept[0] == 120  # the warning delay, before the reboot
+    assert "reboot this machine in 2 minute(s) to start version 1.1.0" in heard.read_text()
+    # Nobody logged in: no wall, no wait.
+    heard.unlink()
+    site.publish(site.release("1.2.0"))
+    before = len(harness.slept)
+    make_daemon(harness, sessions=lambda: 0, wall=[str(wall)]).run(iterations=1)
+    assert not heard.exists() and harness.slept[before:] == [pytest.approx(INTERVAL)]
