@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
-from builder import image
-from builder.config import list_images, load_image
+from builder import formats, image
+from builder.config import ImageConfig, OutputFormat, list_images, load_image
 from builder.errors import BuildError
 from builder.log import complete_step, log, timings
 from builder.publish import PublishResult
@@ -17,6 +18,7 @@ from updater.version import Version, default_version
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = "containerhost"
+ALL_FORMATS = "all"
 
 # Host packages the test suite needs beyond the build's (VM boots, SSH, GPT checks).
 TEST_TOOLS = (
@@ -37,9 +39,19 @@ TEST_FILES = (
 )
 
 
+def build_config(image_name: str, requested: list[str] | None) -> ImageConfig:
+    """The definition, with --format's list (if given) replacing its `formats`: exactly those."""
+    config = load_image(image_name, REPO / "images")
+    if not requested:
+        return config
+    chosen = list(OutputFormat) if ALL_FORMATS in requested else requested
+    return dataclasses.replace(config, formats=tuple(dict.fromkeys(map(OutputFormat, chosen))))
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
-    ensure_host_packages(image.BUILD_TOOLS, image.BUILD_FILES)
-    config = load_image(args.image, REPO / "images")
+    config = build_config(args.image, args.formats)
+    tools = (*image.BUILD_TOOLS, *formats.host_tools(config.formats))
+    ensure_host_packages(tools, image.BUILD_FILES)
     version: Version = args.version or default_version(REPO / "out")
     log(f"Building image '{config.name}' version {version}")
     result = image.build_image(
@@ -190,6 +202,15 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DIR",
         help="copy DIR onto the image tree after the overlays (repeatable)",
+    )
+    b.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        choices=[*(f.value for f in OutputFormat), ALL_FORMATS],
+        metavar="FORMAT",
+        help="write this disk format instead of the definition's `formats` (repeatable; "
+        f"{', '.join(f.value for f in OutputFormat)} or {ALL_FORMATS}; docs/platforms.md)",
     )
     b.set_defaults(func=_cmd_build)
     r = sub.add_parser(

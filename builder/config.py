@@ -27,10 +27,18 @@ TiB = 1024 * GiB
 
 
 class OutputFormat(StrEnum):
-    """Disk image formats; each is converted from the GPT disk.raw. Add a member per new format."""
+    """Disk image formats, each converted from the GPT disk.raw by builder.formats.
 
-    RAW = "raw"
-    QCOW2 = "qcow2"
+    Platforms and how to import each: docs/platforms.md.
+    """
+
+    RAW = "raw"  # sparse GPT disk: QEMU, dd
+    QCOW2 = "qcow2"  # QEMU/KVM, OpenStack
+    VMDK = "vmdk"  # VMware stream-optimized disk
+    OVA = "ova"  # VMware appliance: OVF descriptor + the stream-optimized disk + manifest
+    VHD = "vhd"  # Azure: fixed VHD, a whole number of MiB
+    GCE = "gce"  # Google Compute Engine: disk.raw in a gzip'd tar
+    RAW_ZST = "raw.zst"  # bare metal: zstd-compressed disk.raw to write to a drive
 
 
 class Compression(StrEnum):
@@ -49,6 +57,7 @@ class Compression(StrEnum):
 # payload; boot times to SSH overlap (lz4hc 74-101 s, zstd 70-119 s), warm rebuilds 16 s vs 20 s.
 # zstd is the one that meets the payload target at no measurable boot cost.
 DEFAULT_COMPRESSION = Compression.ZSTD
+# The formats CI and `./build.py run` use; the others cost a conversion each and are opt-in.
 DEFAULT_FORMATS: tuple[OutputFormat, ...] = (OutputFormat.RAW, OutputFormat.QCOW2)
 DEFAULT_SUITE = "trixie"
 

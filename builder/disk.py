@@ -201,9 +201,3 @@ def berth_layout(
             state,
         ),
     ]
-
-
-def convert_qcow2(raw: Path, output: Path) -> None:
-    tmp = output.with_name(f".{output.name}.tmp")
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, tmp], quiet=True)
-    os.replace(tmp, output)

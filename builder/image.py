@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import disk, elf, initrd, overlay, rootfs, uki
-from builder.config import ImageConfig, OutputFormat
+from builder import disk, elf, formats, initrd, overlay, rootfs, uki
+from builder.config import ImageConfig
 from builder.disk import stable_uuid
 from builder.erofs import make_erofs
 from builder.errors import BuildError
@@ -223,10 +223,9 @@ def build_image(
         disk.make_disk(layout, staging / "disk.raw", seed)
         (staging / "esp.vfat").unlink()
         (staging / "state.ext4").unlink()
-        if OutputFormat.QCOW2 in config.formats:
-            disk.convert_qcow2(staging / "disk.raw", staging / "disk.qcow2")
-        if OutputFormat.RAW not in config.formats:
-            (staging / "disk.raw").unlink()
+    disk_size = (staging / "disk.raw").stat().st_size
+    appliance = formats.Appliance(config.name, str(version), config.description)
+    outputs = formats.write_formats(staging / "disk.raw", config.formats, appliance)
     with complete_step("Writing the manifest and package list"):
         _write_package_list(root.packages, staging / "packages.txt")
         (staging / "sbom.spdx.json").write_text(_spdx(config, version, root.packages))
@@ -244,6 +243,7 @@ def build_image(
             files=describe(payload),
         )
         (staging / "manifest.json").write_text(manifest.to_json())
+        (staging / "disks.json").write_text(formats.describe_outputs(outputs, disk_size))
         (staging / "initrd.zst").unlink()
 
     # Publish the finished directory in one rename, then move the `latest` link atomically.

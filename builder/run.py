@@ -28,6 +28,8 @@ HOST_TOOLS: dict[str, str] = {
     "qemu-system-x86_64": "qemu-system-x86",
     "sfdisk": "fdisk",
     "zstd": "zstd",
+    "tar": "tar",
+    "gzip": "gzip",
     "nginx": "nginx",
     "etcd": "etcd-server",
     "arch-test": "arch-test",

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from builder.errors import BuildError, ToolMissing
+from builder.formats import image_info
 from builder.log import log
 from builder.run import find_tool, run
 from qemu.ssh import generate_key, public_key_path, ssh_argv, write_ssh_config
@@ -154,13 +155,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def image_info(path: Path) -> dict[str, Any]:
-    # -U: the image may be open in a running QEMU, which holds a write lock on it.
-    result = run(["qemu-img", "info", "-U", "--output=json", path], capture=True)
-    info: dict[str, Any] = json.loads(result.stdout)
-    return info
 
 
 def image_format(path: Path) -> str:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.cli import main
+from builder.cli import build_config, main, parser
+from builder.config import DEFAULT_FORMATS, OutputFormat
 from builder.publish import read_channel
 from tests.releases import make_release
 
@@ -48,3 +49,25 @@ def test_bad_version_argument_names_it(capsys: pytest.CaptureFixture[str]) -> No
         main(["build", "containerhost", "--version", "1.2"])
     assert exit.value.code == 2
     assert "--version: version '1.2' is not MAJOR.MINOR.PATCH" in capsys.readouterr().err
+
+
+def test_format_flag_replaces_the_definitions_formats() -> None:
+    def formats(*argv: str) -> tuple[OutputFormat, ...]:
+        args = parser().parse_args(["build", *argv])
+        return build_config(args.image, args.formats).formats
+
+    assert formats() == DEFAULT_FORMATS
+    assert formats("--format", "vhd", "--format", "raw.zst", "--format", "vhd") == (
+        OutputFormat.VHD,
+        OutputFormat.RAW_ZST,
+    )
+    assert formats("--format", "all") == tuple(OutputFormat)
+
+
+def test_unknown_format_flag_lists_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["build", "--format", "vhdx"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "--format: invalid choice: 'vhdx'" in err
+    assert "'raw.zst'" in err

@@ -377,6 +377,35 @@ def test_bad_format_name(images: Path) -> None:
     assert info.value.hint == 'did you mean "qcow2"?'
 
 
+def test_every_platform_format_is_accepted(images: Path) -> None:
+    write(
+        images, "foo", 'formats = ["raw.zst", "vmdk", "ova", "vhd", "gce", "qcow2", "raw", "ova"]'
+    )
+    config = load_image("foo", images)
+    # In the order written, duplicates dropped.
+    assert config.formats == (
+        OutputFormat.RAW_ZST,
+        OutputFormat.VMDK,
+        OutputFormat.OVA,
+        OutputFormat.VHD,
+        OutputFormat.GCE,
+        OutputFormat.QCOW2,
+        OutputFormat.RAW,
+    )
+
+
+def test_format_error_lists_every_format(images: Path) -> None:
+    write(images, "foo", 'formats = ["vhdx"]')
+    with pytest.raises(ConfigError) as info:
+        load_image("foo", images)
+    message = str(info.value)
+    assert message.startswith("images/foo.toml: key 'formats': expected one of")
+    for name in ("raw", "qcow2", "vmdk", "ova", "vhd", "gce", "raw.zst"):
+        assert f'"{name}"' in message
+    assert message.endswith('got "vhdx"')
+    assert info.value.hint == 'did you mean "vhd"?'
+
+
 def test_empty_formats(images: Path) -> None:
     write(images, "foo", "formats = []")
     message = error_of(images, "foo")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from builder.formats import image_info
 from builder.run import run
 from qemu.__main__ import main
 from qemu.ssh import ssh_argv, write_ssh_config
@@ -25,7 +26,6 @@ from qemu.vm import (
     disk_arguments,
     free_port,
     fw_cfg_argument,
-    image_info,
     resolve_disk,
     smbios_credential,
     strip_ansi,
