@@ -68,7 +68,7 @@ GCE_MEMBER = "disk.raw"
 # gzip -1 against -6 on containerhost (the data is mostly the already compressed erofs):
 # 194.06 MB in 8.4 s against 193.92 MB in 9.8 s; the 0.07% are not worth the time.
 GCE_GZIP_LEVEL = 1
-# zstd -T0 on containerhost's disk.raw (2 cores): level 1 194.6 MB, level 3 194.3 MB in 6-7 s,
+# zstd -T0 on containerhost's disk.raw (2 cores): level 1 194.6 MB, level 3 194.3 MB in 5-9 s,
 # level 9 193.9 MB in 13 s, level 19 193.4 MB in 125 s. The root is already compressed erofs,
 # so higher levels buy under 0.5%; 3 (zstd's default) is the fast end without giving anything up.
 ZSTD_LEVEL = 3
