@@ -39,6 +39,8 @@ HOST_TOOLS: dict[str, str] = {
     "gcc": "gcc",
     "timeout": "coreutils",
     "veritysetup": "cryptsetup-bin",
+    "losetup": "mount",
+    "partx": "util-linux",
 }
 
 # Files (not commands) the build or the VM harness needs, with their packages.
