@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import tarfile
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -108,6 +109,9 @@ class ImageConfig:
     formats: tuple[OutputFormat, ...] = DEFAULT_FORMATS
     update: UpdateSettings = field(default_factory=UpdateSettings)
     extends: tuple[str, ...] = ()  # parents, nearest first
+    # Container image archives (oci-archive or docker-archive) baked into the root's read-only
+    # image store (builder.preload); absolute paths, parents' first.
+    preload: tuple[Path, ...] = ()
     # Read-only mapping; left out of the hash because a mapping proxy is unhashable.
     variables: Mapping[str, str] = field(default_factory=_no_variables, hash=False)
 
@@ -125,6 +129,7 @@ _TOP_KEYS = (
     "partitions",
     "update",
     "variables",
+    "preload",
 )
 _PARTITION_KEYS = ("esp", "root", "verity", "state")
 _PARTITION_MINIMUMS = {"esp": MIN_ESP, "root": MIN_ROOT, "verity": MIN_VERITY, "state": MIN_STATE}
@@ -179,6 +184,7 @@ class _Layer:
     partitions: Mapping[str, int]
     update: Mapping[str, str]
     variables: Mapping[str, str]
+    preload: tuple[Path, ...]
 
 
 def list_images(images_dir: Path) -> list[str]:
@@ -275,6 +281,7 @@ def _apply(parent: ImageConfig, layer: _Layer, path: Path) -> ImageConfig:
         update=replace(parent.update, **layer.update),
         extends=(layer.extends, *parent.extends) if layer.extends is not None else (),
         variables=MappingProxyType({**parent.variables, **layer.variables}),
+        preload=tuple(dict.fromkeys((*parent.preload, *layer.preload))),
     )
 
 
@@ -433,6 +440,10 @@ def _parse_layer(source: _Source, table: dict[str, Any], images_dir: Path) -> _L
             raise source.wrong_type(f"variables.{key}", "a string", value)
         variables[key] = value
 
+    preload = tuple(
+        _archive(source, entry, images_dir) for entry in _string_list(source, table, "preload")
+    )
+
     return _Layer(
         source=source,
         description=_string(source, table, "description"),
@@ -447,7 +458,36 @@ def _parse_layer(source: _Source, table: dict[str, Any], images_dir: Path) -> _L
         partitions=partitions,
         update=update,
         variables=variables,
+        preload=preload,
     )
+
+
+def _archive(source: _Source, entry: str, images_dir: Path) -> Path:
+    """A `preload` entry: a container image archive, relative to the definition's directory."""
+    expected = "paths of container image archives (oci-archive or docker-archive tar files)"
+    if not entry:
+        raise source.error("preload", expected, '""')
+    path = (source.path.parent / entry).resolve()
+    shown = _shown(path, images_dir)
+    if not path.is_file():
+        raise source.error(
+            "preload",
+            expected,
+            f"{_show(entry)} ({shown} does not exist or is not a file)",
+            hint="relative paths are relative to the directory of the image definition",
+        )
+    try:
+        is_tar = tarfile.is_tarfile(path)
+    except OSError as error:
+        raise source.error("preload", expected, f"{_show(entry)} ({error.strerror})") from None
+    if not is_tar:
+        raise source.error(
+            "preload",
+            expected,
+            f"{_show(entry)} ({shown} is not a tar archive)",
+            hint="make one with `podman save --format oci-archive -o FILE IMAGE`",
+        )
+    return path
 
 
 def _check_keys(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import disk, elf, formats, initrd, overlay, rootfs, uki
+from builder import disk, elf, formats, initrd, overlay, preload, rootfs, uki
 from builder.config import ImageConfig
 from builder.disk import stable_uuid
 from builder.erofs import make_erofs
@@ -153,6 +153,8 @@ def build_image(
             "suite": config.suite,
             "update": config.update,
             "vars": dict(config.variables),
+            # Where the preloaded image store is, "" when the image preloads nothing.
+            "preload_store": preload.STORE if config.preload else "",
         }
         for name in config.overlays:
             overlay.apply_overlay(repo / "overlays" / name, tree, variables)
@@ -175,6 +177,12 @@ def build_image(
             raise BuildError(
                 f"ELF lint found {len(problems)} problem(s):\n" + elf.format_problems(problems)
             )
+
+    # After the lint: container images bring their own libraries, resolved in their own roots.
+    if config.preload:
+        with complete_step(f"Preloading {len(config.preload)} container image archive(s)"):
+            names = preload.preload_images(tree, config.preload, work / "preload")
+            log(f"preloaded: {', '.join(names) or 'no named images'}")
 
     staging = work / "staging"
     if staging.exists():

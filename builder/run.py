@@ -41,6 +41,9 @@ HOST_TOOLS: dict[str, str] = {
     "veritysetup": "cryptsetup-bin",
     "losetup": "mount",
     "partx": "util-linux",
+    # Preloading container images runs the image's podman in a private mount namespace.
+    "unshare": "util-linux",
+    "sh": "dash",
 }
 
 # Files (not commands) the build or the VM harness needs, with their packages.

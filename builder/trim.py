@@ -15,7 +15,9 @@ from builder.run import run
 from builder.treetool import tree_command
 
 # Part of the root-tree cache key: edit this text whenever the trim behaviour changes.
-RECIPE = "trim-v6: modules netavark docs man locale apt dpkg caches logs hostkeys machine-id boot"
+RECIPE = (
+    "trim-v7: modules netavark podman-testing docs locale apt dpkg caches logs hostkeys id boot"
+)
 
 # Paths (relative to the tree) removed outright.
 _REMOVE = (
@@ -58,6 +60,8 @@ _REMOVE = (
     "etc/initramfs-tools",
     # Socket activation is enough for netavark's DHCP proxy; Debian also starts it at boot.
     "etc/systemd/system/default.target.wants/netavark-dhcp-proxy.service",
+    # podman's own test-suite helper (36 MB), shipped in the podman package.
+    "usr/libexec/podman/podman-testing",
 )
 
 # Kernel module directories a container host never needs: sound, cameras and TV cards, GPUs (the

@@ -101,6 +101,8 @@ class VMConfig:
     # Private key of the harness; generated in the work dir when None. `<key>.pub` must exist.
     ssh_key: Path | None = None
     ssh_port: int | None = None
+    # More TCP forwards from 127.0.0.1 on the host to the guest: (host port, guest port).
+    port_forwards: tuple[tuple[int, int], ...] = ()
     accel: Accel = Accel.AUTO
     # Serial console on the terminal too (with the QEMU monitor: Ctrl-A X quits, Ctrl-A C monitor).
     interactive: bool = False
@@ -338,7 +340,8 @@ class VM:
             "-drive",
             f"if=pflash,format=raw,unit=1,file={_qemu_escape(self.vars_file.resolve())}",
             "-nic",
-            f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+            f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
+            + "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in config.port_forwards),
             # Early-boot entropy: without it TCG guests can stall in getrandom().
             *("-device", "virtio-rng-pci"),
             *("-qmp", f"unix:{_qemu_escape(self.qmp_socket)},server=on,wait=off"),

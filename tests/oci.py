@@ -42,6 +42,57 @@ SLEEPER_C = textwrap.dedent(
 )
 
 
+# `httpd PORT DIR`: a web server small enough to write here, for containers that answer on a port.
+# It records each start in DIR/starts (proving the volume is writable and persists) and answers
+# every request with DIR/index.html, or "berth-httpd-ok" when there is none.
+HTTPD_C = textwrap.dedent(
+    """\
+    #include <fcntl.h>
+    #include <netinet/in.h>
+    #include <signal.h>
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include <string.h>
+    #include <sys/socket.h>
+    #include <unistd.h>
+    static void stop(int sig) { (void)sig; _exit(0); }
+    int main(int argc, char **argv) {
+        if (argc != 3) return 2;
+        /* PID 1 in a container ignores SIGTERM unless it handles it: stop promptly. */
+        signal(SIGTERM, stop);
+        signal(SIGINT, stop);
+        char path[4096];
+        snprintf(path, sizeof path, "%s/starts", argv[2]);
+        FILE *starts = fopen(path, "a");
+        if (!starts) return 3;
+        fputs("start\\n", starts);
+        fclose(starts);
+        int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1]))};
+        if (bind(s, (struct sockaddr *)&addr, sizeof addr) || listen(s, 16)) return 4;
+        snprintf(path, sizeof path, "%s/index.html", argv[2]);
+        for (;;) {
+            int c = accept(s, 0, 0);
+            if (c < 0) continue;
+            char request[4096], body[65536];
+            read(c, request, sizeof request);
+            int fd = open(path, O_RDONLY), n = 0;
+            if (fd >= 0) { n = read(fd, body, sizeof body); close(fd); }
+            if (n <= 0) n = snprintf(body, sizeof body, "berth-httpd-ok\\n");
+            char head[256];
+            int h = snprintf(head, sizeof head,
+                             "HTTP/1.0 200 OK\\r\\nContent-Type: text/plain\\r\\n"
+                             "Content-Length: %d\\r\\nConnection: close\\r\\n\\r\\n", n);
+            write(c, head, h);
+            write(c, body, n);
+            close(c);
+        }
+    }
+    """
+)
+
+
 def static_binary(workdir: Path, name: str, source: str) -> bytes:
     """A tiny statically linked program from C `source`, compiled with the host's gcc."""
     path = workdir / f"{name}.c"
@@ -53,6 +104,10 @@ def static_binary(workdir: Path, name: str, source: str) -> bytes:
 
 def static_hello(workdir: Path) -> bytes:
     return static_binary(workdir, "hello", HELLO_C)
+
+
+def static_httpd(workdir: Path) -> bytes:
+    return static_binary(workdir, "httpd", HTTPD_C)
 
 
 def _blob(data: bytes) -> tuple[str, bytes]:
@@ -69,8 +124,14 @@ def _tar(members: dict[str, tuple[bytes, int]]) -> bytes:
     return buf.getvalue()
 
 
-def oci_archive(files: dict[str, tuple[bytes, int]], cmd: list[str], ref: str) -> bytes:
-    """An oci-archive (tar of an OCI image layout) with one layer holding `files`."""
+def oci_archive(
+    files: dict[str, tuple[bytes, int]], cmd: list[str], ref: str, *, docker: bool = False
+) -> bytes:
+    """An oci-archive (tar of an OCI image layout) with one layer holding `files`.
+
+    `docker`: add the manifest.json of `docker save`, which `docker load` needs (the same combined
+    layout Docker 25 and later write), tagged with `ref`.
+    """
     layer_digest, layer = _blob(_tar(files))
     config = {
         "architecture": "amd64",
@@ -117,4 +178,11 @@ def oci_archive(files: dict[str, tuple[bytes, int]], cmd: list[str], ref: str) -
         (manifest_digest, manifest_blob),
     ):
         members["blobs/sha256/" + digest.removeprefix("sha256:")] = (data, 0o644)
+    if docker:
+        entry = {
+            "Config": "blobs/sha256/" + config_digest.removeprefix("sha256:"),
+            "RepoTags": [ref],
+            "Layers": ["blobs/sha256/" + layer_digest.removeprefix("sha256:")],
+        }
+        members["manifest.json"] = (json.dumps([entry]).encode(), 0o644)
     return _tar(members)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -52,7 +54,7 @@ def error_of(images: Path, name: str) -> str:
 
 
 def test_shipped_images_are_listed() -> None:
-    assert {"base", "containerhost"} <= set(list_images(REPO / "images"))
+    assert {"base", "containerhost", "docker"} <= set(list_images(REPO / "images"))
 
 
 def test_shipped_base() -> None:
@@ -78,11 +80,22 @@ def test_shipped_containerhost_inherits_base() -> None:
     host = load_image("containerhost", REPO / "images")
     assert host.extends == ("base",)
     assert host.packages[: len(base.packages)] == base.packages
-    assert {"podman", "crun", "netavark", "nftables"} <= set(host.packages)
+    assert {"podman", "crun", "netavark", "nftables", "podman-docker"} <= set(host.packages)
     assert len(set(host.packages)) == len(host.packages)
-    assert host.overlays == ("base", "containerhost")
+    assert host.overlays == ("base", "containers", "containerhost")
     assert host.cmdline == base.cmdline
     assert host.partitions == base.partitions
+    assert host.preload == ()
+
+
+def test_shipped_docker_variant() -> None:
+    base = load_image("base", REPO / "images")
+    docker = load_image("docker", REPO / "images")
+    assert docker.extends == ("base",)
+    assert docker.packages[: len(base.packages)] == base.packages
+    assert {"docker.io", "docker-cli", "containerd", "runc"} <= set(docker.packages)
+    assert "podman" not in docker.packages
+    assert docker.overlays == ("base", "containers", "docker")
 
 
 def test_load_by_path(images: Path) -> None:
@@ -511,3 +524,50 @@ def test_verity_size_estimate_matches_veritysetup(tmp_path: Path, size: int) -> 
         f.truncate(size)
     subprocess.run(["veritysetup", "format", data, tree], check=True, capture_output=True)
     assert _verity_hash_size(size) == tree.stat().st_size
+
+
+# Preloaded container images
+
+
+def _tar(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("oci-layout")
+        data = b'{"imageLayoutVersion": "1.0.0"}'
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_preload_paths_are_relative_to_the_definition_and_merge(images: Path) -> None:
+    web = _tar(images / "archives" / "web.tar")
+    db = _tar(images.parent / "db.tar")
+    write(images, "parent", 'preload = ["archives/web.tar"]')
+    write(images, "child", f'extends = "parent"\npreload = ["../db.tar", "{web}"]')
+    assert load_image("parent", images).preload == (web,)
+    # Parents' archives first; the same archive named twice is loaded once.
+    assert load_image("child", images).preload == (web, db)
+
+
+def test_preload_missing_archive(images: Path) -> None:
+    write(images, "foo", 'preload = ["web.tar"]')
+    with pytest.raises(ConfigError) as info:
+        load_image("foo", images)
+    message = str(info.value)
+    assert message.startswith("images/foo.toml: key 'preload': expected paths of container image")
+    assert '"web.tar" (images/web.tar does not exist or is not a file)' in message
+    assert info.value.hint is not None and "relative to the directory" in info.value.hint
+
+
+def test_preload_not_an_archive(images: Path) -> None:
+    (images / "web.tar").write_text("not a tar file\n")
+    write(images, "foo", 'preload = ["web.tar"]')
+    message = error_of(images, "foo")
+    assert "key 'preload'" in message
+    assert "images/web.tar is not a tar archive" in message
+
+
+@pytest.mark.parametrize("value", ['"web.tar"', "[1]", '[""]'])
+def test_preload_wrong_type(images: Path, value: str) -> None:
+    write(images, "foo", f"preload = {value}")
+    assert "images/foo.toml: key 'preload': expected" in error_of(images, "foo")

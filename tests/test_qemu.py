@@ -132,6 +132,7 @@ def test_command_line(tmp_path: Path, blank: Path) -> None:
         authorized_keys=("ssh-ed25519 AAAAdeveloper dev@laptop",),
         no_reboot=True,
         extra_args=("-device", "virtio-balloon-pci"),
+        port_forwards=((18080, 8080),),
     )
     argv = vm.command()
     assert argv[0].endswith("qemu-system-x86_64")
@@ -151,6 +152,7 @@ def test_command_line(tmp_path: Path, blank: Path) -> None:
 
     assert option_values(argv, "-nic") == [
         f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{vm.ssh_port}-:22"
+        ",hostfwd=tcp:127.0.0.1:18080-:8080"
     ]
     drives = option_values(argv, "-drive")[2:]
     assert drives == [

@@ -60,7 +60,9 @@ def tree(tmp_path: Path) -> Path:
         "etc/shadow-",
         "etc/passwd-",
         "usr/share/python3/debpython/__pycache__/x.pyc",
+        "usr/libexec/podman/podman-testing",
         # What must survive.
+        "usr/libexec/podman/quadlet",
         "usr/bin/bash",
         "usr/share/locale/locale.alias",
         "usr/lib/x86_64-linux-gnu/libc.so.6",
@@ -74,6 +76,9 @@ def tree(tmp_path: Path) -> Path:
     os.symlink("boot/vmlinuz-6.12.0-1-amd64", root / "vmlinuz")
     os.symlink("boot/vmlinuz-6.11.0-1-amd64", root / "vmlinuz.old")  # dangling once /boot goes
     os.symlink("boot/initrd.img-6.12.0-1-amd64", root / "initrd.img")
+    generators = root / "usr/lib/systemd/system-generators"
+    generators.mkdir(parents=True)
+    os.symlink("../../../libexec/podman/quadlet", generators / "podman-system-generator")
     return root
 
 
@@ -104,6 +109,7 @@ def test_trim_removes_docs_and_package_manager(tree: Path) -> None:
         "etc/shadow-",
         "etc/passwd-",
         "usr/share/python3/debpython/__pycache__",
+        "usr/libexec/podman/podman-testing",
     ):
         assert not (tree / rel).exists(), rel
     for rel in (
@@ -114,6 +120,9 @@ def test_trim_removes_docs_and_package_manager(tree: Path) -> None:
         "etc/passwd",
         "var/lib/systemd/keep",
         "usr/share/python3/debpython",
+        # Quadlet: the systemd generator that turns /etc/containers/systemd files into units.
+        "usr/libexec/podman/quadlet",
+        "usr/lib/systemd/system-generators/podman-system-generator",
     ):
         assert (tree / rel).exists(), rel
 
