@@ -54,6 +54,12 @@ def httpd_archive(workdir: Path, *, docker: bool = False) -> bytes:
     return oci_archive(files, ["/httpd", str(PORT), "/data"], ref, docker=docker)
 
 
+def load_httpd_image(vm: Any, workdir: Path) -> None:
+    """`podman load` IMAGE on a machine whose OS image does not preload it."""
+    vm.ssh("cat > /var/tmp/httpd.tar", input=httpd_archive(workdir))
+    vm.ssh("podman load -q -i /var/tmp/httpd.tar && rm /var/tmp/httpd.tar", timeout=300)
+
+
 def install_web_service(vm: Any, index: str) -> None:
     """Write the quadlet files, start the service and put `index` into its volume."""
     for name, text in QUADLETS.items():
