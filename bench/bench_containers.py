@@ -23,6 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.table import print_table
 from builder.config import load_image
 from builder.image import build_image
 from qemu import VM, VMConfig
@@ -71,7 +72,7 @@ def main() -> int:
     parser.add_argument("--boots", type=int, default=3, help="power-ons timed with the service")
     args = parser.parse_args()
 
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="berth-bench-containers-") as tmp:
         work = Path(tmp)
         archive = work / "httpd.tar"
@@ -93,7 +94,7 @@ def main() -> int:
         with VM(vm_config) as vm:
             vm.start()
             ssh_seconds = vm.wait_for_ssh(timeout=900)
-            rows.append(("first boot: power-on to SSH", f"{ssh_seconds:.1f} s"))
+            rows.append(("first boot: power-on to SSH", f"{ssh_seconds:.1f} s", ""))
             idle = footprint(vm)
             install_web_service(vm, "bench\n")
             web_answers(vm)
@@ -105,12 +106,11 @@ def main() -> int:
                 rows.append(
                     (
                         f"{label}: used memory",
-                        f"{used / MB:.0f} MB ({free_used / MB:.0f} MB per free)",
+                        f"{used / MB:.0f} MB",
+                        f"free: {free_used / MB:.0f} MB",
                     )
                 )
-                rows.append(
-                    (f"{label}: processes", f"{user} userspace, {everything} with kernel threads")
-                )
+                rows.append((f"{label}: processes", f"{user}", f"{everything} with kernel threads"))
             vm.shutdown()
 
             answers: list[float] = []
@@ -129,6 +129,7 @@ def main() -> int:
                     + ", ".join(f"{s:.0f}" for s in answers)
                     + " s)",
                     f"{statistics.median(answers):.1f} s median",
+                    "host clock, port forwarded",
                 )
             )
             rows.append(
@@ -137,13 +138,12 @@ def main() -> int:
                     + ", ".join(f"{s:.0f}" for s in active)
                     + " s)",
                     f"{statistics.median(active):.1f} s median",
+                    "",
                 )
             )
 
     print(f"\nBerth containerhost {version} under {vm.accel}, 2 vCPUs, 2048 MiB")
-    width = max(len(r[0]) for r in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print_table(rows)
     return 0
 
 
