@@ -91,8 +91,7 @@ def main() -> int:
             port_forwards=((host_port, PORT),),
         )
         url = f"http://127.0.0.1:{host_port}/"
-        with VM(vm_config) as vm:
-            vm.start()
+        with VM(vm_config) as vm:  # entering starts it
             ssh_seconds = vm.wait_for_ssh(timeout=900)
             rows.append(("first boot: power-on to SSH", f"{ssh_seconds:.1f} s", ""))
             idle = footprint(vm)
