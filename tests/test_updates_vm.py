@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from builder.image import BuildResult
+from tests.containers import install_web_service, load_httpd_image, web_answers, web_starts
 from tests.e2e import MARKER, PANIC_WORD, Machine, Site, build_release, record
 from tests.oci import SLEEPER_C, oci_archive, static_binary
 
@@ -105,6 +106,11 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         m.ssh("echo kept > /etc/berth-e2e.conf && mkdir -p /var/lib/e2e")
         m.ssh("echo data > /var/lib/e2e/file && sync")
         start_container(m, tmp_path)
+        # A quadlet service whose named volume holds its page and a start counter.
+        load_httpd_image(m.vm, tmp_path)
+        install_web_service(m.vm, "served across updates")
+        assert web_answers(m.vm) == "served across updates"
+        starts = web_starts(m.vm)
         boot_id = m.vm.boot_id()
 
         # (1) The daemon finds 2.0.0, installs it and reboots into it.
@@ -119,6 +125,8 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         assert m.ssh("cat /etc/berth-e2e.conf") == "kept"
         assert m.ssh("cat /var/lib/e2e/file") == "data"
         m.wait_for("the container to run again", lambda: container_running(m), 300)
+        assert web_answers(m.vm) == "served across updates"
+        assert web_starts(m.vm) == starts + 1  # started once by the new boot, volume intact
         assert m.ssh("systemctl is-system-running --wait", timeout=300) == "running"
         # (2d) The pulled 3.0.0 was never installed.
         assert not any("3.0.0" in e for e in status["boot_entries"])
@@ -145,6 +153,8 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         assert status["boot_entries"][0] == "berth_1.0.0.efi"
         assert m.ssh("cat /etc/berth-e2e.conf") == "kept"
         m.wait_for("the container to run again", lambda: container_running(m), 300)
+        assert web_answers(m.vm) == "served across updates"
+        assert web_starts(m.vm) == starts + 2
         record("manual rollback to 1.0.0", 1, m.seconds() - start, "1.0.0 stays")
 
 

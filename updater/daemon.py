@@ -245,7 +245,10 @@ class Daemon:
             path.parent.mkdir(parents=True, exist_ok=True)
             files.write_file_atomic(path, REBOOT_REQUIRED_TEXT.encode())
 
-    def _reboot_for(self, version: str) -> None:
+    def _verify_pending(self) -> str:
+        return str(self._agent().verify_pending())
+
+    def _reboot_for(self, version: str, *, verify: bool = False) -> None:
         decision = self.gate.acquire(datetime.fromtimestamp(self._clock(), UTC))
         if not decision.allowed:
             self.retry_after = decision.retry_after
@@ -258,6 +261,16 @@ class Daemon:
             )
             return
         self.steady = False  # from here on this machine may hold a slot until it is blessed
+        if verify:
+            # Installed in an earlier iteration (or boot): check the slot again right before
+            # the reboot that would start it. A refusal gives the slot back.
+            self._status(f"verifying {version} before the reboot")
+            try:
+                self._work(self._verify_pending)
+            except BaseException:
+                self.gate.release()
+                self.steady = True
+                raise
         self._status(f"installed {version}, rebooting")
         log.info(
             "installed %s; rebooting (strategy %s: %s)",
@@ -296,8 +309,9 @@ class Daemon:
 
     # -- one iteration -------------------------------------------------------------------------
 
-    def _update(self) -> str | None:
-        """In the worker: check, and install a newer release. The version to reboot into."""
+    def _update(self) -> tuple[str, bool] | None:
+        """In the worker: check, and install a newer release. The version to reboot into, and
+        whether it was installed earlier (and must be verified again before that reboot)."""
         agent = self._agent()
         self._status("checking for updates")
         selection = agent.check()
@@ -310,14 +324,11 @@ class Daemon:
         pending = load_state(state_path(self.machine.var)).pending
         if pending is not None and pending.version >= release.version:
             log.info("%s is installed and waiting for a reboot", pending.version)
-            # Installed in an earlier iteration (or boot): check the slot again before any
-            # reboot can start it. A fresh install was verified moments ago by apply.
-            agent.verify_pending()
-            return str(pending.version)
+            return str(pending.version), True
         log.info("installing %s", release.version)
         self._status(f"downloading {release.version}")
         applied = agent.apply(progress=self._progress(str(release.version)))
-        return str(applied.version)
+        return str(applied.version), False  # verified by apply moments ago
 
     def step(self) -> None:
         """Judge the boot if undecided, then check, apply and reboot. Raises on errors."""
@@ -332,11 +343,12 @@ class Daemon:
         if not self.config.url:
             log.info("no update repository configured; set url in /etc/berth/update.toml")
             return
-        version: str | None = self._work(self._update)
-        if version is None:
+        update: tuple[str, bool] | None = self._work(self._update)
+        if update is None:
             return
+        version, earlier = update
         self._write_reboot_required()
-        self._reboot_for(version)
+        self._reboot_for(version, verify=earlier)
 
     def _next_delay(self) -> float:
         if self.failures:
