@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,11 +134,39 @@ def build_image(
     extra_trees: Sequence[Path] = (),
 ) -> BuildResult:
     """Build `config` as `version` into out/<image>/<version>/; point `latest` at it."""
+    work = repo / "cache" / "work" / config.name
+    # Builds of one image share its work tree: a second build (another shell, a test session,
+    # another checkout sharing the cache) waits instead of changing files under the first.
+    with _exclusive(work.with_name(f"{config.name}.lock"), f"another build of {config.name}"):
+        return _build_image(config, version, repo, work, refresh, out_dir, keys_dir, extra_trees)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, holder: str) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for {holder} to finish ({path})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _build_image(
+    config: ImageConfig,
+    version: Version,
+    repo: Path,
+    work: Path,
+    refresh: bool,
+    out_dir: Path | None,
+    keys_dir: Path | None,
+    extra_trees: Sequence[Path],
+) -> BuildResult:
     start = time.monotonic()
     cache = repo / "cache"
     out_root = (out_dir or repo / "out") / config.name
     output = out_root / str(version)
-    work = repo / "cache" / "work" / config.name
     seed = f"{config.name}:{version}"
 
     root = rootfs.build_rootfs(config, cache, refresh=refresh)
