@@ -30,7 +30,10 @@ def built_image() -> BuildResult:
     from updater.version import Version
 
     config = load_image("containerhost", REPO / "images")
-    return build_image(config, Version.parse(TEST_VERSION), REPO)
+    # BERTH_TEST_OUT: another output directory, so that two test sessions at once do not
+    # replace the disk images each other's VMs are booted from.
+    out = Path(os.environ["BERTH_TEST_OUT"]) if os.environ.get("BERTH_TEST_OUT") else None
+    return build_image(config, Version.parse(TEST_VERSION), REPO, out_dir=out)
 
 
 @pytest.fixture
