@@ -131,6 +131,8 @@ class Machine:
             )
         )
         self.started = time.monotonic()
+        # The serial log of an earlier run in the same artifacts directory is appended to.
+        self._serial_start = self.vm.serial_offset()
 
     # -- power ---------------------------------------------------------------------------------
 
@@ -146,7 +148,11 @@ class Machine:
 
     def boots(self) -> int:
         """Kernel starts seen on this machine's console so far (failed attempts included)."""
-        return self.vm.serial_text().count(KERNEL_BANNER)
+        return self.console().count(KERNEL_BANNER)
+
+    def console(self) -> str:
+        """What this machine printed on its serial console (this run only)."""
+        return self.vm.serial_text(self._serial_start)
 
     def seconds(self) -> float:
         return time.monotonic() - self.started

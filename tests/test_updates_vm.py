@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -208,7 +209,7 @@ def test_bad_releases_roll_back_by_themselves(
         reason = _bad(m, "3.0.0")
         assert "rolled back from 3.0.0: boot did not complete" in reason
         assert m.status()["boot_entries"][0] == "berth_1.0.0.efi"
-        assert "Kernel panic" in m.vm.serial_text()
+        assert "Kernel panic - not syncing" in m.console()
         record("bad release: kernel panics", m.boots() - boots, m.seconds() - start, "1.0.0")
 
         # (2c) A health check fails (an operator hook, a required unit): one try, then back.
@@ -249,23 +250,36 @@ def test_bad_releases_roll_back_by_themselves(
         m.wait_for_boot("1.0.0", boot_id, timeout=1500)
         m.wait_for("the fallback to be judged", lambda: bool(_bad(m, "2.0.0")), 300)
         assert "rolled back from 2.0.0: boot did not complete" in _bad(m, "2.0.0")
-        assert "verity" in m.vm.serial_text().lower()
+        assert re.search(r"device-mapper: verity: .*is corrupted", m.console())
         record("slot data != root hash, booted", m.boots() - boots, m.seconds() - start, "1.0.0")
 
 
+TAMPER = """
+import os, sys
+from pathlib import Path
+from updater import slots
+
+disk = Path("/dev/vda")
+with disk.open("rb") as f:
+    slot = slots.read_slots(f)["AB".index(sys.argv[1])]
+device = slots.partition_path(disk, slot.data_number)
+fd = os.open(device, os.O_RDWR)
+before = os.pread(fd, 16, 1024)  # the erofs superblock, read when the slot is mounted
+os.pwrite(fd, bytes(b ^ 0xFF for b in before), 1024)
+os.fsync(fd)
+print(device)
+"""
+
+
 def tamper_inactive_slot(m: Machine) -> None:
-    """Flip bytes in the erofs superblock of the slot that is not booted (read at mount)."""
+    """Flip bytes in the erofs superblock of the slot that is not booted.
+
+    The partition comes from the agent's own reading of the GPT: labels name versions, and
+    udev's view of them is stale once the agent has rewritten the table of a disk in use."""
     slot = next(s for s in m.status()["slots"] if s["state"] != "booted")
-    label = "root-" + slot["name"].lower()
-    device = m.ssh(
-        "lsblk -rno PATH,PARTLABEL | awk -v want=" + label + " 'index($2, want) == 1 { print $1 }'"
-        " | head -1"
-    )
-    assert device.startswith("/dev/"), device
-    m.ssh(
-        f"dd if={device} bs=1 skip=1024 count=16 status=none | tr '\\000-\\377' '\\377-\\000'"
-        f" | dd of={device} bs=1 seek=1024 conv=notrunc status=none && sync"
-    )
+    out = m.vm.ssh(f"python3 - {slot['name']}", input=TAMPER.encode())
+    device = out.stdout.decode().strip()
+    assert device.startswith("/dev/vda"), device
 
 
 @dataclass(frozen=True)
