@@ -24,6 +24,8 @@ HOST_TOOLS: dict[str, str] = {
     "mkfs.vfat": "dosfstools",
     "mcopy": "mtools",
     "mmd": "mtools",
+    "mdir": "mtools",
+    "mtype": "mtools",
     "qemu-img": "qemu-utils",
     "qemu-system-x86_64": "qemu-system-x86",
     "sfdisk": "fdisk",

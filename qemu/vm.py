@@ -13,13 +13,16 @@ import base64
 import contextlib
 import enum
 import functools
+import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,6 +38,11 @@ from qemu.ssh import generate_key, public_key_path, ssh_argv, write_ssh_config
 
 # Built images live in out/ at the repository root, the parent of this package.
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Runs once per guest connection to a `guest_forwards` address; standard library only.
+RELAY = Path(__file__).resolve().parent / "relay.py"
+# QEMU's user-mode network when `net=` is not given.
+DEFAULT_USER_NETWORK = ipaddress.IPv4Network("10.0.2.0/24")
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -103,6 +111,16 @@ class VMConfig:
     ssh_port: int | None = None
     # More TCP forwards from 127.0.0.1 on the host to the guest: (host port, guest port).
     port_forwards: tuple[tuple[int, int], ...] = ()
+    # Extra -smbios values, e.g. "type=1,manufacturer=Amazon EC2,product=t3.micro": what the
+    # guest reads as its DMI strings (commas inside a value are written twice, as QEMU wants).
+    smbios: tuple[str, ...] = ()
+    # The user-mode network (QEMU's `net=`), e.g. "169.254.169.0/24"; None is QEMU's 10.0.2.0/24.
+    # The gateway is its .2, DNS .3 and the guest gets .15 by DHCP, as in QEMU's default.
+    user_network: str | None = None
+    # (guest address, guest port, host port): a guest connecting to address:port reaches
+    # 127.0.0.1:host port. The address must lie inside the user network (QEMU forwards nothing
+    # else), so serving the metadata address 169.254.169.254 needs user_network 169.254.169.0/24.
+    guest_forwards: tuple[tuple[str, int, int], ...] = ()
     accel: Accel = Accel.AUTO
     # Serial console on the terminal too (with the QEMU monitor: Ctrl-A X quits, Ctrl-A C monitor).
     interactive: bool = False
@@ -176,6 +194,76 @@ def fw_cfg_argument(name: str, file: Path) -> str:
     if not _FW_CFG_NAME.fullmatch(name):
         raise VMError(f"fw_cfg name must look like opt/<vendor>/<name>: {name!r}")
     return f"name={name},file={_qemu_escape(file.resolve())}"
+
+
+def user_network_options(network: str | None) -> tuple[ipaddress.IPv4Network, list[str]]:
+    """The network and its `-nic user` options (`net=`, `host=`, `dns=`, `dhcpstart=`)."""
+    if network is None:
+        return DEFAULT_USER_NETWORK, []
+    try:
+        net = ipaddress.IPv4Network(network)
+    except ValueError as e:
+        raise VMError(f"user_network {network!r} is not an IPv4 network: {e}") from None
+    # slirp's DHCP server hands out 16 addresses from dhcpstart (.15 to .30).
+    if not 4 <= net.prefixlen <= 27:
+        raise VMError(
+            f"user_network {network!r}: the prefix must be /4 to /27, to hold the gateway (.2), "
+            "DNS (.3) and the DHCP range (.15 to .30)"
+        )
+    return net, [f"net={net}", f"host={net[2]}", f"dns={net[3]}", f"dhcpstart={net[15]}"]
+
+
+def guest_forward_option(
+    address: str, port: int, host_port: int, network: ipaddress.IPv4Network
+) -> str:
+    """`guestfwd=` running relay.py for each connection the guest opens to address:port.
+
+    The `cmd:` form starts one relay per connection with the connection on its stdin and stdout;
+    a chardev target would carry a single connection for the whole life of the VM.
+    """
+    where = f"guest forward {address}:{port}"
+    try:
+        addr = ipaddress.IPv4Address(address)
+    except ValueError:
+        raise VMError(f"{where}: {address!r} is not an IPv4 address") from None
+    if addr not in network:
+        raise VMError(
+            f"{where}: the address is outside the user network {network}, and QEMU forwards only "
+            "addresses inside it",
+            hint="set VMConfig.user_network to a network holding the address, "
+            "e.g. 169.254.169.0/24 for 169.254.169.254",
+        )
+    # slirp refuses its own gateway and DNS addresses; the others would shadow the guest.
+    reserved = {
+        network.network_address: "the network address",
+        network.broadcast_address: "the broadcast address",
+        network[2]: "the gateway",
+        network[3]: "the DNS server",
+        network[15]: "the guest's own address",
+    }
+    if addr in reserved:
+        raise VMError(f"{where}: the address is {reserved[addr]} of the user network {network}")
+    for what, value in (("guest port", port), ("host port", host_port)):
+        if not 1 <= value <= 65535:
+            raise VMError(f"{where}: {what} {value} is not a TCP port")
+    command = shlex.join([sys.executable, str(RELAY), "127.0.0.1", str(host_port)])
+    return f"guestfwd=tcp:{addr}:{port}-cmd:{_qemu_escape(command)}"
+
+
+def nic_argument(config: VMConfig, ssh_port: int) -> str:
+    """The `-nic user,...` value: SSH and the other host forwards, the network, guest forwards."""
+    network, options = user_network_options(config.user_network)
+    seen: set[tuple[str, int]] = set()
+    for address, port, host_port in config.guest_forwards:
+        if (address, port) in seen:
+            raise VMError(f"guest forward {address}:{port} is given twice")
+        seen.add((address, port))
+        options.append(guest_forward_option(address, port, host_port, network))
+    return (
+        f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
+        + "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in config.port_forwards)
+        + "".join(f",{option}" for option in options)
+    )
 
 
 def disk_arguments(index: int, path: Path, fmt: str, bus: DiskBus, *, boot: bool) -> list[str]:
@@ -339,9 +427,7 @@ class VM:
             f"if=pflash,format=raw,unit=0,readonly=on,file={_qemu_escape(config.ovmf_code)}",
             "-drive",
             f"if=pflash,format=raw,unit=1,file={_qemu_escape(self.vars_file.resolve())}",
-            "-nic",
-            f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
-            + "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in config.port_forwards),
+            *("-nic", nic_argument(config, self.ssh_port)),
             # Early-boot entropy: without it TCG guests can stall in getrandom().
             *("-device", "virtio-rng-pci"),
             *("-qmp", f"unix:{_qemu_escape(self.qmp_socket)},server=on,wait=off"),
@@ -371,6 +457,8 @@ class VM:
             argv += ["-fw_cfg", fw_cfg_argument(name, file)]
         for name, value in self.credentials():
             argv += ["-smbios", smbios_credential(name, value)]
+        for table in config.smbios:
+            argv += ["-smbios", table]
         if config.no_reboot:
             argv.append("-no-reboot")
         argv += config.extra_args
