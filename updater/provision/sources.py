@@ -1,0 +1,748 @@
+"""Which platform this machine runs on, and where its first-boot config (the "user data") is.
+
+`detect_platform` answers from the kernel command line (`berth.platform=`, or CoreOS's
+`ignition.platform.id=`) and otherwise from the firmware's DMI strings, the way Afterburn and
+cloud-init's ds-identify do. `find_user_data` then looks in the places that platform offers, in a
+fixed order, and returns the first config it finds with a `source` naming where it came from:
+
+| platform | sources, in order |
+| --- | --- |
+| qemu | fw_cfg `opt/org.berth/config`, `opt/com.coreos/config`; then the drives below |
+| every platform | a NoCloud drive (label `cidata`), an OpenStack config drive (label `config-2`) |
+| ec2 | IMDSv2 `/latest/user-data` |
+| gce | `/computeMetadata/v1/instance/attributes/user-data` |
+| azure | `CustomData` in `ovf-env.xml` on the provisioning CD; IMDS `userData` |
+| vmware | guestinfo `ignition.config.data`, `userdata` (with their `.encoding`) |
+| openstack | the metadata service's `/openstack/latest/user_data` |
+
+A metadata service may not answer yet at first boot (the network is still coming up), so it is
+asked again with backoff for `SourceEnv.metadata_wait` seconds; one that never answers is an error,
+because the platform promised it. Nothing found anywhere is not an error: the machine boots
+unprovisioned (`None`). Everything the host provides is injectable through `SourceEnv`, so tests run
+against directories, scripts and HTTP servers on 127.0.0.1.
+
+Runs on the image: standard library, python3-requests and python3-yaml (both imported lazily).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import gzip
+import json
+import logging
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from updater.provision.plan import ProvisionError, field_error
+
+log = logging.getLogger(__name__)
+
+
+class Platform(StrEnum):
+    QEMU = "qemu"
+    EC2 = "ec2"
+    GCE = "gce"
+    AZURE = "azure"
+    VMWARE = "vmware"
+    OPENSTACK = "openstack"
+    METAL = "metal"  # bare metal, or anything not recognised
+
+
+# Ignition's platform ids for the platforms Berth knows, so a CoreOS-style command line works too.
+IGNITION_PLATFORMS: Mapping[str, Platform] = {
+    "qemu": Platform.QEMU,
+    "aws": Platform.EC2,
+    "gcp": Platform.GCE,
+    "azure": Platform.AZURE,
+    "vmware": Platform.VMWARE,
+    "openstack": Platform.OPENSTACK,
+    "metal": Platform.METAL,
+}
+
+DMI_DIR = Path("/sys/class/dmi/id")
+DMI_FIELDS = (
+    "sys_vendor",
+    "product_name",
+    "bios_vendor",
+    "bios_version",
+    "chassis_asset_tag",
+    "board_vendor",
+)
+# Every Azure VM carries this chassis asset tag; plain Hyper-V does not.
+AZURE_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"
+OPENSTACK_PRODUCTS = ("OpenStack Nova", "OpenStack Compute")
+
+FW_CFG_DIR = Path("/sys/firmware/qemu_fw_cfg/by_name")
+FW_CFG_NAMES = ("opt/org.berth/config", "opt/com.coreos/config")
+METADATA_URL = "http://169.254.169.254"
+NOCLOUD_LABELS = ("cidata", "CIDATA")
+CONFIG_DRIVE_LABELS = ("config-2", "CONFIG-2")
+VMWARE_KEYS = ("ignition.config.data", "userdata")
+EC2_TOKEN_TTL = "21600"
+
+# Clouds cap user data at 16-256 KiB; anything near this is not a config but a runaway answer.
+MAX_USER_DATA = 16 << 20
+_CONNECT_TIMEOUT = 5.0
+_FIRST_DELAY = 0.25
+_MAX_DELAY = 5.0
+# urllib3's messages start with reprs of its pool or connection ("HTTPConnectionPool(host=...,
+# port=...): ", "<HTTPConnection object at 0x...>: "); the reason after them is what matters.
+_REPR_PREFIX = re.compile(r"^(?:\w+\([^)]*\)|<[^>]*>): ")
+
+
+# Platform detection
+
+
+def kernel_arguments(cmdline: str) -> list[tuple[str, str | None]]:
+    """`name=value` pairs of a kernel command line, with the kernel's double-quote grouping."""
+    words: list[str] = []
+    current: list[str] = []
+    quoted = False
+    started = False
+    for char in cmdline:
+        if char == '"':
+            quoted = not quoted
+            started = True
+        elif char.isspace() and not quoted:
+            if started:
+                words.append("".join(current))
+            current, started = [], False
+        else:
+            current.append(char)
+            started = True
+    if started:
+        words.append("".join(current))
+    pairs: list[tuple[str, str | None]] = []
+    for word in words:
+        name, sep, value = word.partition("=")
+        pairs.append((name, value if sep else None))
+    return pairs
+
+
+def platform_from_cmdline(cmdline: str) -> Platform | None:
+    """The platform the command line declares, or None; a name Berth does not know is an error.
+
+    `berth.platform=` wins over `ignition.platform.id=`; of several, the last counts (as for every
+    kernel and systemd argument).
+    """
+    berth: str | None = None
+    ignition: str | None = None
+    for name, value in kernel_arguments(cmdline):
+        if name == "berth.platform":
+            berth = value or ""
+        elif name == "ignition.platform.id":
+            ignition = value or ""
+    if berth is not None:
+        with contextlib.suppress(ValueError):
+            return Platform(berth)
+        raise ProvisionError(
+            f"kernel command line: berth.platform={berth}: unknown platform; expected one of "
+            + ", ".join(Platform)
+        )
+    if ignition is not None:
+        if ignition in IGNITION_PLATFORMS:
+            return IGNITION_PLATFORMS[ignition]
+        raise ProvisionError(
+            f"kernel command line: ignition.platform.id={ignition}: not a platform Berth supports; "
+            "expected one of " + ", ".join(IGNITION_PLATFORMS)
+        )
+    return None
+
+
+def read_dmi(dmi: Path = DMI_DIR) -> dict[str, str]:
+    """The DMI strings Berth looks at; a missing or unreadable one is empty."""
+    values: dict[str, str] = {}
+    for name in DMI_FIELDS:
+        try:
+            values[name] = (dmi / name).read_text(errors="replace").strip()
+        except OSError:
+            values[name] = ""
+    return values
+
+
+def platform_from_dmi(dmi: Mapping[str, str]) -> Platform:
+    vendor = dmi.get("sys_vendor", "")
+    product = dmi.get("product_name", "")
+    asset_tag = dmi.get("chassis_asset_tag", "")
+    # Clouds first: their hypervisors are often KVM, and a cloud's guest must not pass for QEMU.
+    if vendor == "Microsoft Corporation" and asset_tag == AZURE_ASSET_TAG:
+        return Platform.AZURE
+    # Nitro instances name Amazon; Xen-based ones only in the BIOS version ("4.11.amazon").
+    if vendor == "Amazon EC2" or "amazon" in dmi.get("bios_version", "").lower():
+        return Platform.EC2
+    if vendor == "Google" or product == "Google Compute Engine":
+        return Platform.GCE
+    if vendor == "VMware, Inc.":
+        return Platform.VMWARE
+    if product in OPENSTACK_PRODUCTS or asset_tag in OPENSTACK_PRODUCTS:
+        return Platform.OPENSTACK
+    if vendor == "QEMU" or product.startswith("QEMU"):
+        return Platform.QEMU
+    return Platform.METAL
+
+
+def detect_platform(cmdline: str, dmi: Path = DMI_DIR) -> Platform:
+    """The platform: as declared on the kernel command line, else as the DMI strings show."""
+    declared = platform_from_cmdline(cmdline)
+    if declared is not None:
+        return declared
+    return platform_from_dmi(read_dmi(dmi))
+
+
+# What a source returns
+
+
+@dataclass(frozen=True)
+class UserData:
+    """One config as found, not yet parsed."""
+
+    data: bytes
+    source: str  # for messages: "NoCloud drive /dev/vdb user-data"
+    # What the source says about the machine: "local-hostname", "instance-id" when it says so.
+    meta: Mapping[str, str] = field(default_factory=dict, hash=False)
+    notes: tuple[str, ...] = ()  # things the search noticed, worth showing on the console
+
+
+# The host's side: drives and commands
+
+
+class Drives(ABC):
+    """Finds file systems by label or type and mounts them read-only (tests use directories)."""
+
+    @abstractmethod
+    def find(self, *, label: str | None = None, fstype: str | None = None) -> list[str]:
+        """Devices whose file system has this label (exactly) or this type."""
+
+    @abstractmethod
+    def mount(self, device: str, fstypes: Sequence[str]) -> contextlib.AbstractContextManager[Path]:
+        """Mount `device` read-only for the `with` block; it is unmounted whatever happens."""
+
+
+@dataclass(frozen=True)
+class SystemDrives(Drives):
+    """The real thing: util-linux's blkid, mount and umount."""
+
+    mount_root: Path = Path("/run")
+    timeout: float = 60.0
+    # Probe only these devices (or image files); empty: every block device, as blkid does.
+    candidates: tuple[str, ...] = ()
+
+    def find(self, *, label: str | None = None, fstype: str | None = None) -> list[str]:
+        token = f"LABEL={label}" if label is not None else f"TYPE={fstype}"
+        # -c /dev/null: probe the devices now; a cache from an earlier boot may be stale.
+        argv = ["blkid", "-c", "/dev/null", "-o", "device", "-t", token, *self.candidates]
+        result = _run_tool(argv, "looking for config drives", self.timeout)
+        if result.returncode == 2:  # blkid: nothing matched
+            return []
+        if result.returncode != 0:
+            raise _tool_failed("looking for config drives", argv, result)
+        return [line for line in result.stdout.decode(errors="replace").splitlines() if line]
+
+    @contextlib.contextmanager
+    def mount(self, device: str, fstypes: Sequence[str]) -> Iterator[Path]:
+        what = f"mounting {device}"
+        target = Path(tempfile.mkdtemp(prefix="berth-config-", dir=self.mount_root))
+        try:
+            argv = [
+                *("mount", "-o", "ro,nosuid,nodev,noexec", "-t", ",".join(fstypes)),
+                *(device, str(target)),
+            ]
+            result = _run_tool(argv, what, self.timeout)
+            if result.returncode != 0:
+                raise _tool_failed(what, argv, result)
+            try:
+                yield target
+            finally:
+                self._unmount(device, target)
+        finally:
+            with contextlib.suppress(OSError):
+                target.rmdir()
+
+    def _unmount(self, device: str, target: Path) -> None:
+        argv = ["umount", str(target)]
+        result = _run_tool(argv, f"unmounting {device}", self.timeout)
+        if result.returncode == 0:
+            return
+        # Something still holds it open: detach it anyway so the config drive is not left mounted.
+        lazy = _run_tool(["umount", "--lazy", str(target)], f"unmounting {device}", self.timeout)
+        if lazy.returncode != 0:
+            raise _tool_failed(f"unmounting {device}", argv, result)
+
+
+def _run_tool(argv: Sequence[str], what: str, timeout: float) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+        )
+    except FileNotFoundError:
+        raise ProvisionError(f"{what}: {argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise ProvisionError(f"{what}: {argv[0]} did not finish within {timeout:g} s") from None
+
+
+def _tool_failed(
+    what: str, argv: Sequence[str], result: subprocess.CompletedProcess[bytes]
+) -> ProvisionError:
+    detail = result.stderr.decode(errors="replace").strip()
+    return ProvisionError(
+        f"{what}: {' '.join(argv)} failed with exit status {result.returncode}"
+        + (f": {detail}" if detail else "")
+    )
+
+
+@dataclass(frozen=True)
+class SourceEnv:
+    """Where the sources look; the defaults are a real machine's, tests point them elsewhere."""
+
+    fw_cfg_dir: Path = FW_CFG_DIR
+    metadata_url: str = METADATA_URL  # EC2, GCE, Azure and OpenStack all answer here
+    drives: Drives = field(default_factory=SystemDrives)
+    # Seconds to keep asking a metadata service that does not answer (network still coming up).
+    metadata_wait: float = 120.0
+    request_timeout: float = 10.0  # one HTTP answer, once connected
+    command_timeout: float = 30.0
+    # Loads the fw_cfg sysfs driver when its directory is missing.
+    modprobe: tuple[str, ...] = ("modprobe", "qemu_fw_cfg")
+    rpctool: str = "vmware-rpctool"  # open-vm-tools
+
+
+DEFAULT_ENV = SourceEnv()
+
+_Source = Callable[[SourceEnv, list[str]], UserData | None]
+
+
+def find_user_data(platform: Platform, *, env: SourceEnv = DEFAULT_ENV) -> UserData | None:
+    """The first config this platform offers, or None when there is none anywhere.
+
+    A source that is present but broken (a drive that does not mount, a metadata service that
+    never answers or answers nonsense) raises ProvisionError: the boot stops rather than going on
+    without the config the operator gave. When nothing is found, the search's notes are logged as
+    warnings; when something is, they travel in `UserData.notes`.
+    """
+    notes: list[str] = []
+    for source in _SOURCES[platform]:
+        found = source(env, notes)
+        if found is not None:
+            return dataclasses.replace(found, notes=(*notes, *found.notes))
+    for note in notes:
+        log.warning("%s", note)
+    return None
+
+
+# QEMU fw_cfg
+
+
+def _fw_cfg(env: SourceEnv, notes: list[str]) -> UserData | None:
+    if not env.fw_cfg_dir.is_dir():
+        _load_fw_cfg_driver(env)
+        if not env.fw_cfg_dir.is_dir():
+            notes.append(
+                f"QEMU fw_cfg: {env.fw_cfg_dir} is missing even with qemu_fw_cfg loaded; "
+                "the machine has no fw_cfg device"
+            )
+            return None
+    for name in FW_CFG_NAMES:
+        raw = env.fw_cfg_dir / name / "raw"
+        source = f"QEMU fw_cfg {name}"
+        try:
+            data = raw.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise ProvisionError(f"{source}: cannot read {raw}: {e.strerror}") from None
+        if data:
+            return UserData(data, source)
+        notes.append(f"{source} is empty, ignored")
+    return None
+
+
+def _load_fw_cfg_driver(env: SourceEnv) -> None:
+    what = "QEMU fw_cfg: loading the qemu_fw_cfg kernel module"
+    result = _run_tool(env.modprobe, what, env.command_timeout)
+    if result.returncode != 0:
+        raise _tool_failed(what, env.modprobe, result)
+
+
+# Config drives (every platform)
+
+
+def _one_drive(env: SourceEnv, labels: Sequence[str], kind: str, notes: list[str]) -> str | None:
+    devices: list[str] = []
+    for label in labels:
+        devices += [d for d in env.drives.find(label=label) if d not in devices]
+    if len(devices) > 1:
+        notes.append(f"several {kind} drives ({', '.join(devices)}); using {devices[0]}")
+    return devices[0] if devices else None
+
+
+def _read_optional(path: Path, source: str) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ProvisionError(f"{source}: cannot read {path.name}: {e.strerror}") from None
+
+
+def _meta_value(source: str, key: str, value: object) -> str:
+    # YAML reads `instance-id: 1234` as a number; it is still an id.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise field_error(source, key, "a string", value)
+
+
+def parse_nocloud_meta(text: bytes, source: str) -> dict[str, str]:
+    """`local-hostname` and `instance-id` from NoCloud meta-data (YAML; JSON is YAML too)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ProvisionError(f"{source}: not valid YAML: {e}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise field_error(source, "(document)", "a mapping", doc)
+    return {
+        key: _meta_value(source, key, doc[key])
+        for key in ("local-hostname", "instance-id")
+        if doc.get(key) is not None
+    }
+
+
+def parse_openstack_meta(text: bytes, source: str) -> dict[str, str]:
+    """meta_data.json's `hostname` and `uuid`, under NoCloud's names."""
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ProvisionError(f"{source}: not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise field_error(source, "(document)", "a JSON object", doc)
+    meta: dict[str, str] = {}
+    for key, ours in (("hostname", "local-hostname"), ("uuid", "instance-id")):
+        if doc.get(key) is not None:
+            meta[ours] = _meta_value(source, key, doc[key])
+    return meta
+
+
+def _nocloud(env: SourceEnv, notes: list[str]) -> UserData | None:
+    device = _one_drive(env, NOCLOUD_LABELS, "NoCloud (cidata)", notes)
+    if device is None:
+        return None
+    where = f"NoCloud drive {device}"
+    with env.drives.mount(device, ("vfat", "iso9660")) as root:
+        data = _read_optional(root / "user-data", where)
+        meta_text = _read_optional(root / "meta-data", where)
+    if data is None:
+        notes.append(f"{where} has no user-data file")
+        return None
+    meta = parse_nocloud_meta(meta_text, f"{where} meta-data") if meta_text else {}
+    return _non_empty(data, f"{where} user-data", notes, meta)
+
+
+def _config_drive(env: SourceEnv, notes: list[str]) -> UserData | None:
+    device = _one_drive(env, CONFIG_DRIVE_LABELS, "config-2", notes)
+    if device is None:
+        return None
+    where = f"OpenStack config drive {device}"
+    with env.drives.mount(device, ("vfat", "iso9660")) as root:
+        latest = root / "openstack" / "latest"
+        data = _read_optional(latest / "user_data", where)
+        meta_text = _read_optional(latest / "meta_data.json", where)
+    if data is None:
+        notes.append(f"{where} has no openstack/latest/user_data")
+        return None
+    meta = {}
+    if meta_text is not None:
+        meta = parse_openstack_meta(meta_text, f"{where} openstack/latest/meta_data.json")
+    return _non_empty(data, f"{where} openstack/latest/user_data", notes, meta)
+
+
+def _non_empty(
+    data: bytes, source: str, notes: list[str], meta: Mapping[str, str] | None = None
+) -> UserData | None:
+    if not data.strip():
+        notes.append(f"{source} is empty, ignored")
+        return None
+    return UserData(data, source, dict(meta or {}))
+
+
+# Metadata services
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+
+def _reason(error: Exception) -> str:
+    inner: Any = error.args[0] if error.args else error
+    inner = getattr(inner, "reason", None) or inner
+    text = str(inner)
+    while (shorter := _REPR_PREFIX.sub("", text, count=1)) != text:
+        text = shorter
+    return text
+
+
+def _request(
+    env: SourceEnv,
+    service: str,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+) -> _Reply:
+    """One metadata request: retried until it is answered, for up to `env.metadata_wait` s.
+
+    2xx and 404 are answers; 5xx, refused connections and timeouts are "not yet"; any other
+    status is an error naming the URL.
+    """
+    import requests
+
+    base = env.metadata_url.rstrip("/")
+    url = base + path
+    deadline = time.monotonic() + env.metadata_wait
+    delay = _FIRST_DELAY
+    last = ""
+    with requests.Session() as session:
+        # A proxy from the environment must never see (or answer for) the metadata service.
+        session.trust_env = False
+        while True:
+            remaining = max(deadline - time.monotonic(), 0.1)
+            try:
+                with session.request(
+                    method,
+                    url,
+                    headers=dict(headers),
+                    timeout=(min(_CONNECT_TIMEOUT, remaining), env.request_timeout),
+                    allow_redirects=False,
+                    stream=True,
+                ) as response:
+                    status = response.status_code
+                    if status < 500:
+                        if not (200 <= status < 300 or status == 404):
+                            raise ProvisionError(
+                                f"{service}: {method} {url} answered HTTP {status} "
+                                f"{response.reason or ''}".rstrip()
+                            )
+                        return _Reply(status, _read_body(response, url), response.headers)
+                    last = f"{method} {url} answered HTTP {status} {response.reason or ''}"
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+            ) as e:
+                last = f"{method} {url}: {_reason(e)}"
+            except requests.RequestException as e:
+                raise ProvisionError(f"{service}: {method} {url}: {e}") from None
+            now = time.monotonic()
+            if now >= deadline:
+                raise ProvisionError(
+                    f"{service} at {base} did not answer within {env.metadata_wait:g} s: "
+                    + last.rstrip()
+                )
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, _MAX_DELAY)
+
+
+def _read_body(response: Any, url: str) -> bytes:
+    body = bytearray()
+    for chunk in response.iter_content(64 * 1024):
+        body += chunk
+        if len(body) > MAX_USER_DATA:
+            raise ProvisionError(f"{url}: answer larger than {MAX_USER_DATA >> 20} MiB")
+    return bytes(body)
+
+
+def _ec2(env: SourceEnv, notes: list[str]) -> UserData | None:
+    service = "EC2 metadata service"
+    token_reply = _request(
+        env,
+        service,
+        "PUT",
+        "/latest/api/token",
+        {"X-aws-ec2-metadata-token-ttl-seconds": EC2_TOKEN_TTL},
+    )
+    token = token_reply.body.strip()
+    if token_reply.status == 404 or not token:
+        raise ProvisionError(f"{service}: no IMDSv2 session token at /latest/api/token")
+    try:
+        headers = {"X-aws-ec2-metadata-token": token.decode("ascii")}
+    except UnicodeDecodeError:
+        raise ProvisionError(f"{service}: the IMDSv2 session token is not ASCII") from None
+    reply = _request(env, service, "GET", "/latest/user-data", headers)
+    if reply.status == 404:
+        notes.append("EC2: the instance has no user data")
+        return None
+    meta: dict[str, str] = {}
+    for key in ("instance-id", "local-hostname"):
+        item = _request(env, service, "GET", f"/latest/meta-data/{key}", headers)
+        if item.status != 404 and item.body.strip():
+            meta[key] = item.body.decode(errors="replace").strip()
+    return _non_empty(reply.body, "EC2 IMDSv2 user-data", notes, meta)
+
+
+def _gce(env: SourceEnv, notes: list[str]) -> UserData | None:
+    service = "GCE metadata server"
+    path = "/computeMetadata/v1/instance/attributes/user-data"
+    reply = _request(env, service, "GET", path, {"Metadata-Flavor": "Google"})
+    # The real server marks every answer, 404s included; anything else is some other server.
+    if reply.headers.get("Metadata-Flavor") != "Google":
+        raise ProvisionError(
+            f"{service}: {env.metadata_url.rstrip('/')}{path} answered without the header "
+            "'Metadata-Flavor: Google': that is not the GCE metadata server"
+        )
+    if reply.status == 404:
+        notes.append("GCE: the instance has no user-data metadata key")
+        return None
+    return _non_empty(reply.body, "GCE metadata user-data", notes)
+
+
+def _openstack_metadata(env: SourceEnv, notes: list[str]) -> UserData | None:
+    reply = _request(env, "OpenStack metadata service", "GET", "/openstack/latest/user_data", {})
+    if reply.status == 404:
+        notes.append("OpenStack: the instance has no user data")
+        return None
+    return _non_empty(reply.body, "OpenStack metadata user_data", notes)
+
+
+# Azure
+
+
+def _decode_base64(text: bytes | str, source: str) -> bytes:
+    compact = "".join(
+        (text.decode("ascii", "replace") if isinstance(text, bytes) else text).split()
+    )
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProvisionError(f"{source}: expected base64") from None
+
+
+def parse_ovf_custom_data(xml: bytes, source: str) -> bytes | None:
+    """The decoded `CustomData` of Azure's ovf-env.xml; None when it is absent or empty."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise ProvisionError(f"{source}: not valid XML: {e}") from None
+    for element in root.iter():
+        # The element lives in Azure's namespace ("{http://schemas.microsoft.com/...}CustomData").
+        if isinstance(element.tag, str) and element.tag.rpartition("}")[2] == "CustomData":
+            text = (element.text or "").strip()
+            return _decode_base64(text, f"{source} CustomData") if text else None
+    return None
+
+
+def _azure_ovf(env: SourceEnv, notes: list[str]) -> UserData | None:
+    # Azure's provisioning CD is UDF (labelled rd_rdfe_stable.*, which blkid cannot match by
+    # pattern); older hosts and tests use ISO 9660. Any such drive with ovf-env.xml is it.
+    devices: list[str] = []
+    for fstype in ("udf", "iso9660"):
+        devices += [d for d in env.drives.find(fstype=fstype) if d not in devices]
+    for device in devices:
+        where = f"ovf-env.xml on {device}"
+        with env.drives.mount(device, ("udf", "iso9660")) as root:
+            xml = _read_optional(root / "ovf-env.xml", where)
+        if xml is None:
+            continue
+        data = parse_ovf_custom_data(xml, f"Azure {where}")
+        if data is None:
+            notes.append(f"Azure: {where} has no custom data")
+            return None
+        return _non_empty(data, f"Azure custom data ({where})", notes)
+    return None
+
+
+def _azure_imds(env: SourceEnv, notes: list[str]) -> UserData | None:
+    path = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
+    reply = _request(env, "Azure IMDS", "GET", path, {"Metadata": "true"})
+    if reply.status == 404 or not reply.body.strip():
+        notes.append("Azure: the VM has no custom data and no user data")
+        return None
+    return _non_empty(
+        _decode_base64(reply.body, "Azure IMDS userData"), "Azure IMDS userData", notes
+    )
+
+
+# VMware
+
+
+def decode_guestinfo(value: bytes, encoding: str, source: str) -> bytes:
+    """A guestinfo value by its `.encoding` key, as Ignition and cloud-init read them."""
+    match encoding:
+        case "":
+            return value
+        case "base64" | "b64":
+            return _decode_base64(value, source)
+        case "gzip+base64" | "gz+base64" | "gz+b64":
+            try:
+                return gzip.decompress(_decode_base64(value, source))
+            except (OSError, EOFError, gzip.BadGzipFile) as e:
+                raise ProvisionError(f"{source}: not gzip data: {e}") from None
+        case _:
+            raise ProvisionError(
+                f"{source}.encoding: unknown encoding {encoding!r}; expected '', base64 or "
+                "gzip+base64"
+            )
+
+
+def _guestinfo(env: SourceEnv, tool: str, key: str) -> bytes | None:
+    what = f"VMware guestinfo.{key}"
+    argv = [tool, f"info-get guestinfo.{key}"]
+    result = _run_tool(argv, what, env.command_timeout)
+    if result.returncode != 0:
+        if b"No value found" in result.stderr + result.stdout:
+            return None
+        raise _tool_failed(what, argv, result)
+    value = result.stdout.removesuffix(b"\n")
+    # guestinfo keys cannot be deleted from a running VM; "---" is the convention for "unset".
+    return None if value.strip() in (b"", b"---") else value
+
+
+def _vmware(env: SourceEnv, notes: list[str]) -> UserData | None:
+    tool = shutil.which(env.rpctool)
+    if tool is None:
+        notes.append(
+            f"VMware: guestinfo cannot be read without {env.rpctool} (open-vm-tools is not in "
+            "the image); no config from guestinfo"
+        )
+        return None
+    for key in VMWARE_KEYS:
+        value = _guestinfo(env, tool, key)
+        if value is None:
+            continue
+        encoding = _guestinfo(env, tool, f"{key}.encoding") or b""
+        source = f"VMware guestinfo.{key}"
+        data = decode_guestinfo(value, encoding.decode(errors="replace").strip(), source)
+        found = _non_empty(data, source, notes)
+        if found is not None:
+            return found
+    return None
+
+
+_DRIVES: tuple[_Source, ...] = (_nocloud, _config_drive)
+_SOURCES: Mapping[Platform, tuple[_Source, ...]] = {
+    Platform.QEMU: (_fw_cfg, *_DRIVES),
+    Platform.EC2: (*_DRIVES, _ec2),
+    Platform.GCE: (*_DRIVES, _gce),
+    Platform.AZURE: (*_DRIVES, _azure_ovf, _azure_imds),
+    Platform.VMWARE: (*_DRIVES, _vmware),
+    Platform.OPENSTACK: (*_DRIVES, _openstack_metadata),
+    Platform.METAL: _DRIVES,
+}
