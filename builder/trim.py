@@ -16,7 +16,8 @@ from builder.treetool import tree_command
 
 # Part of the root-tree cache key: edit this text whenever the trim behaviour changes.
 RECIPE = (
-    "trim-v7: modules netavark podman-testing docs locale apt dpkg caches logs hostkeys id boot"
+    "trim-v8: modules netavark podman-testing docs locale apt dpkg caches logs hostkeys id boot"
+    " hostname"
 )
 
 # Paths (relative to the tree) removed outright.
@@ -55,6 +56,9 @@ _REMOVE = (
     "etc/systemd/system/timers.target.wants/apt-daily-upgrade.timer",
     "etc/systemd/system/timers.target.wants/dpkg-db-backup.timer",
     "var/lib/dbus/machine-id",
+    # mmdebstrap copies the build host's name. Without the file a machine takes its name from
+    # DHCP or its first-boot config (berth-provision), not from whoever built the image.
+    "etc/hostname",
     "var/lib/systemd/random-seed",
     "var/log",
     "etc/initramfs-tools",

@@ -1,0 +1,158 @@
+"""`berth-provision`: find this machine's first-boot config and apply it, once.
+
+Run by berth-provision.service on every boot until it has succeeded once; the stamp it leaves on
+STATE (`/var/lib/berth/provisioned`) skips it afterwards. sshd requires the service, so a config
+that cannot be read or applied stops the boot before anyone can log in, with the reason on the
+console and in the journal; the next boot tries again. `--check FILE` validates a config anywhere
+(a build host included) without applying it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from updater.files import write_file_atomic
+from updater.provision.apply import apply_plan, describe, run_commands
+from updater.provision.plan import HOSTNAME, Plan, ProvisionError
+
+STAMP = "/var/lib/berth/provisioned"
+ROOT_KEYS_CREDENTIAL = "ssh.authorized_keys.root"
+
+
+def parse_config(data: bytes, source: str) -> Plan | None:
+    """An Ignition config or a user-data (cloud-config, script) as a Plan; None when empty."""
+    # Imported here: the Ignition parser pulls in requests, which a cloud-config does not need.
+    from updater.provision.cloudconfig import classify, decompress, parse_user_data
+
+    if classify(data, source) == "ignition":
+        from updater.provision.ignition import parse_ignition
+
+        # Clouds allow gzip'd user-data; the Ignition parser wants the JSON itself.
+        return parse_ignition(decompress(data, source), source)
+    return parse_user_data(data, source)
+
+
+def _with_meta_hostname(plan: Plan, meta: dict[str, str]) -> Plan:
+    """A NoCloud/config-2 drive or a metadata service may name the host when the config does not."""
+    if plan.hostname is not None:
+        return plan
+    name = (meta.get("local-hostname") or meta.get("hostname") or "").split(".")[0]
+    return dataclasses.replace(plan, hostname=name) if HOSTNAME.fullmatch(name) else plan
+
+
+def _write_stamp(root: Path, record: dict[str, str]) -> None:
+    stamp = root / STAMP.lstrip("/")
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(stamp, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _say(message: str) -> None:
+    print(f"berth-provision: {message}", flush=True)
+
+
+def _nobody_can_log_in(root: Path) -> str:
+    keys = root / "root/.ssh/authorized_keys"
+    if keys.is_file() and keys.read_text().strip():
+        return "root logs in with the SSH keys already in /root/.ssh/authorized_keys"
+    return (
+        "nobody can log in: no account has a password or an SSH key. Give this machine an "
+        "Ignition config or a #cloud-config (see docs/provisioning.md), or root's key as the "
+        f"systemd credential {ROOT_KEYS_CREDENTIAL}"
+    )
+
+
+def provision(root: Path = Path("/")) -> int:
+    from updater.provision.sources import detect_platform, find_user_data
+
+    cmdline = Path("/proc/cmdline").read_text() if root == Path("/") else ""
+    platform = detect_platform(cmdline)
+    _say(f"platform {platform}; looking for a config")
+    found = find_user_data(platform)
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "platform": platform}
+    for note in getattr(found, "notes", ()) or ():
+        _say(note)
+    if found is None:
+        _say(f"no config found on {platform}; {_nobody_can_log_in(root)}")
+        _write_stamp(root, {**record, "result": "no config"})
+        return 0
+    plan = parse_config(found.data, found.source)
+    if plan is None:
+        _say(f"{found.source} is empty; {_nobody_can_log_in(root)}")
+        _write_stamp(root, {**record, "source": found.source, "result": "empty config"})
+        return 0
+    plan = _with_meta_hostname(plan, dict(getattr(found, "meta", {}) or {}))
+    _say(f"applying {plan.source}")
+    applied = apply_plan(plan, root)
+    _say(f"applied: {describe(applied)}")
+    record |= {
+        "source": plan.source,
+        "format": plan.format,
+        "sha256": hashlib.sha256(found.data).hexdigest(),
+        "result": "applied",
+    }
+    # The stamp goes down before commands run: they run once, like cloud-init's runcmd, even if
+    # one fails (a half-run command cannot be rolled back, and running it again could be worse).
+    _write_stamp(root, record)
+    try:
+        run_commands(plan, root)
+    except ProvisionError as e:
+        _write_stamp(root, {**record, "result": f"applied; {e}"})
+        raise
+    return 0
+
+
+def check(path: Path) -> int:
+    plan = parse_config(path.read_bytes(), str(path))
+    if plan is None:
+        print(f"{path}: empty: nothing to apply")
+        return 0
+    print(f"{plan.source}: valid {plan.format}")
+    print(json.dumps(dataclasses.asdict(plan), indent=2, default=_json_default))
+    return 0
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return f"<{len(value)} bytes>"
+    raise TypeError(type(value).__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="berth-provision",
+        description="Apply this machine's first-boot config (Ignition or cloud-config) once.",
+    )
+    parser.add_argument("--check", type=Path, metavar="FILE", help="validate FILE, apply nothing")
+    parser.add_argument(
+        "--force", action="store_true", help="run even though the machine was provisioned"
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.check:
+            return check(args.check)
+        if Path(STAMP).exists() and not args.force:
+            _say(f"already provisioned (see {STAMP}); --force runs it again")
+            return 0
+        return provision()
+    except (ProvisionError, OSError) as e:
+        _say(f"FAILED: {e}")
+        if not args.check:
+            _say(
+                "the boot stops here: sshd and network services do not start. Fix the config "
+                "and reboot; nothing of it was applied unless listed above."
+            )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,511 @@
+"""Apply a `Plan` to the machine: stage everything, then commit it in one short step.
+
+"Nothing is half-applied" is the contract. Staging does all the work that can fail — reading the
+account databases, checking that a file Ignition may not overwrite is absent, finding the
+`[Install]` section of a unit to enable, writing every new file's bytes to a temporary name beside
+its destination and fsyncing it. If any of that fails, the temporaries and the directories made for
+them are removed and the machine is as it was. Commit is then only renames (atomic, on the same
+file system as their destination), unlinks of enablement links, and `sethostname`.
+
+Accounts are written as whole new `/etc/passwd`, `/etc/shadow`, `/etc/group` and `/etc/gshadow`
+files, staged like any other file, rather than with `useradd`: a tool run at commit time could fail
+half way, and the image does not need to carry the shadow suite for it.
+
+After the commit, systemd is reloaded and the units the config enabled (and quadlet containers with
+an `[Install]` section) are started: this runs during boot, after the boot transaction was computed,
+so units enabled now would otherwise wait for the next boot. `runcmd` entries and a user-data
+script run last, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from updater.files import fsync_dir
+from updater.provision.plan import Command, Plan, ProvisionError, Unit, User
+
+# Quadlet files are read by podman's systemd generator from here; other units go to systemd's
+# admin directory. Both are in /etc, the writable overlay that survives updates.
+SYSTEMD_DIR = "/etc/systemd/system"
+QUADLET_DIR = "/etc/containers/systemd"
+QUADLET_SUFFIXES = (".container", ".volume", ".network", ".kube", ".pod", ".image", ".build")
+# Where an enabled unit's [Install] section is looked for when the config gives no contents.
+UNIT_SEARCH = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
+SCRIPT_PATH = "/var/lib/berth/provision/user-data"
+FIRST_UID = 1000
+LAST_UID = 59999
+
+Runner = Callable[[Sequence[str]], None]
+
+
+def run_command(argv: Sequence[str]) -> None:
+    """Run a command with its output on the service's stdout (journal and console)."""
+    sys.stdout.flush()
+    result = subprocess.run(list(argv), stdin=subprocess.DEVNULL, check=False)
+    if result.returncode != 0:
+        raise ProvisionError(f"{' '.join(argv)} exited with status {result.returncode}")
+
+
+@dataclass
+class _Stage:
+    """Staged changes under `root`: temporaries to rename, links to remove, dirs made for them."""
+
+    root: Path
+    renames: list[tuple[Path, Path]] = field(default_factory=list)  # (temporary, destination)
+    unlinks: list[Path] = field(default_factory=list)
+    chmods: list[tuple[Path, int]] = field(default_factory=list)  # existing dirs, at commit
+    made_dirs: list[Path] = field(default_factory=list)
+    staged: dict[str, Path] = field(default_factory=dict)  # image path -> its temporary
+
+    def host(self, path: str) -> Path:
+        return self.root / path.lstrip("/")
+
+    def exists(self, path: str) -> bool:
+        return path in self.staged or os.path.lexists(self.host(path))
+
+    def ensure_dir(self, path: str, mode: int = 0o755, uid: int = 0, gid: int = 0) -> None:
+        """Make `path` and missing parents now; they are removed again if staging fails."""
+        host = self.host(path)
+        missing: list[Path] = []
+        probe = host
+        while not probe.exists():
+            if probe.is_symlink():
+                raise ProvisionError(f"{path}: {probe} is a dangling symbolic link")
+            missing.append(probe)
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ProvisionError(f"{path}: {probe} exists and is not a directory")
+        for directory in reversed(missing):
+            directory.mkdir()
+            self.made_dirs.append(directory)
+            # The mode asked for applies to the directory itself; parents made on the way get
+            # the usual 0755, owned by root.
+            if directory == host:
+                os.chown(directory, uid, gid)
+                os.chmod(directory, mode)
+            else:
+                os.chmod(directory, 0o755)
+
+    def _temporary(self, path: str) -> Path:
+        parent = PurePosixPath(path).parent
+        self.ensure_dir(str(parent))
+        return self.host(str(parent))
+
+    def file(self, path: str, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> None:
+        directory = self._temporary(path)
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".berth-provision.")
+        temp = Path(name)
+        self.renames.append((temp, self.host(path)))
+        self.staged[path] = temp
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchown(f.fileno(), uid, gid)
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+
+    def symlink(self, path: str, target: str) -> None:
+        directory = self._temporary(path)
+        temp = directory / f".berth-provision.{os.getpid()}.{len(self.renames)}"
+        os.symlink(target, temp)
+        self.renames.append((temp, self.host(path)))
+        self.staged[path] = temp
+
+    def hardlink(self, path: str, target: str) -> None:
+        directory = self._temporary(path)
+        # A target the same config creates is linked through its staged temporary: same inode.
+        source = self.staged.get(target, self.host(target))
+        if not source.exists():
+            raise ProvisionError(f"{path}: hard link target {target} does not exist")
+        temp = directory / f".berth-provision.{os.getpid()}.{len(self.renames)}"
+        os.link(source, temp)
+        self.renames.append((temp, self.host(path)))
+        self.staged[path] = temp
+
+    def discard(self) -> None:
+        for temp, _ in self.renames:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        for directory in reversed(self.made_dirs):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+    def commit(self) -> None:
+        for temp, destination in self.renames:
+            if destination.is_dir() and not destination.is_symlink():
+                # Only reachable for overwrite=True onto a directory; refused while staging.
+                raise ProvisionError(f"{destination} is a directory")
+            os.replace(temp, destination)
+        for link in self.unlinks:
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+        for directory, mode in self.chmods:
+            os.chmod(directory, mode)
+        for directory in sorted(
+            {d.parent for _, d in self.renames} | {u.parent for u in self.unlinks}
+        ):
+            fsync_dir(directory)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What the commit changed, for the console summary and the post-commit steps."""
+
+    summary: tuple[str, ...]
+    start: tuple[str, ...]  # units to start now (enabled by the config, quadlets with [Install])
+    reload: bool  # units or quadlet files changed: systemd must re-read them
+
+
+def apply_plan(
+    plan: Plan, root: Path = Path("/"), *, runner: Runner = run_command, live: bool | None = None
+) -> Applied:
+    """Stage and commit `plan` onto the tree at `root`; then reload systemd and start units.
+
+    `live` (default: root is "/") also sets the running hostname and talks to systemd; tests
+    apply to a directory tree with it off. Commands and scripts are run by `run_commands`.
+    """
+    live = root == Path("/") if live is None else live
+    stage = _Stage(root)
+    try:
+        summary, start, reload = _stage_plan(plan, stage)
+    except BaseException:
+        stage.discard()
+        raise
+    try:
+        stage.commit()
+    except OSError as e:
+        stage.discard()
+        raise ProvisionError(f"{plan.source}: committing the config failed: {e}") from e
+    if live:
+        # An Ignition config names the host by writing /etc/hostname; systemd read that file
+        # before we ran, so the running name is set too.
+        hostname = plan.hostname or next(
+            (
+                f.contents.decode(errors="replace").strip()
+                for f in plan.files
+                if f.path == "/etc/hostname"
+            ),
+            None,
+        )
+        if hostname:
+            try:
+                socket.sethostname(hostname)
+            except OSError as e:
+                # The file is committed and names the host from the next boot on.
+                print(f"berth-provision: cannot set the hostname {hostname!r} now: {e}")
+    if live and reload:
+        runner(["systemctl", "daemon-reload"])
+    if live and start:
+        runner(["systemctl", "start", "--no-block", *start])
+    return Applied(tuple(summary), tuple(start), reload)
+
+
+def run_commands(plan: Plan, root: Path = Path("/"), *, runner: Runner = run_command) -> None:
+    """`runcmd` entries in order, then the user-data script; the first failure stops the rest."""
+    for number, command in enumerate(plan.commands):
+        argv = _argv(command)
+        print(f"berth-provision: runcmd[{number}]: {' '.join(argv)}", flush=True)
+        try:
+            runner(argv)
+        except ProvisionError as e:
+            raise ProvisionError(f"{plan.source}: runcmd[{number}] failed: {e}") from e
+    if plan.script is not None:
+        script = root / SCRIPT_PATH.lstrip("/")
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_bytes(plan.script)
+        script.chmod(0o700)
+        print(f"berth-provision: running the user-data script ({len(plan.script)} bytes)")
+        try:
+            runner([str(script)])
+        except ProvisionError as e:
+            raise ProvisionError(f"{plan.source}: the user-data script failed: {e}") from e
+
+
+def _argv(command: Command) -> list[str]:
+    if command.shell is not None:
+        return ["/bin/sh", "-c", command.shell]
+    return list(command.argv)
+
+
+def _stage_plan(plan: Plan, stage: _Stage) -> tuple[list[str], list[str], bool]:
+    summary: list[str] = []
+    if plan.hostname:
+        stage.file("/etc/hostname", f"{plan.hostname}\n".encode(), 0o644)
+        summary.append(f"hostname {plan.hostname}")
+    for directory in plan.directories:
+        host = stage.host(directory.path)
+        if host.exists() and not host.is_dir():
+            raise ProvisionError(f"{plan.source}: directory {directory.path}: a file is there")
+        if host.is_dir():
+            # Ignition sets the mode of a directory that already exists, too (at commit).
+            stage.chmods.append((host, directory.mode))
+        else:
+            stage.ensure_dir(directory.path, directory.mode)
+        summary.append(f"directory {directory.path}")
+    for file in plan.files:
+        host = stage.host(file.path)
+        if host.is_dir() and not host.is_symlink():
+            raise ProvisionError(f"{plan.source}: file {file.path}: a directory is there")
+        data, mode = file.contents, file.mode
+        if file.append and host.is_file():
+            # Appending keeps the file's own mode, as Ignition and cloud-init do.
+            data, mode = host.read_bytes() + data, stat.S_IMODE(host.stat().st_mode)
+        elif stage.exists(file.path) and not (file.overwrite or file.append):
+            raise ProvisionError(f"{plan.source}: file {file.path} exists and overwrite is false")
+        stage.file(file.path, data, mode)
+        summary.append(f"file {file.path}")
+    for link in plan.links:
+        if stage.exists(link.path) and not link.overwrite:
+            raise ProvisionError(f"{plan.source}: link {link.path} exists and overwrite is false")
+        if link.hard:
+            stage.hardlink(link.path, link.target)
+        else:
+            stage.symlink(link.path, link.target)
+        summary.append(f"link {link.path} -> {link.target}")
+    if plan.users:
+        summary += _stage_users(plan, stage)
+    start: list[str] = []
+    for unit in plan.units:
+        summary += _stage_unit(plan.source, unit, stage, start)
+    touched = [f.path for f in plan.files] + [link.path for link in plan.links]
+    reload = bool(plan.units) or any(
+        p.startswith((SYSTEMD_DIR + "/", QUADLET_DIR + "/")) for p in touched
+    )
+    for file in plan.files:
+        if file.path.startswith(QUADLET_DIR + "/") and _has_install(
+            file.contents.decode(errors="replace")
+        ):
+            service = _quadlet_service(PurePosixPath(file.path).name)
+            if service and service not in start:
+                start.append(service)
+    return summary, start, reload
+
+
+# -- accounts ------------------------------------------------------------------------------------
+
+
+def _read_db(stage: _Stage, path: str) -> list[list[str]]:
+    host = stage.host(path)
+    if not host.exists():
+        return []
+    return [line.split(":") for line in host.read_text().splitlines() if line.strip()]
+
+
+def _write_db(stage: _Stage, path: str, rows: list[list[str]], mode: int) -> None:
+    host = stage.host(path)
+    gid = host.stat().st_gid if host.exists() else 0
+    stage.file(path, "".join(":".join(r) + "\n" for r in rows).encode(), mode, 0, gid)
+
+
+def _stage_users(plan: Plan, stage: _Stage) -> list[str]:
+    passwd = _read_db(stage, "/etc/passwd")
+    shadow = _read_db(stage, "/etc/shadow")
+    group = _read_db(stage, "/etc/group")
+    gshadow = _read_db(stage, "/etc/gshadow")
+    summary: list[str] = []
+    homes: list[tuple[User, str, int, int]] = []
+    for user in plan.users:
+        entry = next((r for r in passwd if r[0] == user.name), None)
+        if entry is None:
+            uid = _free_id({int(r[2]) for r in passwd if len(r) > 2 and r[2].isdigit()})
+            used_gids = {int(r[2]) for r in group if len(r) > 2 and r[2].isdigit()}
+            if any(g[0] == user.name for g in group):
+                raise ProvisionError(
+                    f"{plan.source}: user {user.name}: a group of that name already exists"
+                )
+            gid = uid if uid not in used_gids else _free_id(used_gids)
+            home = f"/home/{user.name}"
+            passwd.append([user.name, "x", str(uid), str(gid), "", home, "/bin/bash"])
+            days = str(int(time.time()) // 86400)
+            shadow.append([user.name, "*", days, "0", "99999", "7", "", "", ""])
+            group.append([user.name, "x", str(gid), ""])
+            if gshadow or stage.host("/etc/gshadow").exists():
+                gshadow.append([user.name, "!", "", ""])
+            summary.append(f"user {user.name} created (uid {uid})")
+            homes.append((user, home, uid, gid))
+        else:
+            uid, gid, home = int(entry[2]), int(entry[3]), entry[5]
+            summary.append(f"user {user.name} updated")
+            homes.append((user, home, uid, gid))
+        if user.password_hash is not None:
+            row = next((r for r in shadow if r[0] == user.name), None)
+            if row is None:
+                raise ProvisionError(f"{plan.source}: user {user.name}: no entry in /etc/shadow")
+            row[1] = user.password_hash
+        for name in user.groups:
+            for table in (group, gshadow):
+                row = next((r for r in table if r[0] == name), None)
+                if row is None:
+                    if table is gshadow:
+                        continue
+                    raise ProvisionError(
+                        f"{plan.source}: user {user.name}: group {name!r} does not exist on "
+                        "this image"
+                    )
+                members = [m for m in row[-1].split(",") if m]
+                if user.name not in members:
+                    row[-1] = ",".join([*members, user.name])
+    _write_db(stage, "/etc/passwd", passwd, 0o644)
+    _write_db(stage, "/etc/group", group, 0o644)
+    _write_db(stage, "/etc/shadow", shadow, 0o640)
+    if gshadow or stage.host("/etc/gshadow").exists():
+        _write_db(stage, "/etc/gshadow", gshadow, 0o640)
+    for user, home, uid, gid in homes:
+        _stage_home(stage, user, home, uid, gid)
+    return summary
+
+
+def _free_id(used: set[int]) -> int:
+    for candidate in range(FIRST_UID, LAST_UID + 1):
+        if candidate not in used:
+            return candidate
+    raise ProvisionError(f"no free user or group id between {FIRST_UID} and {LAST_UID}")
+
+
+def _stage_home(stage: _Stage, user: User, home: str, uid: int, gid: int) -> None:
+    if not stage.host(home).exists():
+        stage.ensure_dir(home, 0o700, uid, gid)
+    if not user.ssh_authorized_keys:
+        return
+    ssh = f"{home}/.ssh"
+    if not stage.host(ssh).exists():
+        stage.ensure_dir(ssh, 0o700, uid, gid)
+    keys_file = stage.host(f"{ssh}/authorized_keys")
+    # Keys already there (say, from the ssh.authorized_keys.root credential) are kept.
+    existing = keys_file.read_text().splitlines() if keys_file.exists() else []
+    new = [k for k in user.ssh_authorized_keys if k.strip() not in {e.strip() for e in existing}]
+    lines = existing + new
+    stage.file(f"{ssh}/authorized_keys", "".join(k + "\n" for k in lines).encode(), 0o600, uid, gid)
+
+
+# -- units ---------------------------------------------------------------------------------------
+
+
+def _is_quadlet(name: str) -> bool:
+    return name.endswith(QUADLET_SUFFIXES)
+
+
+def _quadlet_service(name: str) -> str | None:
+    stem, _, suffix = name.rpartition(".")
+    return {
+        "container": f"{stem}.service",
+        "kube": f"{stem}.service",
+        "pod": f"{stem}-pod.service",
+    }.get(suffix)
+
+
+def _install_section(text: str) -> dict[str, list[str]]:
+    section: dict[str, list[str]] = {}
+    current = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+            continue
+        if current == "Install" and "=" in line:
+            key, _, value = line.partition("=")
+            section.setdefault(key.strip(), []).extend(value.split())
+    return section
+
+
+def _has_install(text: str) -> bool:
+    return bool(_install_section(text))
+
+
+def _stage_unit(source: str, unit: Unit, stage: _Stage, start: list[str]) -> list[str]:
+    summary: list[str] = []
+    quadlet = _is_quadlet(unit.name)
+    directory = QUADLET_DIR if quadlet else SYSTEMD_DIR
+    path = f"{directory}/{unit.name}"
+    if unit.mask:
+        if quadlet:
+            raise ProvisionError(f"{source}: unit {unit.name}: quadlet files cannot be masked")
+        stage.symlink(path, "/dev/null")
+        summary.append(f"unit {unit.name} masked")
+    elif unit.contents is not None:
+        stage.file(path, unit.contents.encode(), 0o644)
+        summary.append(f"unit {unit.name}")
+    for dropin in unit.dropins:
+        stage.file(f"{path}.d/{dropin.name}", dropin.contents.encode(), 0o644)
+        summary.append(f"drop-in {unit.name}.d/{dropin.name}")
+    if quadlet:
+        if unit.enabled is not None:
+            raise ProvisionError(
+                f"{source}: unit {unit.name}: a quadlet file is started by its own [Install] "
+                "section, not by enabled"
+            )
+        text = unit.contents or ""
+        service = _quadlet_service(unit.name)
+        if service and _has_install(text) and not unit.mask:
+            start.append(service)
+        return summary
+    if unit.enabled is True and not unit.mask:
+        text = unit.contents if unit.contents is not None else _image_unit(source, unit.name, stage)
+        install = _install_section(text)
+        targets = [("wants", t) for t in install.get("WantedBy", [])]
+        targets += [("requires", t) for t in install.get("RequiredBy", [])]
+        aliases = install.get("Alias", [])
+        if not targets and not aliases:
+            raise ProvisionError(
+                f"{source}: unit {unit.name}: enabled is true but the unit has no WantedBy=, "
+                "RequiredBy= or Alias= in an [Install] section"
+            )
+        if "@." in unit.name and "DefaultInstance" not in install:
+            raise ProvisionError(
+                f"{source}: unit {unit.name}: a template unit needs DefaultInstance= to be enabled"
+            )
+        target_path = _unit_path(unit.name, stage) if unit.contents is None else path
+        for kind, target in targets:
+            link = f"{SYSTEMD_DIR}/{target}.{kind}/{unit.name}"
+            if not os.path.lexists(stage.host(link)):
+                stage.symlink(link, target_path)
+        for alias in aliases:
+            stage.symlink(f"{SYSTEMD_DIR}/{alias}", target_path)
+        start.append(unit.name)
+        summary.append(f"unit {unit.name} enabled")
+    elif unit.enabled is False:
+        admin = stage.host(SYSTEMD_DIR)
+        if admin.is_dir():
+            for holder in sorted(admin.iterdir()):
+                if holder.name.endswith((".wants", ".requires")) and holder.is_dir():
+                    wanted = holder / unit.name
+                    if wanted.is_symlink():
+                        stage.unlinks.append(wanted)
+        summary.append(f"unit {unit.name} disabled")
+    return summary
+
+
+def _unit_path(name: str, stage: _Stage) -> str:
+    for directory in UNIT_SEARCH:
+        candidate = f"{directory}/{name}"
+        host = stage.host(candidate)
+        if host.is_file() or host.is_symlink():
+            return candidate
+    return f"{SYSTEMD_DIR}/{name}"
+
+
+def _image_unit(source: str, name: str, stage: _Stage) -> str:
+    for directory in UNIT_SEARCH:
+        host = stage.host(f"{directory}/{name}")
+        if host.is_file():
+            return host.read_text()
+    raise ProvisionError(
+        f"{source}: unit {name}: enabled is true but no such unit is on the image and the config "
+        "gives no contents"
+    )
+
+
+def describe(applied: Applied) -> str:
+    return "; ".join(applied.summary) if applied.summary else "nothing to change"
