@@ -76,18 +76,20 @@ def provision(root: Path = Path("/")) -> int:
     _say(f"platform {platform}; looking for a config")
     found = find_user_data(platform)
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "platform": platform}
-    for note in getattr(found, "notes", ()) or ():
+    for note in found.notes if found is not None else ():
         _say(note)
     if found is None:
         _say(f"no config found on {platform}; {_nobody_can_log_in(root)}")
         _write_stamp(root, {**record, "result": "no config"})
+        _check_in(platform)
         return 0
     plan = parse_config(found.data, found.source)
     if plan is None:
         _say(f"{found.source} is empty; {_nobody_can_log_in(root)}")
         _write_stamp(root, {**record, "source": found.source, "result": "empty config"})
+        _check_in(platform)
         return 0
-    plan = _with_meta_hostname(plan, dict(getattr(found, "meta", {}) or {}))
+    plan = _with_meta_hostname(plan, dict(found.meta))
     _say(f"applying {plan.source}")
     applied = apply_plan(plan, root)
     _say(f"applied: {describe(applied)}")
@@ -105,7 +107,24 @@ def provision(root: Path = Path("/")) -> int:
     except ProvisionError as e:
         _write_stamp(root, {**record, "result": f"applied; {e}"})
         raise
+    _check_in(platform)
     return 0
+
+
+def _check_in(platform: str) -> None:
+    """Tell a cloud that needs to hear it that the machine is up (Azure: "Ready").
+
+    A failed report is printed, not fatal: the machine is provisioned and runs; only the
+    cloud's view of the deployment suffers."""
+    if platform != "azure":
+        return
+    from updater.provision.azure import report_ready
+
+    try:
+        report_ready()
+        _say("reported Ready to the Azure fabric")
+    except ProvisionError as e:
+        _say(f"could not report Ready to the Azure fabric: {e}")
 
 
 def check(path: Path) -> int:

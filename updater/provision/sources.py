@@ -492,7 +492,7 @@ class _Reply:
     headers: Mapping[str, str]
 
 
-def _reason(error: Exception) -> str:
+def failure_reason(error: Exception) -> str:
     inner: Any = error.args[0] if error.args else error
     inner = getattr(inner, "reason", None) or inner
     text = str(inner)
@@ -548,7 +548,7 @@ def _request(
                 requests.Timeout,
                 requests.exceptions.ChunkedEncodingError,
             ) as e:
-                last = f"{method} {url}: {_reason(e)}"
+                last = f"{method} {url}: {failure_reason(e)}"
             except requests.RequestException as e:
                 raise ProvisionError(f"{service}: {method} {url}: {e}") from None
             now = time.monotonic()
