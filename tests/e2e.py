@@ -162,11 +162,11 @@ class Machine:
     def ssh(self, command: str, timeout: float = 120) -> str:
         return self.vm.ssh_output(command, timeout=timeout)
 
-    def try_ssh(self, command: str) -> str | None:
+    def try_ssh(self, command: str, timeout: float = 30) -> str | None:
         """Output of `command`, or None while the guest does not answer (rebooting)."""
         if not self.vm.running:
             return None
-        result = self.vm.ssh(command, check=False, timeout=30)
+        result = self.vm.ssh(command, check=False, timeout=timeout)
         if result.returncode != 0:
             return None
         return result.stdout.decode(errors="replace").strip()
