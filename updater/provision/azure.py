@@ -24,11 +24,10 @@ import logging
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Any
 from xml.sax.saxutils import escape
 
+from updater.provision import http
 from updater.provision.plan import ProvisionError
-from updater.provision.sources import failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +39,6 @@ SERVICE = "Azure WireServer"
 
 # A goal state is a few KiB; anything much larger is not the WireServer talking.
 MAX_GOAL_STATE = 1 << 20
-_CONNECT_TIMEOUT = 5.0
-_FIRST_DELAY = 0.25
-_MAX_DELAY = 5.0
 
 
 @dataclass(frozen=True)
@@ -56,10 +52,6 @@ class GoalState:
 
 class _GoalStateGone(Exception):
     """The health report named a goal state that is no longer current (HTTP 410)."""
-
-
-class _NotYet(Exception):
-    """An answer worth waiting for: no connection, a timeout, or a 5xx."""
 
 
 def parse_goal_state(xml: bytes, source: str) -> GoalState:
@@ -123,12 +115,10 @@ def report_ready(
     health_url = f"{base}/machine/?comp=health"
     headers = {"x-ms-version": MS_VERSION, "x-ms-agent-name": AGENT_NAME}
     deadline = time.monotonic() + wait
-    delay = _FIRST_DELAY
     goal: GoalState | None = None
-    last = ""
 
     def send(method: str, url: str, body: bytes | None = None) -> bytes:
-        """One request: the body of a 2xx answer, or _NotYet / _GoalStateGone / ProvisionError."""
+        """One request: a 2xx answer's body, or http.NotYet, _GoalStateGone, ProvisionError."""
         remaining = max(deadline - time.monotonic(), 0.1)
         extra = {"Content-Type": "text/xml; charset=utf-8"} if body is not None else {}
         try:
@@ -139,64 +129,58 @@ def report_ready(
                 data=body,
                 # Capped by what is left of `wait`, so that a silent server cannot hold the
                 # boot much longer than promised.
-                timeout=(min(_CONNECT_TIMEOUT, remaining), min(timeout, remaining)),
+                timeout=(min(http.CONNECT_TIMEOUT, remaining), min(timeout, remaining)),
                 allow_redirects=False,
                 stream=True,
             ) as response:
                 status = response.status_code
                 answer = f"{method} {url} answered HTTP {status} {response.reason or ''}".rstrip()
                 if 200 <= status < 300:
-                    return _read_body(response, url)
+                    body = http.read_capped(response, MAX_GOAL_STATE)
+                    if body is None:
+                        raise ProvisionError(
+                            f"{SERVICE}: {url}: answer larger than {MAX_GOAL_STATE >> 10} KiB"
+                        )
+                    return body
                 if status == 410:
                     raise _GoalStateGone(answer)
                 if status >= 500:
-                    raise _NotYet(answer)
+                    raise http.NotYet(answer)
                 raise ProvisionError(f"{SERVICE}: {answer}")
         except (
             requests.ConnectionError,
             requests.Timeout,
             requests.exceptions.ChunkedEncodingError,
         ) as e:
-            raise _NotYet(f"{method} {url}: {failure_reason(e)}") from None
+            raise http.NotYet(f"{method} {url}: {http.failure_reason(e)}") from None
         except requests.RequestException as e:
             raise ProvisionError(f"{SERVICE}: {method} {url}: {e}") from None
+
+    def report() -> None:
+        nonlocal goal
+        try:
+            if goal is None:
+                goal = parse_goal_state(send("GET", goal_url), f"{SERVICE} {goal_url}")
+            send("POST", health_url, health_report(goal))
+        except _GoalStateGone as e:
+            # The host moved to a new goal state; a report for the old one is refused.
+            goal = None
+            raise http.NotYet(f"{e} (the goal state changed; reading it again)") from None
+        log.info(
+            "reported Ready to %s (incarnation %s, instance %s)",
+            base,
+            goal.incarnation,
+            goal.instance_id,
+        )
+
+    def give_up(last: str, attempts: int) -> ProvisionError:
+        return ProvisionError(
+            f"{SERVICE} at {base} did not accept the Ready report within {wait:g} s: {last}"
+        )
 
     with requests.Session() as session:
         # A proxy from the environment must never see (or answer for) the WireServer.
         session.trust_env = False
-        while True:
-            try:
-                if goal is None:
-                    goal = parse_goal_state(send("GET", goal_url), f"{SERVICE} {goal_url}")
-                send("POST", health_url, health_report(goal))
-                log.info(
-                    "reported Ready to %s (incarnation %s, instance %s)",
-                    base,
-                    goal.incarnation,
-                    goal.instance_id,
-                )
-                return
-            except _GoalStateGone as e:
-                # The host moved to a new goal state; a report for the old one is refused.
-                last = f"{e} (the goal state changed; reading it again)"
-                goal = None
-            except _NotYet as e:
-                last = str(e)
-            now = time.monotonic()
-            if now >= deadline:
-                raise ProvisionError(
-                    f"{SERVICE} at {base} did not accept the Ready report within {wait:g} s: "
-                    + last
-                )
-            log.info("%s; trying again", last)
-            time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, _MAX_DELAY)
-
-
-def _read_body(response: Any, url: str) -> bytes:
-    body = bytearray()
-    for chunk in response.iter_content(64 * 1024):
-        body += chunk
-        if len(body) > MAX_GOAL_STATE:
-            raise ProvisionError(f"{SERVICE}: {url}: answer larger than {MAX_GOAL_STATE >> 10} KiB")
-    return bytes(body)
+        http.retry_until(
+            deadline, report, give_up, on_retry=lambda last: log.info("%s; trying again", last)
+        )

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from updater.provision import http
 from updater.provision.plan import (
     HOSTNAME,
     UNIT_NAME,
@@ -987,10 +988,6 @@ def _fetch(
 # --- The default fetcher -----------------------------------------------------------------------
 
 
-class _Transient(Exception):
-    """Internal: this attempt failed in a way that a later one may not."""
-
-
 def http_fetch(
     url: str,
     headers: Mapping[str, str],
@@ -1009,25 +1006,20 @@ def http_fetch(
     import requests
 
     shown = _display_url(url)
-    deadline = time.monotonic() + retry_for
-    pause = 0.25
-    attempts = 0
+
+    def give_up(last: str, attempts: int) -> ProvisionError:
+        return ProvisionError(
+            f"fetching {shown}: {last} (gave up after {attempts} attempt"
+            f"{'s' if attempts > 1 else ''} in {retry_for:g} s)"
+        )
+
     with requests.Session() as session:
         session.headers["User-Agent"] = "berth-provision"
-        while True:
-            attempts += 1
-            try:
-                return _fetch_once(session, url, headers, timeout, max_bytes, shown)
-            except _Transient as e:
-                last = str(e)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ProvisionError(
-                    f"fetching {shown}: {last} (gave up after {attempts} attempt"
-                    f"{'s' if attempts > 1 else ''} in {retry_for:g} s)"
-                )
-            time.sleep(min(pause, remaining))
-            pause = min(pause * 2, 5.0)
+        return http.retry_until(
+            time.monotonic() + retry_for,
+            lambda: _fetch_once(session, url, headers, timeout, max_bytes, shown),
+            give_up,
+        )
 
 
 def _fetch_once(
@@ -1044,7 +1036,7 @@ def _fetch_once(
         with session.get(url, headers=dict(headers), timeout=timeout, stream=True) as response:
             status = response.status_code
             if status in _TRANSIENT_STATUS:
-                raise _Transient(f"HTTP {status} {response.reason or ''}".rstrip())
+                raise http.NotYet(f"HTTP {status} {response.reason or ''}".rstrip())
             if status != 200:
                 raise ProvisionError(
                     f"fetching {shown}: HTTP {status} {response.reason or ''}".rstrip()
@@ -1052,12 +1044,10 @@ def _fetch_once(
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
                 raise ProvisionError(f"fetching {shown}: {length} bytes, more than {max_bytes}")
-            body = bytearray()
-            for chunk in response.iter_content(chunk_size=64 * 1024):
-                body += chunk
-                if len(body) > max_bytes:
-                    raise ProvisionError(f"fetching {shown}: more than {max_bytes} bytes")
-            return bytes(body)
+            body = http.read_capped(response, max_bytes)
+            if body is None:
+                raise ProvisionError(f"fetching {shown}: more than {max_bytes} bytes")
+            return body
     except requests.exceptions.SSLError as e:
         # Waiting does not fix a certificate (a clock far off might, but not within a minute).
         raise ProvisionError(f"fetching {shown}: TLS failed: {_why(e)}") from e
@@ -1066,7 +1056,7 @@ def _fetch_once(
         requests.exceptions.Timeout,
         requests.exceptions.ChunkedEncodingError,
     ) as e:
-        raise _Transient(f"{type(e).__name__}: {_why(e)}") from e
+        raise http.NotYet(f"{type(e).__name__}: {_why(e)}") from e
     except requests.exceptions.RequestException as e:
         raise ProvisionError(f"fetching {shown}: {type(e).__name__}: {_why(e)}") from e
 

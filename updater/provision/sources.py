@@ -33,7 +33,6 @@ import dataclasses
 import gzip
 import json
 import logging
-import re
 import shutil
 import subprocess
 import tempfile
@@ -44,8 +43,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
+from updater.provision import http
 from updater.provision.plan import ProvisionError, field_error
 
 log = logging.getLogger(__name__)
@@ -95,12 +94,6 @@ EC2_TOKEN_TTL = "21600"
 
 # Clouds cap user data at 16-256 KiB; anything near this is not a config but a runaway answer.
 MAX_USER_DATA = 16 << 20
-_CONNECT_TIMEOUT = 5.0
-_FIRST_DELAY = 0.25
-_MAX_DELAY = 5.0
-# urllib3's messages start with reprs of its pool or connection ("HTTPConnectionPool(host=...,
-# port=...): ", "<HTTPConnection object at 0x...>: "); the reason after them is what matters.
-_REPR_PREFIX = re.compile(r"^(?:\w+\([^)]*\)|<[^>]*>): ")
 
 
 # Platform detection
@@ -492,15 +485,6 @@ class _Reply:
     headers: Mapping[str, str]
 
 
-def failure_reason(error: Exception) -> str:
-    inner: Any = error.args[0] if error.args else error
-    inner = getattr(inner, "reason", None) or inner
-    text = str(inner)
-    while (shorter := _REPR_PREFIX.sub("", text, count=1)) != text:
-        text = shorter
-    return text
-
-
 def _request(
     env: SourceEnv,
     service: str,
@@ -518,56 +502,46 @@ def _request(
     base = env.metadata_url.rstrip("/")
     url = base + path
     deadline = time.monotonic() + env.metadata_wait
-    delay = _FIRST_DELAY
-    last = ""
+
+    def attempt() -> _Reply:
+        remaining = max(deadline - time.monotonic(), 0.1)
+        try:
+            with session.request(
+                method,
+                url,
+                headers=dict(headers),
+                timeout=(min(http.CONNECT_TIMEOUT, remaining), env.request_timeout),
+                allow_redirects=False,
+                stream=True,
+            ) as response:
+                status = response.status_code
+                answer = f"{method} {url} answered HTTP {status} {response.reason or ''}"
+                if status >= 500:
+                    raise http.NotYet(answer.rstrip())
+                if not (200 <= status < 300 or status == 404):
+                    raise ProvisionError(f"{service}: {answer.rstrip()}")
+                body = http.read_capped(response, MAX_USER_DATA)
+                if body is None:
+                    raise ProvisionError(f"{url}: answer larger than {MAX_USER_DATA >> 20} MiB")
+                return _Reply(status, body, response.headers)
+        except (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+        ) as e:
+            raise http.NotYet(f"{method} {url}: {http.failure_reason(e)}") from None
+        except requests.RequestException as e:
+            raise ProvisionError(f"{service}: {method} {url}: {e}") from None
+
+    def give_up(last: str, attempts: int) -> ProvisionError:
+        return ProvisionError(
+            f"{service} at {base} did not answer within {env.metadata_wait:g} s: {last}"
+        )
+
     with requests.Session() as session:
         # A proxy from the environment must never see (or answer for) the metadata service.
         session.trust_env = False
-        while True:
-            remaining = max(deadline - time.monotonic(), 0.1)
-            try:
-                with session.request(
-                    method,
-                    url,
-                    headers=dict(headers),
-                    timeout=(min(_CONNECT_TIMEOUT, remaining), env.request_timeout),
-                    allow_redirects=False,
-                    stream=True,
-                ) as response:
-                    status = response.status_code
-                    if status < 500:
-                        if not (200 <= status < 300 or status == 404):
-                            raise ProvisionError(
-                                f"{service}: {method} {url} answered HTTP {status} "
-                                f"{response.reason or ''}".rstrip()
-                            )
-                        return _Reply(status, _read_body(response, url), response.headers)
-                    last = f"{method} {url} answered HTTP {status} {response.reason or ''}"
-            except (
-                requests.ConnectionError,
-                requests.Timeout,
-                requests.exceptions.ChunkedEncodingError,
-            ) as e:
-                last = f"{method} {url}: {failure_reason(e)}"
-            except requests.RequestException as e:
-                raise ProvisionError(f"{service}: {method} {url}: {e}") from None
-            now = time.monotonic()
-            if now >= deadline:
-                raise ProvisionError(
-                    f"{service} at {base} did not answer within {env.metadata_wait:g} s: "
-                    + last.rstrip()
-                )
-            time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, _MAX_DELAY)
-
-
-def _read_body(response: Any, url: str) -> bytes:
-    body = bytearray()
-    for chunk in response.iter_content(64 * 1024):
-        body += chunk
-        if len(body) > MAX_USER_DATA:
-            raise ProvisionError(f"{url}: answer larger than {MAX_USER_DATA >> 20} MiB")
-    return bytes(body)
+        return http.retry_until(deadline, attempt, give_up)
 
 
 def _ec2(env: SourceEnv, notes: list[str]) -> UserData | None:

@@ -1,0 +1,79 @@
+"""HTTP at first boot, shared by the config sources, Ignition's remote contents and Azure's report.
+
+At first boot the network may still be coming up (no address yet, DNS not answering, a metadata
+service starting), so every request is retried with a growing pause until a deadline; what counts
+as "not yet" is the caller's decision (it raises `NotYet`). Answers are read with a size cap, so a
+runaway server cannot fill memory. Standard library only; callers import requests themselves.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from updater.provision.plan import ProvisionError
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT = 5.0
+FIRST_DELAY = 0.25
+MAX_DELAY = 5.0
+
+# urllib3's messages start with reprs of its pool or connection ("HTTPConnectionPool(host=...,
+# port=...): ", "<HTTPConnection object at 0x...>: "); the reason after them is what matters.
+_REPR_PREFIX = re.compile(r"^(?:\w+\([^)]*\)|<[^>]*>): ")
+
+
+class NotYet(Exception):
+    """A failure that waiting may cure (no connection, a timeout, a 5xx); the message says which."""
+
+
+def retry_until(
+    deadline: float,
+    attempt: Callable[[], T],
+    give_up: Callable[[str, int], ProvisionError],
+    *,
+    on_retry: Callable[[str], None] | None = None,
+) -> T:
+    """`attempt()` until it returns, pausing 0.25 s, doubling to 5 s, after each `NotYet`.
+
+    Past `deadline` (time.monotonic), raises `give_up(last reason, attempts)`. Any other
+    exception from `attempt` ends the retries at once.
+    """
+    delay = FIRST_DELAY
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return attempt()
+        except NotYet as e:
+            last = str(e)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise give_up(last, attempts)
+        if on_retry is not None:
+            on_retry(last)
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, MAX_DELAY)
+
+
+def read_capped(response: Any, limit: int) -> bytes | None:
+    """A streamed requests response's body, or None as soon as it passes `limit` bytes."""
+    body = bytearray()
+    for chunk in response.iter_content(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def failure_reason(error: Exception) -> str:
+    """A requests exception as one short reason, without urllib3's object reprs."""
+    inner: Any = error.args[0] if error.args else error
+    inner = getattr(inner, "reason", None) or inner
+    text = str(inner)
+    while (shorter := _REPR_PREFIX.sub("", text, count=1)) != text:
+        text = shorter
+    return text
