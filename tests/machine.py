@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -151,6 +152,8 @@ class FakeMachine:
         self.cmdline.write_text(f"console=ttyS0 roothash={self.roothash} ro quiet\n")
         self.loader_entry = root / "efivars/LoaderEntrySelected"
         self.loader_entry.parent.mkdir()
+        self.loader_entries = root / "efivars/LoaderEntries"
+        self.loader_entries_missing = False  # True: a boot loader without that variable
         self.os_release = root / "etc/os-release"
         self.machine_id = root / "etc/machine-id"
         self.machine_id.write_text(MACHINE_ID + "\n")
@@ -161,12 +164,19 @@ class FakeMachine:
     def entry_dir(self) -> Path:
         return self.esp / bootentries.ENTRY_DIR
 
-    def boot(self, version: Version, roothash: str) -> None:
-        """Pretend the machine (re)booted into `version`: what the kernel and the loader say."""
+    def boot(self, version: Version, roothash: str, unloadable: Collection[str] = ()) -> None:
+        """Pretend the machine (re)booted into `version`: what the kernel and the loader say.
+        The loader lists every entry on the ESP as loadable except the names in `unloadable`."""
         self.cmdline.write_text(f"console=ttyS0 roothash={roothash} ro quiet\n")
-        entries = [e for e in bootentries.list_entries(self.esp) if e.version == version]
+        on_esp = bootentries.list_entries(self.esp)
+        entries = [e for e in on_esp if e.version == version]
         name = entries[0].name if entries else f"berth_{version}.efi"
         self.loader_entry.write_bytes(efi_string_variable(name))
+        loaded = [e.name for e in on_esp if e.name not in unloadable]
+        if self.loader_entries_missing:
+            self.loader_entries.unlink(missing_ok=True)
+        else:
+            self.loader_entries.write_bytes(efi_string_variable("\0".join(loaded)))
         self.os_release.write_text(
             f'NAME="Berth"\nID=berth\nIMAGE_ID={IMAGE}\nIMAGE_VERSION="{version}"\n'
             f'VERSION_ID="{version}"\n'
@@ -184,6 +194,7 @@ class FakeMachine:
             machine_id=self.machine_id,
             trusted_root=trusted_root,
             boot_id=self.boot_id,
+            loader_entries=self.loader_entries,
             reboot_required=self.run / "reboot-required",
             arch=ARCH,
         )

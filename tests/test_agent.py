@@ -12,7 +12,7 @@ import pytest
 from builder import publish as pub
 from tests.machine import FakeMachine, Site, make_agent, release_manifest
 from updater import bootentries, gpt, slots
-from updater.agent import Agent, SlotRole
+from updater.agent import AfterBoot, Agent, SlotRole
 from updater.cli import main
 from updater.config import UpdateConfig
 from updater.errors import RefusedError, UpdateError
@@ -138,6 +138,52 @@ def test_fallback_is_noticed_and_the_version_never_offered_again(
     # The operator can still ask for it explicitly.
     assert agent.apply(version=V2).version == V2
     assert V2 not in load_state(state_path(fake.var)).bad_versions
+
+
+def installed_then_back_on_v1(
+    site: Site, fake: FakeMachine, unloadable: tuple[str, ...] = ()
+) -> AfterBoot:
+    """1.1.0 installed, its entry untried, and the next boot came up on 1.0.0: the judgement."""
+    site.publish(site.release("1.1.0"))
+    make_agent(fake, site).apply()
+    fake.boot(V1, fake.roothash, unloadable=unloadable)
+    return make_agent(fake, site).after_boot()
+
+
+def test_an_entry_the_loader_could_not_load_is_installed_again_not_marked_bad(
+    site: Site, fake: FakeMachine
+) -> None:
+    # A power cut left the new entry's directory entry incomplete: systemd-boot could not load
+    # it, did not list it in LoaderEntries and booted 1.0.0. That is no rollback.
+    result = installed_then_back_on_v1(site, fake, unloadable=("berth_1.1.0+3.efi",))
+    assert result.rolled_back_from == () and result.reasons == ()
+    assert result.damaged == ("berth_1.1.0+3.efi",)
+    assert fake.boot_order() == ("berth_1.0.0.efi",)
+    state = load_state(state_path(fake.var))
+    assert state.pending is None and V2 not in state.bad_versions
+    agent = make_agent(fake, site)
+    selection = agent.check()
+    assert selection.release is not None and selection.release.version == V2
+    assert agent.apply().version == V2
+    assert fake.boot_order() == ("berth_1.1.0+3.efi", "berth_1.0.0.efi")
+
+
+def test_an_untried_entry_the_loader_listed_was_passed_over_in_the_menu(
+    site: Site, fake: FakeMachine
+) -> None:
+    result = installed_then_back_on_v1(site, fake)  # loadable, tries untouched: a menu choice
+    assert result.rolled_back_from == (V2,) and result.damaged == ()
+    assert "still had 3 tries left (chosen in the boot menu)" in result.reasons[0]
+    assert fake.boot_order() == ("berth_1.0.0.efi", "berth_1.1.0+0.efi")
+
+
+def test_without_loader_entries_every_newer_entry_counts_as_loaded(
+    site: Site, fake: FakeMachine
+) -> None:
+    # Another boot loader sets no LoaderEntries: nothing tells a damaged entry apart.
+    fake.loader_entries_missing = True
+    result = installed_then_back_on_v1(site, fake, unloadable=("berth_1.1.0+3.efi",))
+    assert result.rolled_back_from == (V2,) and result.damaged == ()
 
 
 def test_after_boot_in_the_same_boot_as_apply_judges_nothing(site: Site, fake: FakeMachine) -> None:

@@ -191,3 +191,21 @@ def test_booted_entry_reads_the_efi_variable(tmp_path: Path) -> None:
     assert bootentries.booted_version(path) == V2
     assert bootentries.booted_version(efivar(tmp_path, "auto-reboot-to-firmware-setup")) is None
     assert bootentries.booted_entry(tmp_path / "missing") is None
+
+
+def test_loaded_versions_reads_loader_entries(tmp_path: Path) -> None:
+    path = tmp_path / "LoaderEntries"
+    assert bootentries.loaded_versions(path) is None
+    names = ["berth_1.0.0.efi", "berth_2.0.0+2-1.efi", "auto-reboot-to-firmware-setup", "x.conf"]
+    path.write_bytes((7).to_bytes(4, "little") + ("\0".join(names) + "\0").encode("utf-16-le"))
+    assert bootentries.loaded_versions(path) == {Version(1, 0, 0), Version(2, 0, 0)}
+    path.write_bytes((7).to_bytes(4, "little"))
+    assert bootentries.loaded_versions(path) == set()
+
+
+def test_rename_keeps_the_bytes_under_the_new_name(tmp_path: Path) -> None:
+    directory = tmp_path / bootentries.ENTRY_DIR
+    directory.mkdir(parents=True)
+    (directory / "berth_1.0.0+3.efi").write_bytes(b"uki")
+    assert bootentries.mark_bad(tmp_path, Version(1, 0, 0)) == [directory / "berth_1.0.0+0.efi"]
+    assert (directory / "berth_1.0.0+0.efi").read_bytes() == b"uki"

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from builder.image import BuildResult
+from qemu.drives import make_vfat
 from tests.containers import install_web_service, load_httpd_image, web_answers, web_starts
 from tests.e2e import MARKER, PANIC_WORD, Machine, Site, build_release, record
 from tests.oci import SLEEPER_C, oci_archive, static_binary
@@ -160,6 +161,79 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         assert web_answers(m.vm) == "served across updates"
         assert web_starts(m.vm) == starts + 2
         record("manual rollback to 1.0.0", 1, m.seconds() - start, "1.0.0 stays")
+
+        plain = check_entry_renames_are_durable(m, tmp_path)
+        record(
+            "boot entry rename on vfat",
+            0,
+            0,
+            f"complete on disk (a plain rename left {plain} bytes)",
+        )
+
+
+# Run in the guest on a FAT image attached to a loop device: what reaches the disk when the agent
+# renames a boot entry, read back with O_DIRECT (which first writes out every dirty buffer of the
+# device, so it shows what a power cut could leave once writeback has run, short of the inode).
+FAT_RENAME = r"""
+import mmap, os, struct, subprocess, sys
+from pathlib import Path
+from updater import bootentries
+from updater.files import fsync_dir
+
+image, mount = sys.argv[1], Path("/run/berth-fat")
+mount.mkdir(exist_ok=True)
+loop = subprocess.run(["losetup", "-f", "--show", image], capture_output=True, text=True,
+                      check=True).stdout.strip()
+subprocess.run(["mount", "-t", "vfat", loop, mount], check=True)
+
+def on_disk(short):
+    fd = os.open(loop, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, os.lseek(fd, 0, os.SEEK_END))
+    os.lseek(fd, 0, os.SEEK_SET)
+    n = os.readv(fd, [buf])
+    os.close(fd)
+    sizes = [struct.unpack_from("<I", buf, off + 28)[0] for off in range(0, n, 32)
+             if buf[off:off + 11] == short and buf[off + 11] == 0x20]
+    return sizes[0] if sizes else None
+
+def staged(name):
+    path = mount / name
+    with path.open("wb") as f:
+        f.write(b"\0" * 300_000)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+try:
+    # The kernel's own rename with a directory fsync: the control.
+    plain = staged(".a.tmp")
+    os.rename(plain, mount / "plain_1.0.0+3.efi")
+    fsync_dir(mount)
+    # The agent's rename.
+    agent = staged(".b.tmp")
+    bootentries._rename(agent, mount / "berth_2.0.0+3.efi")
+    fsync_dir(mount)
+    print(on_disk(b"PLAIN_~1EFI"), on_disk(b"BERTH_~1EFI"))
+finally:
+    subprocess.run(["umount", mount])
+    subprocess.run(["losetup", "-d", loop])
+"""
+
+
+def check_entry_renames_are_durable(m: Machine, work: Path) -> str:
+    """On the guest's own kernel: a boot entry the agent renamed has its size on disk at once.
+
+    Linux's vfat creates the new name's directory entry without the file's size and first
+    cluster and writes them only with the inode, so a power cut after a rename and a directory
+    fsync left a zero-length UKI that systemd-boot could not load. Returns what the plain
+    rename left, for the record."""
+    image = make_vfat(work / "esp.img", "ESPTEST", {})
+    m.vm.ssh("cat > /var/tmp/esp-test.img", input=image.read_bytes())
+    out = m.vm.ssh("python3 - /var/tmp/esp-test.img", input=FAT_RENAME.encode())
+    m.ssh("rm /var/tmp/esp-test.img")
+    plain, agent = out.stdout.decode().split()
+    assert agent == "300000", f"the renamed entry is {agent} bytes on disk, not 300000"
+    return plain
 
 
 HEALTH_HOOK = """#!/bin/sh

@@ -157,6 +157,7 @@ class AfterBoot:
     blessed: Version | None = None  # the pending version that booted fine and is now current
     waiting: bool = False  # the pending version booted but is not blessed yet
     pruned: tuple[str, ...] = ()
+    damaged: tuple[str, ...] = ()  # entries systemd-boot could not load: removed, to reinstall
 
 
 @dataclass(frozen=True)
@@ -671,8 +672,10 @@ class Agent:
         state = replace(self._load(), last_booted=booted.version)
         boot_id = self._boot_id()
         entries = bootentries.list_entries(esp)
+        loaded = bootentries.loaded_versions(self.machine.loader_entries)
         rolled: list[Version] = []
         reasons: list[str] = []
+        damaged: list[str] = []
         for version in sorted({e.version for e in entries if e.version > booted.version}):
             if version in state.bad_versions:
                 continue  # judged before (or rejected by the operator): keep that reason
@@ -680,6 +683,22 @@ class Agent:
             if pending is not None and pending.version == version and pending.boot_id == boot_id:
                 continue  # installed during this very boot: not tried yet
             mine = [e for e in entries if e.version == version]
+            if loaded is not None and version not in loaded:
+                # systemd-boot could not load the file (a power cut left it incomplete, say):
+                # the boot loader never chose against it, so this is no rollback. Without its
+                # entry the version is not installed; the next check installs it again.
+                names = [p.name for p in bootentries.remove_entries(esp, version)]
+                log.warning(
+                    "the boot loader could not load %s, so %s was not tried; removed it, and "
+                    "%s will be installed again",
+                    ", ".join(names),
+                    version,
+                    version,
+                )
+                if pending is not None and pending.version == version:
+                    state = replace(state, pending=None)
+                damaged.extend(names)
+                continue
             if any(e.state is bootentries.EntryState.BAD for e in mine):
                 why = (
                     "boot did not complete (its boot counter ran out; the health check "
@@ -719,7 +738,13 @@ class Agent:
                 waiting = True  # systemd-bless-boot has not run yet: judge on a later call
         self._save(state)
         return AfterBoot(
-            booted.version, tuple(rolled), tuple(reasons), blessed, waiting, tuple(pruned)
+            booted.version,
+            tuple(rolled),
+            tuple(reasons),
+            blessed,
+            waiting,
+            tuple(pruned),
+            tuple(damaged),
         )
 
     def _prune(self, booted: _Booted) -> list[str]:

@@ -36,6 +36,8 @@ ENTRY_DIR = "EFI/Linux"
 # systemd's vendor GUID for the boot loader interface variables (systemd's BOOT_LOADER_INTERFACE).
 LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 ENTRY_SELECTED = Path(f"/sys/firmware/efi/efivars/LoaderEntrySelected-{LOADER_GUID}")
+# Every entry systemd-boot found and could load at this boot (a UKI it cannot parse is left out).
+LOADER_ENTRIES = Path(f"/sys/firmware/efi/efivars/LoaderEntries-{LOADER_GUID}")
 DEFAULT_TRIES = 3
 
 # FAT keeps case but ignores it, and systemd-boot matches ".efi" without case: so do we.
@@ -130,8 +132,21 @@ def list_entries(esp: Path) -> list[Entry]:
 
 
 def _rename(source: Path, target: Path) -> None:
+    """Rename an entry and make its new directory entry complete on disk.
+
+    FAT keeps a file's size and first cluster in its directory entry, and Linux's vfat creates
+    the entry under the new name without them: they reach the disk only when the inode is
+    written back. fsync of the directory alone leaves a zero-length `berth_<v>+3.efi` after a
+    power cut, which systemd-boot cannot load. fsync of the file writes them; callers then
+    fsync the directory for the removal of the old name.
+    """
     try:
         os.rename(source, target)
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise BootEntryError(
             f"renaming boot entry {source.name} to {target.name} failed: {e}"
@@ -282,17 +297,33 @@ def set_next_boot(esp: Path, version: Version) -> list[tuple[Path, Path]]:
     return renames
 
 
-def booted_entry(path: Path = ENTRY_SELECTED) -> str | None:
-    """The entry id systemd-boot booted (LoaderEntrySelected), or None without that variable."""
+def _efi_strings(path: Path) -> list[str] | None:
+    """The strings of a systemd-boot EFI variable, or None without that variable."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as e:
         raise BootEntryError(f"cannot read {path}: {e}") from e
-    # efivarfs: 4 bytes of attributes, then the value: a NUL-terminated UTF-16LE string.
+    # efivarfs: 4 bytes of attributes, then the value: NUL-terminated UTF-16LE strings.
     text = raw[4:].decode("utf-16-le", errors="replace")
-    return text.split("\0", 1)[0] or None
+    return [s for s in text.split("\0") if s]
+
+
+def booted_entry(path: Path = ENTRY_SELECTED) -> str | None:
+    """The entry id systemd-boot booted (LoaderEntrySelected), or None without that variable."""
+    strings = _efi_strings(path)
+    return strings[0] if strings else None
+
+
+def loaded_versions(path: Path = LOADER_ENTRIES) -> set[Version] | None:
+    """The versions of the Berth entries systemd-boot could load at this boot (LoaderEntries),
+    or None without that variable (another boot loader, or no EFI)."""
+    strings = _efi_strings(path)
+    if strings is None:
+        return None
+    parsed = (parse_entry_name(s) for s in strings)
+    return {p[0] for p in parsed if p is not None}
 
 
 def booted_version(path: Path = ENTRY_SELECTED) -> Version | None:

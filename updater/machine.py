@@ -32,6 +32,7 @@ class Machine:
     machine_id: Path
     trusted_root: Path  # the TUF root embedded in the verity-protected image
     boot_id: Path = Path("/proc/sys/kernel/random/boot_id")
+    loader_entries: Path = bootentries.LOADER_ENTRIES  # what systemd-boot could load
     reboot_required: Path = Path("/run/reboot-required")
     arch: str = field(default_factory=platform.machine)
 
