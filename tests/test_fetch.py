@@ -22,6 +22,7 @@ from updater.errors import (
     DownloadError,
     LengthMismatchError,
     SlowRetrievalError,
+    StorageError,
     VerificationError,
 )
 
@@ -351,6 +352,30 @@ def test_progress_is_recorded_during_the_transfer(server: Server, dest: Path) ->
     assert distinct and distinct[0] >= 256 * KiB and distinct[-1] < len(CONTENT)
     assert all(b - a >= 256 * KiB for a, b in itertools.pairwise(distinct))
     assert not state.exists()
+
+
+def test_a_record_never_points_past_bytes_not_yet_written(server: Server, dest: Path) -> None:
+    # Writes run on a helper thread; each record must wait for them (what a resume trusts).
+    state = dest.parent / "state.json"
+    checked: list[int] = []
+
+    def peek(done: int) -> None:
+        if state.exists():
+            recorded = json.loads(state.read_text())["done"]
+            on_disk = dest.read_bytes()[OFFSET : OFFSET + recorded]
+            assert on_disk == CONTENT[:recorded], f"record of {recorded} bytes ran ahead"
+            checked.append(recorded)
+
+    download(server, dest, state_path=state, state_interval=64 * KiB, chunk=64 * KiB, progress=peek)
+    assert len(set(checked)) >= 8
+    assert_written(dest)
+
+
+def test_a_failed_write_is_a_storage_error_and_not_retried(server: Server) -> None:
+    # /dev/full refuses every write with ENOSPC, as a failing disk would.
+    with pytest.raises(StorageError, match=f"writing at offset {OFFSET} failed: .*No space"):
+        download(server, Path("/dev/full"), chunk=64 * KiB)
+    assert len(server.behaviour.log) == 1
 
 
 def test_server_ignoring_range_restarts_from_zero(server: Server, dest: Path) -> None:

@@ -1,10 +1,13 @@
 """Stream one payload file over HTTP into a slot partition (or any file) while hashing it.
 
 The body goes from the socket straight to its place on the destination, one read at a time: a
-2 GB root image never sits in memory or on /var. Nothing is trusted until the very end, when the
-SHA-256 of all `length` bytes (including any written by an earlier, interrupted attempt, which are
-read back and hashed again) matches the trusted metadata. Refusals follow python-tuf's downloader:
-endless data, short data, wrong hash, HTTP errors and slow retrieval.
+2 GB root image never sits in memory or on /var. Writing and hashing a chunk run on a helper
+thread while the next chunk is received (both release the GIL), with at most a few chunks in
+flight, so the receive, the write and the hash overlap instead of taking turns. Nothing is
+trusted until the very end, when the SHA-256 of all `length` bytes (including any written by an
+earlier, interrupted attempt, which are read back and hashed again) matches the trusted
+metadata. Refusals follow python-tuf's downloader: endless data, short data, wrong hash, HTTP
+errors and slow retrieval.
 
 Runs on the device: standard library and python3-requests (with its urllib3) only.
 """
@@ -12,6 +15,7 @@ Runs on the device: standard library and python3-requests (with its urllib3) onl
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -19,9 +23,12 @@ import logging
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, BinaryIO
 
 import requests
@@ -55,9 +62,14 @@ class _Transient(Exception):
         self.error = error
 
 
+# Chunks received but not yet written and hashed: enough to keep both threads busy, little memory.
+_IN_FLIGHT = 4
+
+
 @dataclass
 class _Progress:
-    """What one `stream_to` call has written and hashed so far, across its attempts."""
+    """What one `stream_to` call has received so far, across its attempts. Outside a
+    `_Writer` (or after its `drain`), every byte counted in `done` is written and hashed."""
 
     hasher: Any  # hashlib's type is private; a sha256 object
     done: int = 0
@@ -67,6 +79,82 @@ class _Progress:
         self.hasher = hashlib.sha256()
         self.done = 0
         self.saved = 0
+
+
+@dataclass(frozen=True)
+class _Knobs:
+    """What one `stream_to` call was asked for, passed down to each attempt."""
+
+    timeout: tuple[float, float]  # (connect, read) seconds
+    min_rate: int
+    rate_window: float
+    chunk: int
+    state_interval: int
+    save: Callable[[], None]  # record progress (after the writes are drained)
+    report: Callable[[int], None] | None
+
+
+class _Writer:
+    """Writes chunks at their place on the destination and hashes them, in order, on a helper
+    thread; the caller goes on receiving. `drain` waits until all are written and hashed and
+    raises a write error; leaving the block drains too, so no write outlives an attempt."""
+
+    def __init__(
+        self, pool: ThreadPoolExecutor, url: str, fd: int, offset: int, progress: _Progress
+    ) -> None:
+        self.pool = pool
+        self.url = url
+        self.fd = fd
+        self.offset = offset
+        self.progress = progress
+        self.pending: deque[Future[None]] = deque()
+
+    def _store(self, data: bytes, position: int, hasher: Any) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(self.fd, view, position)
+                if written == 0:  # the end of a device: nothing more fits
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view, position = view[written:], position + written
+        except OSError as e:
+            raise StorageError(
+                f"refused {self.url}: writing at offset {position} failed: {e}"
+            ) from e
+        hasher.update(data)
+
+    def submit(self, data: bytes) -> None:
+        """Write `data` next (after `progress.done`), hash it after everything before, count it."""
+        while len(self.pending) >= _IN_FLIGHT:
+            self.pending.popleft().result()
+        position = self.offset + self.progress.done
+        self.pending.append(self.pool.submit(self._store, data, position, self.progress.hasher))
+        self.progress.done += len(data)
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if error is None:
+            self.drain()
+            return
+        # Leaving on an error: still wait for every write, so that none lands after the caller
+        # saved its state or started over. A failed write is the error worth reporting: the
+        # disk, not the network, is what the operator has to look at.
+        failures = [f.exception() for f in self.pending]  # exception() waits for each
+        self.pending.clear()
+        failure = next((f for f in failures if f is not None), None)
+        if failure is not None and not isinstance(error, StorageError):
+            raise failure from error
 
 
 def _load_state(path: Path, sha256: str, length: int, offset: int) -> int:
@@ -191,18 +279,12 @@ def _check_status(url: str, response: requests.Response, progress: _Progress) ->
 def _attempt(
     url: str,
     session: requests.Session,
+    pool: ThreadPoolExecutor,
     fd: int,
     offset: int,
     length: int,
     progress: _Progress,
-    *,
-    timeout: tuple[float, float],
-    min_rate: int,
-    rate_window: float,
-    chunk: int,
-    save: Callable[[], None],
-    state_interval: int,
-    report: Callable[[int], None] | None,
+    knobs: _Knobs,
 ) -> None:
     """One HTTP request: write from `progress.done` on, until `length` or an error."""
     # identity: a compressed body would not line up with Range offsets or the trusted hash.
@@ -210,7 +292,7 @@ def _attempt(
     if progress.done:
         headers["Range"] = f"bytes={progress.done}-"
     try:
-        response = session.get(url, headers=headers, stream=True, timeout=timeout)
+        response = session.get(url, headers=headers, stream=True, timeout=knobs.timeout)
     except requests.RequestException as e:
         raise _Transient(DownloadError(f"refused {url}: request failed: {e}", url=url)) from e
     with response:
@@ -232,60 +314,8 @@ def _attempt(
                     f"refused {url}: the server offers {declared} bytes from byte "
                     f"{progress.done}, the trusted metadata leaves {expected}"
                 )
-        raw = response.raw
-        window_start = time.monotonic()
-        window_bytes = 0
-        while True:
-            # Once `length` bytes are in, one more read of a single byte must find the end: a
-            # server that keeps sending is caught at byte length + 1, and no further.
-            want = min(chunk, length - progress.done) or 1
-            try:
-                # read1 returns whatever has arrived (at least one byte), so the rate check below
-                # runs even when a hostile server trickles one byte per read timeout.
-                data: bytes = raw.read1(want, decode_content=False)
-            except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as e:
-                raise _Transient(
-                    DownloadError(
-                        f"refused {url}: connection failed after {progress.done} of {length} "
-                        f"bytes: {e}",
-                        url=url,
-                        status=response.status_code,
-                    )
-                ) from e
-            if not data:
-                break
-            if progress.done + len(data) > length:
-                raise LengthMismatchError(
-                    f"refused {url}: the server sent more than the trusted length of "
-                    f"{length} bytes (endless data)"
-                )
-            try:
-                os.pwrite(fd, data, offset + progress.done)
-            except OSError as e:
-                raise StorageError(
-                    f"refused {url}: writing at offset {offset + progress.done} failed: {e}"
-                ) from e
-            progress.hasher.update(data)
-            progress.done += len(data)
-            window_bytes += len(data)
-            if report is not None:
-                report(progress.done)
-            if progress.done - progress.saved >= state_interval:
-                save()
-            now = time.monotonic()
-            if min_rate and now - window_start >= rate_window:
-                rate = window_bytes / (now - window_start)
-                if rate < min_rate:
-                    raise _Transient(
-                        SlowRetrievalError(
-                            f"refused {url}: {rate:.0f} bytes/s over the last "
-                            f"{now - window_start:.1f} s is below the minimum of {min_rate} "
-                            "bytes/s (slow retrieval)",
-                            url=url,
-                            status=response.status_code,
-                        )
-                    )
-                window_start, window_bytes = now, 0
+        with _Writer(pool, url, fd, offset, progress) as writer:
+            _receive(url, response, writer, length, progress, knobs)
         if progress.done < length:
             if declared is None:
                 # A clean end without a declared length (the last chunk, or a close-delimited
@@ -301,6 +331,65 @@ def _attempt(
                     status=response.status_code,
                 )
             )
+
+
+def _receive(
+    url: str,
+    response: requests.Response,
+    writer: _Writer,
+    length: int,
+    progress: _Progress,
+    knobs: _Knobs,
+) -> None:
+    """Read the body into `writer` until it ends, `length` is passed, or the rate is too low."""
+    raw = response.raw
+    window_start = time.monotonic()
+    window_bytes = 0
+    while True:
+        # Once `length` bytes are in, one more read of a single byte must find the end: a
+        # server that keeps sending is caught at byte length + 1, and no further.
+        want = min(knobs.chunk, length - progress.done) or 1
+        try:
+            # read1 returns whatever has arrived (at least one byte), so the rate check below
+            # runs even when a hostile server trickles one byte per read timeout.
+            data: bytes = raw.read1(want, decode_content=False)
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as e:
+            raise _Transient(
+                DownloadError(
+                    f"refused {url}: connection failed after {progress.done} of {length} "
+                    f"bytes: {e}",
+                    url=url,
+                    status=response.status_code,
+                )
+            ) from e
+        if not data:
+            break
+        if progress.done + len(data) > length:
+            raise LengthMismatchError(
+                f"refused {url}: the server sent more than the trusted length of "
+                f"{length} bytes (endless data)"
+            )
+        writer.submit(data)
+        window_bytes += len(data)
+        if knobs.report is not None:
+            knobs.report(progress.done)
+        if progress.done - progress.saved >= knobs.state_interval:
+            writer.drain()  # the state file may only point past bytes that are written
+            knobs.save()
+        now = time.monotonic()
+        if knobs.min_rate and now - window_start >= knobs.rate_window:
+            rate = window_bytes / (now - window_start)
+            if rate < knobs.min_rate:
+                raise _Transient(
+                    SlowRetrievalError(
+                        f"refused {url}: {rate:.0f} bytes/s over the last "
+                        f"{now - window_start:.1f} s is below the minimum of {knobs.min_rate} "
+                        "bytes/s (slow retrieval)",
+                        url=url,
+                        status=response.status_code,
+                    )
+                )
+            window_start, window_bytes = now, 0
 
 
 def stream_to(
@@ -363,26 +452,14 @@ def stream_to(
 
     own_session = session is None
     client = requests.Session() if session is None else session
+    knobs = _Knobs(timeout, min_rate, rate_window, chunk, state_interval, save, progress)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-write")
     try:
         attempt = 0
         while state.done < length:
             attempt += 1
             try:
-                _attempt(
-                    url,
-                    client,
-                    fd,
-                    offset,
-                    length,
-                    state,
-                    timeout=timeout,
-                    min_rate=min_rate,
-                    rate_window=rate_window,
-                    chunk=chunk,
-                    save=save,
-                    state_interval=state_interval,
-                    report=progress,
-                )
+                _attempt(url, client, pool, fd, offset, length, state, knobs)
             except _Transient as transient:
                 save()
                 if attempt >= attempts:
@@ -401,6 +478,7 @@ def stream_to(
         _clear_state(state_path)
         raise
     finally:
+        pool.shutdown()
         if own_session:
             client.close()
 
