@@ -1,13 +1,13 @@
 """Stream one payload file over HTTP into a slot partition (or any file) while hashing it.
 
 The body goes from the socket straight to its place on the destination, one read at a time: a
-2 GB root image never sits in memory or on /var. Writing and hashing a chunk run on a helper
-thread while the next chunk is received (both release the GIL), with at most a few chunks in
-flight, so the receive, the write and the hash overlap instead of taking turns. Nothing is
-trusted until the very end, when the SHA-256 of all `length` bytes (including any written by an
-earlier, interrupted attempt, which are read back and hashed again) matches the trusted
-metadata. Refusals follow python-tuf's downloader: endless data, short data, wrong hash, HTTP
-errors and slow retrieval.
+2 GB root image never sits in memory or on /var. Writing a chunk and hashing it run on two
+helper threads while the next chunk is received (pwrite and hashlib release the GIL), with at
+most a few chunks in flight, so the receive, the write and the hash overlap instead of taking
+turns. Nothing is trusted until the very end, when the SHA-256 of all `length` bytes (including
+any written by an earlier, interrupted attempt, which are read back and hashed again) matches
+the trusted metadata. Refusals follow python-tuf's downloader: endless data, short data, wrong
+hash, HTTP errors and slow retrieval.
 
 Runs on the device: standard library and python3-requests (with its urllib3) only.
 """
@@ -94,22 +94,39 @@ class _Knobs:
     report: Callable[[int], None] | None
 
 
+@dataclass(frozen=True)
+class _Pools:
+    """One thread writes, one hashes: each keeps the order of the chunks it is given."""
+
+    write: ThreadPoolExecutor
+    hash: ThreadPoolExecutor
+
+    @classmethod
+    def start(cls) -> _Pools:
+        return cls(
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-write"),
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-hash"),
+        )
+
+    def shutdown(self) -> None:
+        self.write.shutdown()
+        self.hash.shutdown()
+
+
 class _Writer:
-    """Writes chunks at their place on the destination and hashes them, in order, on a helper
-    thread; the caller goes on receiving. `drain` waits until all are written and hashed and
+    """Writes chunks at their place on the destination and hashes them, in order, on helper
+    threads; the caller goes on receiving. `drain` waits until all are written and hashed and
     raises a write error; leaving the block drains too, so no write outlives an attempt."""
 
-    def __init__(
-        self, pool: ThreadPoolExecutor, url: str, fd: int, offset: int, progress: _Progress
-    ) -> None:
-        self.pool = pool
+    def __init__(self, pools: _Pools, url: str, fd: int, offset: int, progress: _Progress) -> None:
+        self.pools = pools
         self.url = url
         self.fd = fd
         self.offset = offset
         self.progress = progress
         self.pending: deque[Future[None]] = deque()
 
-    def _store(self, data: bytes, position: int, hasher: Any) -> None:
+    def _store(self, data: bytes, position: int) -> None:
         view = memoryview(data)
         try:
             while view:
@@ -121,14 +138,14 @@ class _Writer:
             raise StorageError(
                 f"refused {self.url}: writing at offset {position} failed: {e}"
             ) from e
-        hasher.update(data)
 
     def submit(self, data: bytes) -> None:
         """Write `data` next (after `progress.done`), hash it after everything before, count it."""
-        while len(self.pending) >= _IN_FLIGHT:
+        while len(self.pending) >= 2 * _IN_FLIGHT:
             self.pending.popleft().result()
         position = self.offset + self.progress.done
-        self.pending.append(self.pool.submit(self._store, data, position, self.progress.hasher))
+        self.pending.append(self.pools.write.submit(self._store, data, position))
+        self.pending.append(self.pools.hash.submit(self.progress.hasher.update, data))
         self.progress.done += len(data)
 
     def drain(self) -> None:
@@ -279,7 +296,7 @@ def _check_status(url: str, response: requests.Response, progress: _Progress) ->
 def _attempt(
     url: str,
     session: requests.Session,
-    pool: ThreadPoolExecutor,
+    pools: _Pools,
     fd: int,
     offset: int,
     length: int,
@@ -314,7 +331,7 @@ def _attempt(
                     f"refused {url}: the server offers {declared} bytes from byte "
                     f"{progress.done}, the trusted metadata leaves {expected}"
                 )
-        with _Writer(pool, url, fd, offset, progress) as writer:
+        with _Writer(pools, url, fd, offset, progress) as writer:
             _receive(url, response, writer, length, progress, knobs)
         if progress.done < length:
             if declared is None:
@@ -453,13 +470,13 @@ def stream_to(
     own_session = session is None
     client = requests.Session() if session is None else session
     knobs = _Knobs(timeout, min_rate, rate_window, chunk, state_interval, save, progress)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-write")
+    pools = _Pools.start()
     try:
         attempt = 0
         while state.done < length:
             attempt += 1
             try:
-                _attempt(url, client, pool, fd, offset, length, state, knobs)
+                _attempt(url, client, pools, fd, offset, length, state, knobs)
             except _Transient as transient:
                 save()
                 if attempt >= attempts:
@@ -478,7 +495,7 @@ def stream_to(
         _clear_state(state_path)
         raise
     finally:
-        pool.shutdown()
+        pools.shutdown()
         if own_session:
             client.close()
 
