@@ -121,8 +121,9 @@ def report_ready(
         """One request: a 2xx answer's body, or http.NotYet, _GoalStateGone, ProvisionError."""
         remaining = max(deadline - time.monotonic(), 0.1)
         extra = {"Content-Type": "text/xml; charset=utf-8"} if body is not None else {}
-        try:
-            with session.request(
+        with (
+            http.request_errors(SERVICE, method, url),
+            session.request(
                 method,
                 url,
                 headers=headers | extra,
@@ -132,29 +133,22 @@ def report_ready(
                 timeout=(min(http.CONNECT_TIMEOUT, remaining), min(timeout, remaining)),
                 allow_redirects=False,
                 stream=True,
-            ) as response:
-                status = response.status_code
-                answer = f"{method} {url} answered HTTP {status} {response.reason or ''}".rstrip()
-                if 200 <= status < 300:
-                    body = http.read_capped(response, MAX_GOAL_STATE)
-                    if body is None:
-                        raise ProvisionError(
-                            f"{SERVICE}: {url}: answer larger than {MAX_GOAL_STATE >> 10} KiB"
-                        )
-                    return body
-                if status == 410:
-                    raise _GoalStateGone(answer)
-                if status >= 500:
-                    raise http.NotYet(answer)
-                raise ProvisionError(f"{SERVICE}: {answer}")
-        except (
-            requests.ConnectionError,
-            requests.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-        ) as e:
-            raise http.NotYet(f"{method} {url}: {http.failure_reason(e)}") from None
-        except requests.RequestException as e:
-            raise ProvisionError(f"{SERVICE}: {method} {url}: {e}") from None
+            ) as response,
+        ):
+            status = response.status_code
+            answer = f"{method} {url} answered HTTP {status} {response.reason or ''}".rstrip()
+            if 200 <= status < 300:
+                body = http.read_capped(response, MAX_GOAL_STATE)
+                if body is None:
+                    raise ProvisionError(
+                        f"{SERVICE}: {url}: answer larger than {MAX_GOAL_STATE >> 10} KiB"
+                    )
+                return body
+            if status == 410:
+                raise _GoalStateGone(answer)
+            if status >= 500:
+                raise http.NotYet(answer)
+            raise ProvisionError(f"{SERVICE}: {answer}")
 
     def report() -> None:
         nonlocal goal

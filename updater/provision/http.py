@@ -3,14 +3,16 @@
 At first boot the network may still be coming up (no address yet, DNS not answering, a metadata
 service starting), so every request is retried with a growing pause until a deadline; what counts
 as "not yet" is the caller's decision (it raises `NotYet`). Answers are read with a size cap, so a
-runaway server cannot fill memory. Standard library only; callers import requests themselves.
+runaway server cannot fill memory. requests is imported only where a request is made, so that
+importing this module stays cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from updater.provision.plan import ProvisionError
@@ -77,3 +79,21 @@ def failure_reason(error: Exception) -> str:
     while (shorter := _REPR_PREFIX.sub("", text, count=1)) != text:
         text = shorter
     return text
+
+
+@contextlib.contextmanager
+def request_errors(service: str, method: str, url: str) -> Iterator[None]:
+    """Around one request: a requests failure that waiting may cure (no connection, a timeout, a
+    torn body) becomes NotYet, any other a ProvisionError naming `service`."""
+    import requests
+
+    try:
+        yield
+    except (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+    ) as e:
+        raise NotYet(f"{method} {url}: {failure_reason(e)}") from None
+    except requests.RequestException as e:
+        raise ProvisionError(f"{service}: {method} {url}: {e}") from None

@@ -505,33 +505,27 @@ def _request(
 
     def attempt() -> _Reply:
         remaining = max(deadline - time.monotonic(), 0.1)
-        try:
-            with session.request(
+        with (
+            http.request_errors(service, method, url),
+            session.request(
                 method,
                 url,
                 headers=dict(headers),
                 timeout=(min(http.CONNECT_TIMEOUT, remaining), env.request_timeout),
                 allow_redirects=False,
                 stream=True,
-            ) as response:
-                status = response.status_code
-                answer = f"{method} {url} answered HTTP {status} {response.reason or ''}"
-                if status >= 500:
-                    raise http.NotYet(answer.rstrip())
-                if not (200 <= status < 300 or status == 404):
-                    raise ProvisionError(f"{service}: {answer.rstrip()}")
-                body = http.read_capped(response, MAX_USER_DATA)
-                if body is None:
-                    raise ProvisionError(f"{url}: answer larger than {MAX_USER_DATA >> 20} MiB")
-                return _Reply(status, body, response.headers)
-        except (
-            requests.ConnectionError,
-            requests.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-        ) as e:
-            raise http.NotYet(f"{method} {url}: {http.failure_reason(e)}") from None
-        except requests.RequestException as e:
-            raise ProvisionError(f"{service}: {method} {url}: {e}") from None
+            ) as response,
+        ):
+            status = response.status_code
+            answer = f"{method} {url} answered HTTP {status} {response.reason or ''}"
+            if status >= 500:
+                raise http.NotYet(answer.rstrip())
+            if not (200 <= status < 300 or status == 404):
+                raise ProvisionError(f"{service}: {answer.rstrip()}")
+            body = http.read_capped(response, MAX_USER_DATA)
+            if body is None:
+                raise ProvisionError(f"{url}: answer larger than {MAX_USER_DATA >> 20} MiB")
+            return _Reply(status, body, response.headers)
 
     def give_up(last: str, attempts: int) -> ProvisionError:
         return ProvisionError(
