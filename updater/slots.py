@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import stat
-import struct
 import subprocess
 import tempfile
 import uuid
@@ -33,7 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
-from updater import gpt
+from updater import gpt, verity
 from updater.errors import SlotError, VerificationError
 from updater.version import Version
 
@@ -46,9 +45,6 @@ DATA_FILE = "root.erofs"
 VERITY_FILE = "root.verity"
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-# cryptsetup's on-disk verity superblock (lib/verity/verity.c, struct verity_sb), little endian.
-_VERITY_SB = struct.Struct("<8sII16s32sIIQH6s256s")
-_VERITY_MAGIC = b"verity\0\0"
 
 
 class SlotName(StrEnum):
@@ -301,33 +297,19 @@ def verity_data_size(disk: BinaryIO, slot: Slot) -> int:
     Used to re-verify an installed slot. Trusting the superblock for the size is sound: the
     geometry of the hash tree follows from it, so a changed count yields another root hash.
     """
-    disk.seek(slot.verity_offset)
-    raw = disk.read(_VERITY_SB.size)
-    if len(raw) < _VERITY_SB.size or not raw.startswith(_VERITY_MAGIC):
-        raise VerificationError(f"refused: slot {slot.name} holds no verity superblock")
-    fields = _VERITY_SB.unpack(raw)
-    return int(fields[5]) * int(fields[7])
+    return verity.read_superblock(disk.fileno(), slot.verity_offset, f"slot {slot.name}").data_size
 
 
 def _check_superblock(hash_path: Path, hash_offset: int, data_size: int) -> None:
+    where = f"{hash_path} at offset {hash_offset}"
     try:
-        with hash_path.open("rb") as f:
-            f.seek(hash_offset)
-            raw = f.read(_VERITY_SB.size)
+        fd = os.open(hash_path, os.O_RDONLY)
     except OSError as e:
         raise VerificationError(f"refused: cannot read the verity superblock: {e}") from e
-    if len(raw) < _VERITY_SB.size or not raw.startswith(_VERITY_MAGIC):
-        raise VerificationError(
-            f"refused: {hash_path} at offset {hash_offset} holds no verity superblock"
-        )
-    fields = _VERITY_SB.unpack(raw)
-    block_size, blocks = fields[5], fields[7]
-    # The root hash covers only the blocks the superblock names: make sure they are all of it.
-    if block_size * blocks != data_size:
-        raise VerificationError(
-            f"refused: the verity superblock covers {blocks} blocks of {block_size} bytes, "
-            f"the data is {data_size} bytes"
-        )
+    try:
+        verity.read_superblock(fd, hash_offset, where).check(data_size, where)
+    finally:
+        os.close(fd)
 
 
 def verify_verity(
