@@ -128,7 +128,7 @@ class Phases:
 
 
 def _watch(phases: Phases) -> None:
-    from updater import fetch, slots
+    from updater import fetch, verity
 
     phases.wrap(
         fetch,
@@ -136,7 +136,7 @@ def _watch(phases: Phases) -> None:
         lambda url, *a, **k: "stream " + url.rsplit("/", 1)[-1].split(".", 1)[-1],
     )
     phases.wrap(os, "fsync", lambda *a, **k: "fsync (all files, inside the above)")
-    phases.wrap(slots, "verify_slot", lambda *a, **k: "verify slot")
+    phases.wrap(verity, "check_tree", lambda *a, **k: "check the verity tree")
 
 
 def apply_rate(work: Path, size: int, phases: Phases) -> tuple[float, float, str]:

@@ -33,7 +33,7 @@ from updater.errors import (
     VerificationError,
 )
 from updater.machine import FetchOptions
-from updater.manifest import Manifest
+from updater.manifest import PAYLOAD_FILES, Manifest, describe
 from updater.slots import SlotState
 from updater.version import Version
 
@@ -142,6 +142,44 @@ def test_a_target_whose_hash_differs(site: Site, fake: FakeMachine) -> None:
         make_agent(fake, site),
         VerificationError,
         r"refused .*root\.erofs: its \d+ bytes hash to sha256 [0-9a-f]{64}, the trusted metadata",
+    )
+
+
+def _changed_and_signed(release: Path, name: str, offset: int) -> None:
+    """Flip a byte of a payload file and describe the result in the release manifest, as a
+    broken build would: TUF then signs the changed file, the root hash stays as it was."""
+    path = release / name
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(data)
+    manifest = release_manifest(release)
+    files = describe({n: release / n for n in PAYLOAD_FILES})
+    (release / "manifest.json").write_text(replace(manifest, files=files).to_json())
+
+
+def test_signed_data_whose_verity_root_hash_differs(site: Site, fake: FakeMachine) -> None:
+    release = site.release("1.1.0")
+    _changed_and_signed(release, "root.erofs", 100_000)
+    site.publish(release)
+    failed_midway(
+        fake,
+        make_agent(fake, site),
+        VerificationError,
+        r"refused: the data written to slot B has verity root hash [0-9a-f]{64}, the signed "
+        r"release says [0-9a-f]{64}",
+    )
+
+
+def test_a_signed_hash_tree_that_does_not_match_its_data(site: Site, fake: FakeMachine) -> None:
+    release = site.release("1.1.0")
+    _changed_and_signed(release, "root.verity", 4096 + 40)  # the data blocks' level
+    site.publish(release)
+    failed_midway(
+        fake,
+        make_agent(fake, site),
+        VerificationError,
+        r"refused: the hash tree in slot B is not the one its data gives \(they first differ "
+        r"at byte 4136 of the tree\)",
     )
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import http.server
 import itertools
 import json
+import os
 import re
 import socket
 import struct
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from updater import fetch, files
+from updater import fetch, files, verity
 from updater.errors import (
     DownloadError,
     LengthMismatchError,
@@ -327,6 +330,22 @@ def test_resume_trusts_nothing_already_on_disk(server: Server, dest: Path) -> No
     assert_written(dest)
 
 
+def test_verity_digests_cover_the_bytes_read_back_to_resume(server: Server, dest: Path) -> None:
+    server.behaviour.drop_after = 300 * KiB + 5
+    state = dest.parent / "state.json"
+    with pytest.raises(DownloadError):
+        download(server, dest, attempts=1, state_path=state)
+    salt = b"salt"
+    blocks = verity.BlockHashes(salt)
+    blocks.update(b"left over from some other download")
+    download(server, dest, state_path=state, blocks=blocks)
+    whole = len(CONTENT) - len(CONTENT) % 4096
+    expected = b"".join(
+        hashlib.sha256(salt + CONTENT[i : i + 4096]).digest() for i in range(0, whole, 4096)
+    )
+    assert bytes(blocks.digests) == expected
+
+
 def test_state_for_another_target_is_ignored(server: Server, dest: Path) -> None:
     state = dest.parent / "state.json"
     other = {"format": 1, "url": server.url, "sha256": "0" * 64, "length": len(CONTENT)}
@@ -354,7 +373,10 @@ def test_progress_is_recorded_during_the_transfer(server: Server, dest: Path) ->
     assert not state.exists()
 
 
-def test_a_record_never_points_past_bytes_not_yet_written(server: Server, dest: Path) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
+def test_a_record_never_points_past_bytes_not_yet_written(
+    server: Server, dest: Path, direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Writes run on a helper thread; each record must wait for them (what a resume trusts).
     state = dest.parent / "state.json"
     checked: list[int] = []
@@ -366,16 +388,91 @@ def test_a_record_never_points_past_bytes_not_yet_written(server: Server, dest: 
             assert on_disk == CONTENT[:recorded], f"record of {recorded} bytes ran ahead"
             checked.append(recorded)
 
-    download(server, dest, state_path=state, state_interval=64 * KiB, chunk=64 * KiB, progress=peek)
+    monkeypatch.setattr(fetch, "_STAGE", 96 * KiB)  # records fall inside and between stages
+    download(
+        server,
+        dest,
+        state_path=state,
+        state_interval=64 * KiB,
+        chunk=40 * KiB,
+        progress=peek,
+        direct=direct,
+    )
     assert len(set(checked)) >= 8
     assert_written(dest)
 
 
-def test_a_failed_write_is_a_storage_error_and_not_retried(server: Server) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
+def test_a_failed_write_is_a_storage_error_and_not_retried(server: Server, direct: bool) -> None:
     # /dev/full refuses every write with ENOSPC, as a failing disk would.
     with pytest.raises(StorageError, match=f"writing at offset {OFFSET} failed: .*No space"):
-        download(server, Path("/dev/full"), chunk=64 * KiB)
+        download(server, Path("/dev/full"), chunk=64 * KiB, direct=direct)
     assert len(server.behaviour.log) == 1
+
+
+def _spy_on_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, int, int]]:
+    """Every pwrite as (through O_DIRECT, position, length); the writes still happen."""
+    seen: list[tuple[bool, int, int]] = []
+    real = os.pwrite
+
+    def pwrite(fd: int, data: bytes, position: int) -> int:
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        written = real(fd, data, position)
+        seen.append((direct, position, written))
+        return written
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return seen
+
+
+def test_direct_writes_bypass_the_page_cache_for_every_whole_block(
+    server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch, "_STAGE", 256 * KiB)  # several stages
+    writes = _spy_on_writes(monkeypatch)
+    download(server, dest, chunk=100_000, direct=True)
+    assert_written(dest)
+    direct = [(p, n) for d, p, n in writes if d]
+    assert all(p % 4096 == 0 and n % 4096 == 0 for p, n in direct)
+    # OFFSET is not block-aligned: only the head up to the first boundary and the tail after
+    # the last one may go through the page cache.
+    first = -OFFSET % 4096
+    last = (OFFSET + len(CONTENT)) % 4096
+    assert sum(n for d, _, n in writes if not d) == first + last
+    assert sum(n for _, n in direct) == len(CONTENT) - first - last
+
+
+def test_direct_resume_from_an_unaligned_point_across_calls(
+    server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cut = 300 * KiB + 123
+    server.behaviour.drop_after = cut
+    state = dest.parent / "state.json"
+    monkeypatch.setattr(fetch, "_STAGE", 64 * KiB)
+    with pytest.raises(DownloadError):
+        download(server, dest, attempts=1, state_path=state, direct=True, chunk=10_000)
+    assert json.loads(state.read_text())["done"] == cut
+    writes = _spy_on_writes(monkeypatch)
+    download(server, dest, state_path=state, direct=True)
+    assert_written(dest)
+    assert server.behaviour.log[1].range == f"bytes={cut}-"
+    assert any(d for d, _, _ in writes)
+
+
+def test_without_o_direct_support_the_page_cache_is_used(
+    server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some file systems refuse the flag at open, others the alignment at the first write.
+    real = os.pwrite
+
+    def refuse_direct(fd: int, data: bytes, position: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, data, position)
+
+    monkeypatch.setattr(os, "pwrite", refuse_direct)
+    download(server, dest, direct=True)
+    assert_written(dest)
 
 
 def test_server_ignoring_range_restarts_from_zero(server: Server, dest: Path) -> None:

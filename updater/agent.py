@@ -16,9 +16,12 @@
     kernel's command line).
  5. `prepare_slot`: random UUIDs and `_writing` labels, before the first payload byte. From here
     on no UKI can boot that slot, old or new.
- 6. root.erofs and root.verity are streamed straight into the slot's partitions while hashing
-    (resumable with HTTP Range; progress in <var>/lib/berth/download-<name>.json).
- 7. `veritysetup verify` of the whole slot against the release's root hash.
+ 6. root.verity, then root.erofs, are streamed straight into the slot's partitions while
+    hashing (resumable with HTTP Range; progress in <var>/lib/berth/download-<name>.json). Each
+    block of root.erofs is also hashed as dm-verity does, with the salt of root.verity's
+    superblock.
+ 7. The hash tree built from those block hashes must have the release's root hash and equal the
+    tree written in step 6 (updater/verity.py): the whole slot verified without reading it back.
  8. `commit_slot`: UUIDs from the root hash, version labels (both table copies fsynced).
  9. The ESP entry of the version that used to live in that slot goes: its root is gone.
 10. uki.efi is streamed into a hidden temporary file on the ESP, fsynced, and renamed to
@@ -58,7 +61,7 @@ from typing import Any, BinaryIO
 
 import requests
 
-from updater import bootentries, fetch, files, gpt, slots
+from updater import bootentries, fetch, files, gpt, slots, verity
 from updater.channel import (
     RELEASE_TARGETS,
     ChannelManifest,
@@ -433,20 +436,8 @@ class Agent:
                 f"refused {release.label}: its signed manifest.json is {info.length} bytes, "
                 f"more than a release manifest can be ({_MANIFEST_LIMIT})"
             )
-        opts = self.fetch_options
         with tempfile.TemporaryFile() as f:
-            fetch.stream_to(
-                info.url,
-                f,
-                0,
-                info.length,
-                info.sha256,
-                timeout=opts.timeout,
-                min_rate=opts.min_rate,
-                rate_window=opts.rate_window,
-                attempts=opts.attempts,
-                backoff=opts.backoff,
-            )
+            self._stream(_MANIFEST, info, f, 0)
             f.seek(0)
             text = f.read().decode("utf-8", errors="replace")
         try:
@@ -552,7 +543,6 @@ class Agent:
         infos = {name: repo.target_info(release.targets[name]) for name in RELEASE_TARGETS}
         manifest = self._fetch_manifest(infos[_MANIFEST], release)
         self._check_release(release, manifest, infos, booted)
-        opts = self.fetch_options
         with requests.Session() as session:
             session.headers["User-Agent"] = "berth-update"
             for name in (_DATA, _VERITY, _UKI):
@@ -586,31 +576,46 @@ class Agent:
                 # (5) the slot becomes scratch
                 target = slots.prepare_slot(disk, target, booted=booted.roothash)
 
-            # (6) stream the root and its hash tree into the slot
-            for name, number, part in (
-                (_DATA, target.data_number, target.data),
-                (_VERITY, target.verity_number, target.verity),
+            # (6) stream the hash tree, then the root, into the slot; (7) check the tree
+            where = f"slot {target.name}"
+            with open_partition(self.machine.disk, target.verity_number, target.verity) as (
+                tree,
+                tree_offset,
             ):
-                info = infos[name]
-                with open_partition(self.machine.disk, number, part) as (f, offset):
-                    fetch.stream_to(
-                        info.url,
-                        f,
-                        offset,
-                        info.length,
-                        info.sha256,
+                self._stream(
+                    _VERITY,
+                    infos[_VERITY],
+                    tree,
+                    tree_offset,
+                    session=session,
+                    progress=progress,
+                    into_slot=True,
+                )
+                superblock = verity.read_superblock(tree.fileno(), tree_offset, where)
+                superblock.check(infos[_DATA].length, f"{where} ({_VERITY})")
+                blocks = verity.BlockHashes(superblock.salt)
+                with open_partition(self.machine.disk, target.data_number, target.data) as (
+                    data,
+                    data_offset,
+                ):
+                    self._stream(
+                        _DATA,
+                        infos[_DATA],
+                        data,
+                        data_offset,
                         session=session,
-                        state_path=self.machine.state_dir / f"download-{name}.json",
-                        timeout=opts.timeout,
-                        min_rate=opts.min_rate,
-                        rate_window=opts.rate_window,
-                        attempts=opts.attempts,
-                        backoff=opts.backoff,
-                        state_interval=opts.state_interval,
-                        progress=_bind(progress, name, info.length),
+                        progress=progress,
+                        into_slot=True,
+                        blocks=blocks,
                     )
-            # (7) the whole slot against the release's root hash
-            slots.verify_slot(self.machine.disk, target, release.roothash, infos[_DATA].length)
+                verity.check_tree(
+                    tree.fileno(),
+                    tree_offset,
+                    superblock,
+                    blocks.finish(f"{where} ({_DATA})"),
+                    release.roothash,
+                    where,
+                )
             # (8) name the slot (gpt writes and fsyncs both table copies)
             with self.machine.disk.open("r+b") as disk:
                 target = slots.commit_slot(disk, target, release.version, release.roothash)
@@ -621,20 +626,7 @@ class Agent:
             # (10) the UKI: temporary name, fsync, rename with a boot counter (the last step)
             uki = infos[_UKI]
             with bootentries.staged_uki(esp, release.version) as out:
-                fetch.stream_to(
-                    uki.url,
-                    out,
-                    0,
-                    uki.length,
-                    uki.sha256,
-                    session=session,
-                    timeout=opts.timeout,
-                    min_rate=opts.min_rate,
-                    rate_window=opts.rate_window,
-                    attempts=opts.attempts,
-                    backoff=opts.backoff,
-                    progress=_bind(progress, _UKI, uki.length),
-                )
+                self._stream(_UKI, uki, out, 0, session=session, progress=progress)
         entry = bootentries.entry_dir(esp) / bootentries.entry_name(
             release.version, bootentries.DEFAULT_TRIES
         )
@@ -754,6 +746,41 @@ class Agent:
         floor = previous if previous is not None and previous < booted.version else booted.version
         keep = {e.version for e in bootentries.list_entries(self.machine.esp) if e.version >= floor}
         return [p.name for p in bootentries.prune(self.machine.esp, keep)]
+
+    def _stream(
+        self,
+        name: str,
+        info: TargetInfo,
+        dest: BinaryIO,
+        offset: int,
+        *,
+        session: requests.Session | None = None,
+        progress: ProgressCallback | None = None,
+        into_slot: bool = False,
+        blocks: verity.BlockHashes | None = None,
+    ) -> None:
+        """One release file, checked against its signed length and hash on the way: into a slot
+        partition (`into_slot`: resumable, O_DIRECT) or into a new file (the manifest, the
+        UKI's temporary file on the ESP: small, nothing to resume)."""
+        opts = self.fetch_options
+        fetch.stream_to(
+            info.url,
+            dest,
+            offset,
+            info.length,
+            info.sha256,
+            session=session,
+            state_path=self.machine.state_dir / f"download-{name}.json" if into_slot else None,
+            timeout=opts.timeout,
+            min_rate=opts.min_rate,
+            rate_window=opts.rate_window,
+            attempts=opts.attempts,
+            backoff=opts.backoff,
+            state_interval=opts.state_interval,
+            progress=_bind(progress, name, info.length),
+            direct=into_slot,
+            blocks=blocks,
+        )
 
     def verify_pending(self) -> Version:
         """Re-verify the pending slot against its signed root hash before rebooting into it.

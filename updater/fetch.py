@@ -1,13 +1,14 @@
 """Stream one payload file over HTTP into a slot partition (or any file) while hashing it.
 
-The body goes from the socket straight to its place on the destination, one read at a time: a
-2 GB root image never sits in memory or on /var. Writing a chunk and hashing it run on two
-helper threads while the next chunk is received (pwrite and hashlib release the GIL), with at
-most a few chunks in flight, so the receive, the write and the hash overlap instead of taking
-turns. Nothing is trusted until the very end, when the SHA-256 of all `length` bytes (including
-any written by an earlier, interrupted attempt, which are read back and hashed again) matches
-the trusted metadata. Refusals follow python-tuf's downloader: endless data, short data, wrong
-hash, HTTP errors and slow retrieval.
+The body goes from the socket straight to its place on the destination, a few MiB at a time: a
+2 GB root image never sits in memory or on /var. Received bytes are staged in page-aligned
+buffers that a helper thread writes out (with O_DIRECT on a slot partition, so the payload does
+not crowd the page cache), while other helper threads hash them: the file's SHA-256 and, for a
+root image, the verity digest of each block (pwrite and hashlib release the GIL). The receive,
+the write and the hashes overlap instead of taking turns. Nothing is trusted until the very end,
+when the SHA-256 of all `length` bytes (including any written by an earlier, interrupted
+attempt, which are read back and hashed again) matches the trusted metadata. Refusals follow
+python-tuf's downloader: endless data, short data, wrong hash, HTTP errors and slow retrieval.
 
 Runs on the device: standard library and python3-requests (with its urllib3) only.
 """
@@ -20,6 +21,7 @@ import hashlib
 import http.client
 import json
 import logging
+import mmap
 import os
 import re
 import time
@@ -42,6 +44,7 @@ from updater.errors import (
     VerificationError,
 )
 from updater.files import write_file_atomic
+from updater.verity import BlockHashes
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,22 @@ class _Transient(Exception):
         self.error = error
 
 
-# Chunks received but not yet written and hashed: enough to keep both threads busy, little memory.
-_IN_FLIGHT = 4
+# Hash jobs (a received chunk each) queued but not yet done: enough to keep the hash threads
+# busy, little memory.
+_IN_FLIGHT = 8
+# O_DIRECT wants the position, the length and the memory of each write aligned to the device's
+# logical block size; 4 KiB covers 512-byte and 4Kn disks and is the page size.
+_BLOCK = 4096
+_STAGE = 4 * MiB  # bytes per staged write: large enough that the syscall cost vanishes
+_STAGES = 3  # one filling while two wait for (or are in) the write thread
+
+
+def _round_down(n: int) -> int:
+    return n - n % _BLOCK
+
+
+def _round_up(n: int) -> int:
+    return _round_down(n + _BLOCK - 1)
 
 
 @dataclass
@@ -72,13 +89,21 @@ class _Progress:
     `_Writer` (or after its `drain`), every byte counted in `done` is written and hashed."""
 
     hasher: Any  # hashlib's type is private; a sha256 object
+    blocks: BlockHashes | None = None  # the caller's verity digests of the same bytes
     done: int = 0
     saved: int = 0  # `done` as last recorded in the state file
 
     def restart(self) -> None:
         self.hasher = hashlib.sha256()
+        if self.blocks is not None:
+            self.blocks.reset()
         self.done = 0
         self.saved = 0
+
+    def hash(self, data: bytes) -> None:
+        self.hasher.update(data)
+        if self.blocks is not None:
+            self.blocks.update(data)
 
 
 @dataclass(frozen=True)
@@ -94,43 +119,90 @@ class _Knobs:
     report: Callable[[int], None] | None
 
 
-@dataclass(frozen=True)
-class _Pools:
-    """One thread writes, one hashes: each keeps the order of the chunks it is given."""
+class _Stage:
+    """A page-aligned buffer of received bytes on their way to the destination.
 
-    write: ThreadPoolExecutor
-    hash: ThreadPoolExecutor
+    The bytes sit from index `lead` (their first position modulo the block size) on, so a block
+    boundary on disk is a page boundary in memory: everything between the first and the last
+    boundary goes out in one O_DIRECT write straight from here. Only a stage that starts or
+    ends between boundaries (after a resume, or when the writes are drained before a state
+    record) has a head or tail of less than a block to write through the page cache.
+    """
+
+    def __init__(self) -> None:
+        self.memory = mmap.mmap(-1, _STAGE + _BLOCK)
+        self.view = memoryview(self.memory)
+        self.reset(0)
+
+    def reset(self, start: int) -> None:
+        self.start = start
+        self.lead = start % _BLOCK
+        self.end = self.lead  # index after the last byte staged
+
+    def position(self, index: int) -> int:
+        return self.start - self.lead + index
+
+    def take(self, data: memoryview) -> int:
+        """Stage as much of `data` as fits; return how much that was."""
+        n = min(len(data), len(self.memory) - self.end)
+        self.view[self.end : self.end + n] = data[:n]
+        self.end += n
+        return n
+
+    @property
+    def full(self) -> bool:
+        return self.end == len(self.memory)
+
+
+@dataclass
+class _Destination:
+    """Where the bytes go: `fd` through the page cache, and `direct` (the same file opened with
+    O_DIRECT) for whole aligned blocks when the caller asked for it and the file allows it."""
+
+    url: str
+    fd: int
+    direct: int | None = None
 
     @classmethod
-    def start(cls) -> _Pools:
-        return cls(
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-write"),
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-hash"),
-        )
+    def open(cls, url: str, fd: int, direct: bool) -> _Destination:
+        dest = cls(url, fd)
+        if direct:
+            try:
+                dest.direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT)
+            except OSError as e:
+                log.debug("%s: no O_DIRECT here (%s), writing through the page cache", url, e)
+        return dest
 
-    def shutdown(self) -> None:
-        self.write.shutdown()
-        self.hash.shutdown()
+    def close(self) -> None:
+        if self.direct is not None:
+            os.close(self.direct)
+            self.direct = None
 
+    def write(self, stage: _Stage, stop: int) -> None:
+        """Write stage bytes [lead, stop): a head up to the first block boundary and a tail after
+        the last one through the page cache, the aligned middle with O_DIRECT."""
+        head = min(stop, _round_up(stage.lead))
+        body = max(head, _round_down(stop))
+        self._pwrite(self.fd, stage.view[stage.lead : head], stage.position(stage.lead))
+        self._pwrite(self.direct, stage.view[head:body], stage.position(head))
+        self._pwrite(self.fd, stage.view[body:stop], stage.position(body))
 
-class _Writer:
-    """Writes chunks at their place on the destination and hashes them, in order, on helper
-    threads; the caller goes on receiving. `drain` waits until all are written and hashed and
-    raises a write error; leaving the block drains too, so no write outlives an attempt."""
-
-    def __init__(self, pools: _Pools, url: str, fd: int, offset: int, progress: _Progress) -> None:
-        self.pools = pools
-        self.url = url
-        self.fd = fd
-        self.offset = offset
-        self.progress = progress
-        self.pending: deque[Future[None]] = deque()
-
-    def _store(self, data: bytes, position: int) -> None:
-        view = memoryview(data)
+    def _pwrite(self, fd: int | None, view: memoryview, position: int) -> None:
         try:
             while view:
-                written = os.pwrite(self.fd, view, position)
+                if fd is None:
+                    fd = self.fd
+                try:
+                    written = os.pwrite(fd, view, position)
+                except OSError as e:
+                    if fd != self.direct or e.errno != errno.EINVAL:
+                        raise
+                    # A file system or device that refuses this alignment: the page cache
+                    # it is, for the rest of the download.
+                    log.debug("%s: O_DIRECT write refused (%s), using the page cache", self.url, e)
+                    self.close()
+                    fd = None
+                    continue
                 if written == 0:  # the end of a device: nothing more fits
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 view, position = view[written:], position + written
@@ -139,18 +211,85 @@ class _Writer:
                 f"refused {self.url}: writing at offset {position} failed: {e}"
             ) from e
 
+
+@dataclass(frozen=True)
+class _Pools:
+    """One thread writes, one computes the file's sha256 and one the verity digests of its
+    blocks (when asked for): each keeps the order of the work it is given. The staging buffers
+    live as long as the threads, across attempts (and are unmapped when the last reference
+    goes: a traceback may still hold a view of one)."""
+
+    write: ThreadPoolExecutor
+    hash: ThreadPoolExecutor
+    blocks: ThreadPoolExecutor
+    stages: list[_Stage]
+
+    @classmethod
+    def start(cls) -> _Pools:
+        return cls(
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-write"),
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-hash"),
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-verity"),
+            [_Stage() for _ in range(_STAGES)],
+        )
+
+    def shutdown(self) -> None:
+        self.write.shutdown()
+        self.hash.shutdown()
+        self.blocks.shutdown()
+
+
+class _Writer:
+    """Stages chunks, writes them at their place on the destination and hashes them, in order,
+    on helper threads; the caller goes on receiving. `drain` waits until all are written and
+    hashed and raises a write error; leaving the block drains too, so no write outlives an
+    attempt."""
+
+    def __init__(self, pools: _Pools, dest: _Destination, offset: int, progress: _Progress):
+        self.pools = pools
+        self.dest = dest
+        self.progress = progress
+        self.hashing: deque[Future[None]] = deque()
+        self.writing: deque[tuple[Future[None], _Stage]] = deque()
+        self.free = list(pools.stages)
+        self.stage = self.free.pop()
+        self.stage.reset(offset + progress.done)
+
     def submit(self, data: bytes) -> None:
         """Write `data` next (after `progress.done`), hash it after everything before, count it."""
-        while len(self.pending) >= 2 * _IN_FLIGHT:
-            self.pending.popleft().result()
-        position = self.offset + self.progress.done
-        self.pending.append(self.pools.write.submit(self._store, data, position))
-        self.pending.append(self.pools.hash.submit(self.progress.hasher.update, data))
+        while len(self.hashing) >= _IN_FLIGHT:
+            self.hashing.popleft().result()
+        self.hashing.append(self.pools.hash.submit(self.progress.hasher.update, data))
+        if self.progress.blocks is not None:
+            self.hashing.append(self.pools.blocks.submit(self.progress.blocks.update, data))
+        view = memoryview(data)
+        while view:
+            view = view[self.stage.take(view) :]
+            if self.stage.full:
+                self._flush()
         self.progress.done += len(data)
 
+    def _flush(self) -> None:
+        """Hand the current stage to the write thread and start the next one after it."""
+        stage = self.stage
+        if stage.end == stage.lead:
+            return
+        self.writing.append((self.pools.write.submit(self.dest.write, stage, stage.end), stage))
+        if not self.free:
+            done, spare = self.writing.popleft()
+            done.result()
+            self.free.append(spare)
+        self.stage = self.free.pop()
+        self.stage.reset(stage.position(stage.end))
+
     def drain(self) -> None:
-        while self.pending:
-            self.pending.popleft().result()
+        self._flush()
+        while self.writing:
+            done, stage = self.writing.popleft()
+            done.result()
+            self.free.append(stage)
+        while self.hashing:
+            self.hashing.popleft().result()
 
     def __enter__(self) -> _Writer:
         return self
@@ -164,11 +303,20 @@ class _Writer:
         if error is None:
             self.drain()
             return
-        # Leaving on an error: still wait for every write, so that none lands after the caller
-        # saved its state or started over. A failed write is the error worth reporting: the
-        # disk, not the network, is what the operator has to look at.
-        failures = [f.exception() for f in self.pending]  # exception() waits for each
-        self.pending.clear()
+        # Leaving on an error: still write what was counted (a later attempt goes on after it)
+        # and wait for every write, so that none lands after the caller saved its state or
+        # started over. A failed write is the error worth reporting: the disk, not the
+        # network, is what the operator has to look at.
+        try:
+            self._flush()
+        except StorageError as e:
+            failures: list[BaseException | None] = [e]
+        else:
+            failures = []
+        futures = [f for f, _ in self.writing] + list(self.hashing)
+        failures += [f.exception() for f in futures]  # exception() waits for each
+        self.writing.clear()
+        self.hashing.clear()
         failure = next((f for f in failures if f is not None), None)
         if failure is not None and not isinstance(error, StorageError):
             raise failure from error
@@ -236,7 +384,7 @@ def _rehash(fd: int, offset: int, done: int, chunk: int, progress: _Progress) ->
             # The destination is shorter than the state file says (a file was truncated).
             progress.restart()
             return
-        progress.hasher.update(data)
+        progress.hash(data)
         position += len(data)
     progress.done = done
     progress.saved = done
@@ -297,7 +445,7 @@ def _attempt(
     url: str,
     session: requests.Session,
     pools: _Pools,
-    fd: int,
+    dest: _Destination,
     offset: int,
     length: int,
     progress: _Progress,
@@ -331,7 +479,7 @@ def _attempt(
                     f"refused {url}: the server offers {declared} bytes from byte "
                     f"{progress.done}, the trusted metadata leaves {expected}"
                 )
-        with _Writer(pools, url, fd, offset, progress) as writer:
+        with _Writer(pools, dest, offset, progress) as writer:
             _receive(url, response, writer, length, progress, knobs)
         if progress.done < length:
             if declared is None:
@@ -427,6 +575,8 @@ def stream_to(
     backoff: float = 1.0,
     state_interval: int = 16 * MiB,
     progress: Callable[[int], None] | None = None,
+    direct: bool = False,
+    blocks: BlockHashes | None = None,
 ) -> None:
     """Download `url` into `dest` at `offset`; its `length` bytes must hash to `sha256`.
 
@@ -437,7 +587,11 @@ def stream_to(
     5xx, slow retrieval) are retried within this call up to `attempts` times, resuming each time,
     with exponential backoff from `backoff` seconds. `timeout` is (connect, read) in seconds;
     `min_rate` bytes/s averaged over `rate_window` seconds defends against slow retrieval (0 turns
-    the check off). `progress` is called with the number of bytes done.
+    the check off). `progress` is called with the number of bytes done. With `direct`, whole
+    aligned blocks are written with O_DIRECT where the destination allows it (a slot partition):
+    no copy of the payload passes through the page cache, where it would push out the running
+    containers' files. `blocks` (fresh, or reset) is fed the same bytes in order, including any
+    read back to resume, on a thread of its own.
 
     Raises DownloadError (or SlowRetrievalError) when the transfer fails, LengthMismatchError
     for endless or short data, VerificationError when the bytes written do not hash to `sha256`:
@@ -452,7 +606,9 @@ def stream_to(
         )
     dest.flush()
     fd = dest.fileno()
-    state = _Progress(hashlib.sha256())
+    state = _Progress(hashlib.sha256(), blocks)
+    if blocks is not None:
+        blocks.reset()
     if state_path is not None and resume:
         done = _load_state(state_path, sha256, length, offset)
         if done:
@@ -471,12 +627,13 @@ def stream_to(
     client = requests.Session() if session is None else session
     knobs = _Knobs(timeout, min_rate, rate_window, chunk, state_interval, save, progress)
     pools = _Pools.start()
+    target = _Destination.open(url, fd, direct)
     try:
         attempt = 0
         while state.done < length:
             attempt += 1
             try:
-                _attempt(url, client, pools, fd, offset, length, state, knobs)
+                _attempt(url, client, pools, target, offset, length, state, knobs)
             except _Transient as transient:
                 save()
                 if attempt >= attempts:
@@ -496,6 +653,7 @@ def stream_to(
         raise
     finally:
         pools.shutdown()
+        target.close()
         if own_session:
             client.close()
 
