@@ -370,10 +370,17 @@ class Phase:
 
 
 PHASES = (
-    # The slot is being written: the stream of the root file system (resumed later by Range).
+    # The slot is being written: the stream of the root file system (resumed later by Range),
+    # after its hash tree (a second at most: too short to aim at).
     Phase("download", lambda t: t is not None and "root.erofs" in t and "100%" not in t, 8),
-    # The hash tree, then the whole slot verified against the signed root hash.
-    Phase("verify", lambda t: t is not None and "root.verity" in t, 4),
+    # The root is in: the tree built from its blocks is checked against the signed root hash
+    # and the stored tree, and the slot is named after the root hash. That takes a moment, so
+    # a poll that comes too late sees the UKI already streaming: the cut then lands there.
+    Phase(
+        "verify",
+        lambda t: t is not None and ("root.erofs 100%" in t or "uki.efi" in t),
+        2,
+    ),
     # The UKI streams to a temporary name on the ESP, then the rename with a boot counter.
     Phase("UKI install", lambda t: t is not None and "uki.efi" in t, 2),
     # Shutting down, firmware, boot loader, kernel and the new version's trial boot.
