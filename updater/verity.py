@@ -21,6 +21,7 @@ import hashlib
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from updater.errors import VerificationError
 
@@ -104,24 +105,30 @@ def read_superblock(fd: int, offset: int, where: str) -> Superblock:
     return Superblock.parse(raw, where)
 
 
+def _digests(salted: Any, view: memoryview | bytearray) -> bytes:
+    """The digests of the whole blocks in `view`, each sha256(salt || block), `salted` being a
+    sha256 fed the salt."""
+    out = bytearray()
+    for start in range(0, len(view) - BLOCK + 1, BLOCK):
+        digest = salted.copy()
+        digest.update(view[start : start + BLOCK])  # 4 KiB: hashlib releases the GIL meanwhile
+        out += digest.digest()
+    return bytes(out)
+
+
 class BlockHashes:
     """The salted sha256 of each data block, in order, from data fed in pieces of any size."""
 
     def __init__(self, salt: bytes) -> None:
         self._salted = hashlib.sha256(salt)
         self.digests = bytearray()
-        self._partial = bytearray()
+        self._partial = bytearray()  # the start of a block whose end has not come yet
 
     def reset(self) -> None:
         self.digests.clear()
         self._partial.clear()
 
-    def _block(self, block: bytes | bytearray | memoryview) -> None:
-        digest = self._salted.copy()
-        digest.update(block)  # 4 KiB: hashlib releases the GIL while it hashes
-        self.digests += digest.digest()
-
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         if self._partial:
             take = BLOCK - len(self._partial)
@@ -129,11 +136,10 @@ class BlockHashes:
             view = view[take:]
             if len(self._partial) < BLOCK:
                 return
-            self._block(self._partial)
+            self.digests += _digests(self._salted, self._partial)
             self._partial.clear()
         whole = len(view) - len(view) % BLOCK
-        for start in range(0, whole, BLOCK):
-            self._block(view[start : start + BLOCK])
+        self.digests += _digests(self._salted, view[:whole])
         self._partial += view[whole:]
 
     def finish(self, where: str) -> bytes:
@@ -160,14 +166,10 @@ def build_tree(digests: bytes, salt: bytes) -> tuple[bytes, str]:
     while True:
         padded = level + bytes(-len(level) % BLOCK)
         levels.append(padded)
-        above = bytearray()
-        for start in range(0, len(padded), BLOCK):
-            digest = salted.copy()
-            digest.update(padded[start : start + BLOCK])
-            above += digest.digest()
+        above = _digests(salted, memoryview(padded))
         if len(padded) == BLOCK:
             return b"".join(reversed(levels)), above.hex()
-        level = bytes(above)
+        level = above
 
 
 def check_tree(
