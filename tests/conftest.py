@@ -85,12 +85,46 @@ def etcd() -> Iterator[EtcdServer]:
         yield server
 
 
+# Serial logs grow across sessions (a machine started again appends): the sizes they had when
+# this session started, so that only what it added is read at the end.
+_SERIAL_AT_START: dict[Path, int] = {}
+
+
+def _serial_logs() -> list[Path]:
+    return sorted(ARTIFACTS.glob("*/*/serial.log"))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    for log in _serial_logs():
+        _SERIAL_AT_START[log] = log.stat().st_size
+
+
+def _kernel_faults() -> list[str]:
+    """Guest kernel faults no test asked for, in this session's serial logs (tests/console.py)."""
+    from tests.console import kernel_faults
+
+    faults = []
+    for log in _serial_logs():
+        with log.open("rb") as f:
+            f.seek(_SERIAL_AT_START.get(log, 0))
+            text = f.read().decode(errors="replace")
+        where = f"{log.parent.parent.name}/{log.parent.name}"
+        faults += [f"{where}: {fault}" for fault in kernel_faults(text)]
+    return faults
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The end-to-end scenarios' table (tests/e2e.py): case, boots, seconds, outcome."""
+    """The end-to-end scenarios' table (tests/e2e.py): case, boots, seconds, outcome; then the
+    guest kernel faults that boot counting may have absorbed."""
     from tests.e2e import summary_table
 
     lines = summary_table()
     if lines:
         terminalreporter.section("end-to-end update scenarios")
         for line in lines:
+            terminalreporter.write_line(line)
+    faults = _kernel_faults()
+    if faults:
+        terminalreporter.section("guest kernel faults no test asked for")
+        for line in faults:
             terminalreporter.write_line(line)

@@ -24,6 +24,7 @@ from builder import publish as pub
 from builder.config import load_image
 from builder.image import BuildResult, build_image
 from qemu import VM, VMConfig
+from tests import console
 from tests.servers import NginxServer
 from updater.version import Version
 
@@ -34,8 +35,6 @@ MARKER = "/usr/lib/berth/e2e-marker"
 # A kernel command-line word that makes the initrd unusable: the kernel cannot run it, cannot
 # mount root= itself, and panics; panic=10 (images/base.toml) then reboots.
 PANIC_WORD = "rdinit=/berth-e2e-no-such-init"
-# Linux prints this once per boot: counts boots (and failed boot attempts) in a serial log.
-KERNEL_BANNER = "Linux version "
 
 
 @dataclass(frozen=True)
@@ -148,7 +147,7 @@ class Machine:
 
     def boots(self) -> int:
         """Kernel starts seen on this machine's console so far (failed attempts included)."""
-        return self.console().count(KERNEL_BANNER)
+        return console.boots(self.console())
 
     def console(self) -> str:
         """What this machine printed on its serial console (this run only)."""
