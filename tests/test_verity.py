@@ -34,7 +34,7 @@ def digests_of(data: bytes, salt: bytes, pieces: list[int]) -> bytes:
         size = pieces[turn % len(pieces)]
         hashes.update(data[position : position + size])
         position, turn = position + size, turn + 1
-    return hashes.finish("the data")
+    return bytes(hashes.finish("the data"))
 
 
 # 1 block: no level at all; 2-128: one level; 129: two; 16385: three (128 * 128 + 1).
@@ -87,6 +87,42 @@ def test_check_tree_accepts_the_real_thing_and_refuses_the_rest(tmp_path: Path) 
             verity.check_tree(fd, 8192, sb, digests, roothash, "slot B")
     finally:
         os.close(fd)
+
+
+def test_check_tree_reads_the_stored_tree_in_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three levels: the top one at byte 4096 of the tree, the middle one (2 blocks) at 8192,
+    # the bottom one at 16384: 16385 digests, then zero padding from 540704 to 544768.
+    data, tree, roothash = formatted(tmp_path, 16385)
+    assert len(tree) == 544768
+    monkeypatch.setattr(verity, "_COMPARE", 3 * BLOCK)  # many pieces, the last one short
+    sb = verity.Superblock.parse(tree, "root.verity")
+    digests = digests_of(data, sb.salt, [1 << 20])
+    stored = tmp_path / "slot"
+
+    def check(image: bytes) -> None:
+        stored.write_bytes(image)
+        fd = os.open(stored, os.O_RDONLY)
+        try:
+            verity.check_tree(fd, 0, sb, digests, roothash, "slot B")
+        finally:
+            os.close(fd)
+
+    check(tree)
+    for at in (542000, 300000, 9000):  # in the padding, the digests, the middle level
+        tampered = bytearray(tree)
+        tampered[at] ^= 0x40
+        with pytest.raises(VerificationError, match=f"first differ at byte {at} of the tree"):
+            check(bytes(tampered))
+    # Two levels differ: the first difference in the tree is named, not the first found.
+    tampered = bytearray(tree)
+    tampered[300000] ^= 1
+    tampered[5000] ^= 1
+    with pytest.raises(VerificationError, match="first differ at byte 5000 of the tree"):
+        check(bytes(tampered))
+    with pytest.raises(VerificationError, match="first differ at byte 300000 of the tree"):
+        check(tree[:300000])  # a partition too short for the tree
 
 
 def test_superblock_refusals(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +106,7 @@ def read_superblock(fd: int, offset: int, where: str) -> Superblock:
     return Superblock.parse(raw, where)
 
 
-def _digests(salted: Any, view: memoryview | bytearray) -> bytes:
+def _digests(salted: Any, view: bytes | bytearray | memoryview) -> bytes:
     """The digests of the whole blocks in `view`, each sha256(salt || block), `salted` being a
     sha256 fed the salt."""
     out = bytearray()
@@ -142,58 +143,119 @@ class BlockHashes:
         self.digests += _digests(self._salted, view[:whole])
         self._partial += view[whole:]
 
-    def finish(self, where: str) -> bytes:
-        """The digests of all blocks; the data must have been a whole number of blocks."""
+    def finish(self, where: str) -> bytearray:
+        """Hand over the digests of all blocks (without a copy: a 2 GiB root has 16 MiB of
+        them); the data must have been a whole number of blocks."""
         if self._partial:
             raise VerificationError(
                 f"refused: {where} ends with {len(self._partial)} bytes of a block: a verity "
                 f"data device is a whole number of {BLOCK}-byte blocks"
             )
-        return bytes(self.digests)
+        digests, self.digests = self.digests, bytearray()
+        return digests
 
 
-def build_tree(digests: bytes, salt: bytes) -> tuple[bytes, str]:
-    """The hash levels (as they follow the superblock on disk) over data blocks with `digests`,
-    and the root hash in hex."""
+Digests = bytes | bytearray | memoryview
+
+
+def _padded(size: int) -> int:
+    """`size` rounded up to whole blocks: a level with its zero padding."""
+    return -(-size // BLOCK) * BLOCK
+
+
+def _level_sizes(blocks: int) -> list[int]:
+    """The size in bytes of each level of the tree over `blocks` data blocks, the bottom one
+    first: whole hash blocks, until a level is a single block (no level at all over one)."""
+    sizes = []
+    while blocks > 1:
+        size = _padded(blocks * _DIGEST)
+        sizes.append(size)
+        blocks = size // BLOCK
+    return sizes
+
+
+def _walk(digests: Digests, salt: bytes, visit: Callable[[memoryview, int], None]) -> str:
+    """Build the tree from the bottom up, one level at a time: `visit(level, position)` sees
+    each level's digests (its zero padding left implicit) and where the level starts within the
+    tree as it follows the superblock on disk, from the top. Returns the root hash in hex.
+
+    Only the level being built is held besides `digests`: 1/128 of the one below it."""
     if len(digests) % _DIGEST or not digests:
         raise ValueError(f"{len(digests)} bytes are not a non-empty list of sha256 digests")
-    if len(digests) == _DIGEST:
+    sizes = _level_sizes(len(digests) // _DIGEST)
+    level = memoryview(digests)
+    if not sizes:
         # One data block: the kernel builds no level and its digest is the root.
-        return b"", digests.hex()
+        return bytes(level).hex()
     salted = hashlib.sha256(salt)
+    for index in range(len(sizes)):
+        visit(level, sum(sizes[index + 1 :]))  # the levels above come first on disk
+        whole = len(level) - len(level) % BLOCK
+        above = _digests(salted, level[:whole])
+        if whole < len(level):
+            above += _digests(salted, bytes(level[whole:]).ljust(BLOCK, b"\0"))
+        level = memoryview(above)
+    return bytes(level).hex()
+
+
+def build_tree(digests: Digests, salt: bytes) -> tuple[bytes, str]:
+    """The hash levels (as they follow the superblock on disk) over data blocks with `digests`,
+    and the root hash in hex."""
     levels: list[bytes] = []
-    level = digests
-    while True:
-        padded = level + bytes(-len(level) % BLOCK)
-        levels.append(padded)
-        above = _digests(salted, memoryview(padded))
-        if len(padded) == BLOCK:
-            return b"".join(reversed(levels)), above.hex()
-        level = above
+
+    def keep(level: memoryview, position: int) -> None:
+        levels.append(bytes(level).ljust(_padded(len(level)), b"\0"))
+
+    root = _walk(digests, salt, keep)
+    return b"".join(reversed(levels)), root
+
+
+_COMPARE = 1 << 20  # bytes of the stored tree read at a time
+
+
+def _first_difference(fd: int, start: int, level: memoryview, padded: int) -> int | None:
+    """Where, from the start of `level`, the `padded` bytes stored at `start` of `fd` first
+    differ from `level` and its zero padding; None when they are the same."""
+    for at in range(0, padded, _COMPARE):
+        want = bytes(level[at : at + _COMPARE]).ljust(min(_COMPARE, padded - at), b"\0")
+        got = os.pread(fd, len(want), start + at)
+        if got != want:
+            return at + next(
+                (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                min(len(got), len(want)),
+            )
+    return None
 
 
 def check_tree(
-    fd: int, offset: int, superblock: Superblock, digests: bytes, roothash: str, where: str
+    fd: int, offset: int, superblock: Superblock, digests: Digests, roothash: str, where: str
 ) -> None:
     """The data whose block `digests` these are must have `roothash`, and the tree stored at
-    `offset` of `fd` (after its superblock) must be the one built from them."""
-    tree, root = build_tree(digests, superblock.salt)
+    `offset` of `fd` (after its superblock) must be the one built from them.
+
+    The stored tree is compared level by level as the levels are built, a MiB at a time: the
+    check holds little more than `digests` however large the root is."""
+    start = offset + superblock.hash_block_size
+    differs: list[int] = []  # the first difference within each level that has one
+
+    def compare(level: memoryview, position: int) -> None:
+        try:
+            at = _first_difference(fd, start + position, level, _padded(len(level)))
+        except OSError as e:
+            raise VerificationError(f"refused: cannot read the hash tree in {where}: {e}") from e
+        if at is not None:
+            differs.append(position + at)
+
+    root = _walk(digests, superblock.salt, compare)
+    # Data that is not the release's also gives a tree unlike the signed one: the root hash is
+    # the finding worth reporting then.
     if root != roothash.lower():
         raise VerificationError(
             f"refused: the data written to {where} has verity root hash {root}, the signed "
             f"release says {roothash}"
         )
-    start = offset + superblock.hash_block_size
-    try:
-        stored = os.pread(fd, len(tree), start) if tree else b""
-    except OSError as e:
-        raise VerificationError(f"refused: cannot read the hash tree in {where}: {e}") from e
-    if stored != tree:
-        at = next(
-            (i for i, (a, b) in enumerate(zip(stored, tree, strict=False)) if a != b),
-            min(len(stored), len(tree)),
-        )
+    if differs:
         raise VerificationError(
             f"refused: the hash tree in {where} is not the one its data gives (they first "
-            f"differ at byte {superblock.hash_block_size + at} of the tree)"
+            f"differ at byte {superblock.hash_block_size + min(differs)} of the tree)"
         )
