@@ -106,7 +106,7 @@ def read_superblock(fd: int, offset: int, where: str) -> Superblock:
     return Superblock.parse(raw, where)
 
 
-def _digests(salted: Any, view: bytes | bytearray | memoryview) -> bytes:
+def _digests(salted: Any, view: bytes | bytearray | memoryview) -> bytearray:
     """The digests of the whole blocks in `view`, each sha256(salt || block), `salted` being a
     sha256 fed the salt."""
     out = bytearray()
@@ -114,7 +114,7 @@ def _digests(salted: Any, view: bytes | bytearray | memoryview) -> bytes:
         digest = salted.copy()
         digest.update(view[start : start + BLOCK])  # 4 KiB: hashlib releases the GIL meanwhile
         out += digest.digest()
-    return bytes(out)
+    return out
 
 
 class BlockHashes:
@@ -158,26 +158,22 @@ class BlockHashes:
 Digests = bytes | bytearray | memoryview
 
 
-def _padded(size: int) -> int:
-    """`size` rounded up to whole blocks: a level with its zero padding."""
-    return -(-size // BLOCK) * BLOCK
-
-
 def _level_sizes(blocks: int) -> list[int]:
     """The size in bytes of each level of the tree over `blocks` data blocks, the bottom one
     first: whole hash blocks, until a level is a single block (no level at all over one)."""
     sizes = []
     while blocks > 1:
-        size = _padded(blocks * _DIGEST)
+        size = -(-blocks * _DIGEST // BLOCK) * BLOCK  # the digests, zero-padded to a block
         sizes.append(size)
         blocks = size // BLOCK
     return sizes
 
 
-def _walk(digests: Digests, salt: bytes, visit: Callable[[memoryview, int], None]) -> str:
-    """Build the tree from the bottom up, one level at a time: `visit(level, position)` sees
-    each level's digests (its zero padding left implicit) and where the level starts within the
-    tree as it follows the superblock on disk, from the top. Returns the root hash in hex.
+def _walk(digests: Digests, salt: bytes, visit: Callable[[memoryview, int, int], None]) -> str:
+    """Build the tree from the bottom up, one level at a time: `visit(level, position, size)`
+    sees each level's digests (its zero padding left implicit), where the level starts within
+    the tree as it follows the superblock on disk, from the top, and its size there, padding
+    included. Returns the root hash in hex.
 
     Only the level being built is held besides `digests`: 1/128 of the one below it."""
     if len(digests) % _DIGEST or not digests:
@@ -188,8 +184,8 @@ def _walk(digests: Digests, salt: bytes, visit: Callable[[memoryview, int], None
         # One data block: the kernel builds no level and its digest is the root.
         return bytes(level).hex()
     salted = hashlib.sha256(salt)
-    for index in range(len(sizes)):
-        visit(level, sum(sizes[index + 1 :]))  # the levels above come first on disk
+    for index, size in enumerate(sizes):
+        visit(level, sum(sizes[index + 1 :]), size)  # the levels above come first on disk
         whole = len(level) - len(level) % BLOCK
         above = _digests(salted, level[:whole])
         if whole < len(level):
@@ -203,8 +199,8 @@ def build_tree(digests: Digests, salt: bytes) -> tuple[bytes, str]:
     and the root hash in hex."""
     levels: list[bytes] = []
 
-    def keep(level: memoryview, position: int) -> None:
-        levels.append(bytes(level).ljust(_padded(len(level)), b"\0"))
+    def keep(level: memoryview, position: int, size: int) -> None:
+        levels.append(bytes(level).ljust(size, b"\0"))
 
     root = _walk(digests, salt, keep)
     return b"".join(reversed(levels)), root
@@ -238,9 +234,9 @@ def check_tree(
     start = offset + superblock.hash_block_size
     differs: list[int] = []  # the first difference within each level that has one
 
-    def compare(level: memoryview, position: int) -> None:
+    def compare(level: memoryview, position: int, size: int) -> None:
         try:
-            at = _first_difference(fd, start + position, level, _padded(len(level)))
+            at = _first_difference(fd, start + position, level, size)
         except OSError as e:
             raise VerificationError(f"refused: cannot read the hash tree in {where}: {e}") from e
         if at is not None:
