@@ -48,6 +48,12 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 SERIAL_TAIL_LINES = 40
+# A guest kernel's last line before the machine resets; the firmware prints again seconds later.
+RESET_LINE = "reboot: machine restart"
+# How long the console may stay silent after RESET_LINE before the reset counts as hung.
+RESET_SILENCE = 120.0
+# Begins each line the harness itself writes into a serial log, so readers can tell it apart.
+HARNESS_MARK = "berth-harness:"
 # The AHCI controller has six ports, one disk each.
 AHCI_PORTS = 6
 # Unix socket paths are limited to 108 bytes; deep pytest tmp dirs can exceed that.
@@ -496,6 +502,11 @@ class VM:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        """QEMU's process id, once started (a power cycle starts a new process)."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
 
@@ -533,6 +544,41 @@ class VM:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         return proc.wait()
+
+    def recover_hung_reset(self, silence: float = RESET_SILENCE) -> bool:
+        """Power-cycle a machine that went silent after a reset, as a BMC's watchdog would.
+
+        Under TCG a warm reset can leave the firmware printing nothing at all (once in a CI run:
+        over 20 minutes of silence after "reboot: machine restart" with QEMU alive, though systemd
+        had armed the guest's 10-minute watchdog for the reboot). Only this case is handled:
+        the console's last words are the kernel's reset and nothing followed for `silence`
+        seconds, so the firmware never handed over to the boot loader and no boot counter
+        moved. A boot that hangs later, in our own code, is left for the test to fail. The console
+        gets a line saying what was done; return whether it was.
+        """
+        if not self.running:
+            return False
+        try:
+            quiet = time.time() - self.serial_log.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if quiet < silence or not self._serial_ends_with_reset():
+            return False
+        self.kill()
+        with self.serial_log.open("a") as console:
+            console.write(
+                f"\n{HARNESS_MARK} no console output for {quiet:.0f} s after the guest reset;"
+                " power-cycled the machine\n"
+            )
+        log(f"the firmware was silent {quiet:.0f} s after a reset: power-cycling the VM")
+        self.start()
+        return True
+
+    def _serial_ends_with_reset(self) -> bool:
+        with self.serial_log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 512))
+            tail = strip_ansi(f.read())
+        return tail.rstrip().endswith(RESET_LINE)
 
     def close(self) -> None:
         if self.running:
@@ -574,6 +620,7 @@ class VM:
         offset = self._serial_start if since is None else since
         deadline = time.monotonic() + timeout
         while True:
+            self.recover_hung_reset()
             # Read before checking for exit so the last words of a dying QEMU are not missed.
             exited = not self.running
             match = regex.search(self.serial_text(offset))
@@ -595,6 +642,7 @@ class VM:
         last = b""
         while True:
             self._require_running("QEMU exited before SSH answered")
+            self.recover_hung_reset()
             result = self._ssh_run("true", timeout=30, connect_timeout=5)
             if result.returncode == 0:
                 self._ssh_answered = True
@@ -655,6 +703,7 @@ class VM:
         deadline = start + timeout
         while True:
             self._require_running("QEMU exited during the reboot")
+            self.recover_hung_reset()
             result = self._ssh_run(
                 "cat /proc/sys/kernel/random/boot_id", timeout=30, connect_timeout=5
             )

@@ -99,9 +99,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         _SERIAL_AT_START[log] = log.stat().st_size
 
 
-def _kernel_faults() -> list[str]:
-    """Guest kernel faults no test asked for, in this session's serial logs (tests/console.py)."""
-    from tests.console import kernel_faults
+def _guest_faults() -> list[str]:
+    """Guest faults no test asked for, in this session's serial logs (tests/console.py)."""
+    from tests.console import guest_faults
 
     faults = []
     for log in _serial_logs():
@@ -109,13 +109,13 @@ def _kernel_faults() -> list[str]:
             f.seek(_SERIAL_AT_START.get(log, 0))
             text = f.read().decode(errors="replace")
         where = f"{log.parent.parent.name}/{log.parent.name}"
-        faults += [f"{where}: {fault}" for fault in kernel_faults(text)]
+        faults += [f"{where}: {fault}" for fault in guest_faults(text)]
     return faults
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The end-to-end scenarios' table (tests/e2e.py): case, boots, seconds, outcome; then the
-    guest kernel faults that boot counting may have absorbed."""
+    guest faults that boot counting or the harness's power-cycle may have absorbed."""
     from tests.e2e import summary_table
 
     lines = summary_table()
@@ -123,8 +123,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("end-to-end update scenarios")
         for line in lines:
             terminalreporter.write_line(line)
-    faults = _kernel_faults()
+    faults = _guest_faults()
     if faults:
-        terminalreporter.section("guest kernel faults no test asked for")
+        terminalreporter.section("guest faults no test asked for")
         for line in faults:
             terminalreporter.write_line(line)

@@ -210,6 +210,7 @@ class Machine:
                 )
             if not self.vm.running:
                 raise AssertionError(f"QEMU exited while waiting for {what}")
+            self.vm.recover_hung_reset()
             time.sleep(poll)
 
     def wait_for_boot(self, version: str, old_boot_id: str, timeout: float = 900) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.console import boots, kernel_faults
+from tests.console import boots, guest_faults
 
 FIRMWARE = 'BdsDxe: starting Boot0001 "UEFI Misc Device" from PciRoot(0x0)/Pci(0x3,0x0)\r\n'
 BANNER = "[    0.000000] Linux version 6.12.118+deb13-amd64 (debian-kernel@lists.debian.org)\r\n"
@@ -37,12 +37,12 @@ def console(*boots_printed: str) -> str:
 def test_a_clean_console_and_the_deliberate_panic_report_nothing() -> None:
     text = console(CLEAN, DELIBERATE, DELIBERATE, CLEAN)
     assert boots(text) == 4
-    assert kernel_faults(text) == []
+    assert guest_faults(text) == []
 
 
 def test_each_faulty_boot_is_named_with_its_first_fault_and_where_it_hit() -> None:
     text = console(CLEAN, OOPS_THEN_PANIC, CLEAN, OOPS_ONLY, OTHER_PANIC, DELIBERATE)
-    assert kernel_faults(text) == [
+    assert guest_faults(text) == [
         "boot 2: Oops: int3: 0000 [#1] PREEMPT SMP NOPTI at ip_local_deliver+0x5a/0x100; "
         "then the kernel panicked",
         "boot 4: Oops: int3: 0000 [#1] PREEMPT SMP NOPTI at sched_clock_cpu+0x9/0x1d0",
@@ -52,7 +52,20 @@ def test_each_faulty_boot_is_named_with_its_first_fault_and_where_it_hit() -> No
 
 def test_an_oops_before_the_deliberate_panic_is_still_reported() -> None:
     text = console(OOPS_ONLY + DELIBERATE)
-    assert kernel_faults(text) == [
+    assert guest_faults(text) == [
         "boot 1: Oops: int3: 0000 [#1] PREEMPT SMP NOPTI at sched_clock_cpu+0x9/0x1d0; "
         "then the kernel panicked"
     ]
+
+
+def test_a_power_cycle_by_the_harness_is_reported_with_the_boot_it_ended() -> None:
+    reset = "[   69.144919] reboot: machine restart\r\n"
+    mark = "\nberth-harness: no console output for 123 s after the guest reset; power-cycled\n"
+    text = console(CLEAN + reset, CLEAN + reset + mark, OOPS_ONLY)
+    assert boots(text) == 3
+    assert guest_faults(text) == [
+        "boot 2: berth-harness: no console output for 123 s after the guest reset; power-cycled",
+        "boot 3: Oops: int3: 0000 [#1] PREEMPT SMP NOPTI at sched_clock_cpu+0x9/0x1d0",
+    ]
+    # The kernel's own words are never taken for the harness's.
+    assert guest_faults(console(CLEAN + "[ 1.0] berth-harness: in a kernel line\r\n")) == []

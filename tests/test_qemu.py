@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import os
 import socket
 import threading
 import time
@@ -17,6 +18,8 @@ from builder.run import run
 from qemu.__main__ import main
 from qemu.ssh import ssh_argv, write_ssh_config
 from qemu.vm import (
+    HARNESS_MARK,
+    RESET_LINE,
     VM,
     Accel,
     BootError,
@@ -350,6 +353,43 @@ def test_power_cycle_reuses_the_disk_and_appends_the_console(tmp_path: Path, bla
         # The firmware shell ignores the ACPI power button, so shutdown has to fall back to a kill.
         assert vm.shutdown(timeout=2) == -9
     assert not vm.running
+
+
+@pytest.mark.vm
+def test_a_machine_silent_after_its_reset_is_power_cycled(tmp_path: Path, blank: Path) -> None:
+    # QEMU started with -S never runs the firmware: from outside it looks like the hung reset.
+    serial = tmp_path / "serial.log"
+    config = VMConfig(
+        disk=blank, work_dir=tmp_path / "vm", serial_log=serial, memory_mib=512, extra_args=("-S",)
+    )
+    long_ago = time.time() - 600
+
+    def console_was(text: str) -> None:
+        serial.write_text(text)
+        os.utime(serial, (long_ago, long_ago))
+
+    console_was("[   12.5] Reached target multi-user.target.\n")
+    with VM(config) as vm:
+        first = vm.pid
+        # Quiet for long, but the last words are not a reset: a guest that is simply idle.
+        assert not vm.recover_hung_reset(silence=300)
+        # The reset, but not quiet for long enough yet.
+        console_was(f"[   69.1] reboot: Restarting system\n\x1b[2J[   69.2] {RESET_LINE}\r\n")
+        assert not vm.recover_hung_reset(silence=900)
+        assert vm.pid == first
+
+        assert vm.recover_hung_reset(silence=300)
+        assert vm.running and vm.pid != first
+        last = vm.serial_text().splitlines()[-1]
+        assert last.startswith(f"{HARNESS_MARK} no console output for 6")
+        assert last.endswith("s after the guest reset; power-cycled the machine")
+        # Once said, the reset is no longer the console's last word.
+        assert not vm.recover_hung_reset(silence=0)
+        assert vm.pid != first
+
+        # The new QEMU is a whole machine: let it run, and its firmware boots again.
+        vm.qmp("cont")
+        vm.wait_for_serial("BdsDxe: failed to load", timeout=60)
 
 
 def test_testinfra_host_uses_the_vm_ssh_config(tmp_path: Path, blank: Path) -> None:

@@ -433,6 +433,7 @@ def settle(m: Machine, timeout: float = 1500) -> tuple[str, str, dict[str, Any]]
             return state, version, json.loads(doc)
         if m.seconds() > deadline:
             raise AssertionError(f"no boot finished within {timeout:.0f} s after the cut")
+        m.vm.recover_hung_reset()
         time.sleep(2)
 
 
