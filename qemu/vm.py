@@ -562,7 +562,8 @@ class VM:
             quiet = time.time() - self.serial_log.stat().st_mtime
         except FileNotFoundError:
             return False
-        if quiet < silence or not self._serial_ends_with_reset():
+        last_words = self.serial_text(max(0, self.serial_offset() - 512)).rstrip()
+        if quiet < silence or not last_words.endswith(RESET_LINE):
             return False
         self.kill()
         with self.serial_log.open("a") as console:
@@ -573,12 +574,6 @@ class VM:
         log(f"the firmware was silent {quiet:.0f} s after a reset: power-cycling the VM")
         self.start()
         return True
-
-    def _serial_ends_with_reset(self) -> bool:
-        with self.serial_log.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 512))
-            tail = strip_ansi(f.read())
-        return tail.rstrip().endswith(RESET_LINE)
 
     def close(self) -> None:
         if self.running:
