@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.table import print_table
-from updater.machine import Machine
+from updater.update.machine import Machine
 
 if TYPE_CHECKING:  # the daemon child must not pay for the test helpers' imports
     from tests import machine as tm
@@ -66,7 +66,7 @@ def hashing_rate(size: int) -> float:
     memory. No network, no disk: no apply of `size` bytes can be faster on this machine."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from updater.verity import BlockHashes
+    from updater.disk.verity import BlockHashes
 
     data = memoryview(os.urandom(4 * MiB) * (size // (4 * MiB)))
     digest = hashlib.sha256()
@@ -160,7 +160,8 @@ class Phases:
 
 
 def _watch(phases: Phases) -> None:
-    from updater import fetch, verity
+    from updater.disk import verity
+    from updater.update import fetch
 
     phases.wrap(
         fetch,
@@ -188,8 +189,8 @@ def apply_rate(work: Path, size: int, phases: Phases) -> tuple[float, float, str
     from builder import publish as pub
     from tests import machine as tm
     from tests.servers import NginxServer
-    from updater import slots
     from updater.agent import Agent
+    from updater.disk import slots
 
     # The fake machine's slots must hold the release (a sparse disk image file).
     tm.SLOT_DATA = size + 16 * MiB
@@ -270,7 +271,7 @@ def daemon_child(work: Path) -> None:
     """The daemon as berth-update.service runs it, pointed at the fake machine's paths."""
     import logging
 
-    from updater.daemon import ConfigPaths, Daemon, initial_config
+    from updater.service.daemon import ConfigPaths, Daemon, initial_config
 
     logging.basicConfig(level=logging.INFO, format="daemon: %(message)s")
     spec = json.loads((work / "daemon.json").read_text())

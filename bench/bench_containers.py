@@ -29,7 +29,7 @@ from builder.image import build_image
 from qemu import VM, VMConfig
 from qemu.vm import free_port
 from tests.containers import PORT, httpd_archive, install_web_service, web_answers
-from updater.version import Version
+from updater.release.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1e6

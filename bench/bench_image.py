@@ -21,8 +21,8 @@ from bench.table import print_table
 from builder.config import Compression, load_image
 from builder.image import build_image
 from qemu import VM, VMConfig
-from updater.manifest import PAYLOAD_FILES
-from updater.version import Version
+from updater.release.manifest import PAYLOAD_FILES
+from updater.release.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
 

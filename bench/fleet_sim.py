@@ -4,9 +4,9 @@
                                         [--second-at 18] [--seed 1] [--no-plot]
 
 Every machine runs the agent's real decisions: its rollout seed from its machine id
-(updater.channel.machine_seed), the release it would install (select_candidate against a channel
+(release.channel.machine_seed), the release it would install (select_candidate against a channel
 whose releases carry the default waves, channel.default_waves as builder.publish uses them), and
-the reboot gate of the etcd-lock strategy (updater.gate.LockGate on updater.semaphore's
+the reboot gate of the etcd-lock strategy (reboot.gate.LockGate on reboot.semaphore's
 SemaphoreClient: airlock's semaphore, compare-and-swap, its retry backoff). The semaphore lives in
 semaphore.MemoryStore, the in-memory store with etcd's compare-and-swap contract, so the code path
 is the one the etcd tests run against a real etcd; only the network is left out.
@@ -37,12 +37,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from updater.channel import ChannelManifest, Release, default_waves, machine_seed, select_candidate
-from updater.daemon import JITTER
-from updater.gate import Immediate, LockGate, RebootGate
-from updater.identity import lock_id
-from updater.semaphore import MemoryStore, SemaphoreClient
-from updater.version import Version
+from updater.reboot.gate import Immediate, LockGate, RebootGate
+from updater.reboot.semaphore import MemoryStore, SemaphoreClient
+from updater.release.channel import (
+    ChannelManifest,
+    Release,
+    default_waves,
+    machine_seed,
+    select_candidate,
+)
+from updater.release.identity import lock_id
+from updater.release.version import Version
+from updater.service.daemon import JITTER
 
 OUT = Path(__file__).resolve().parent / "out"
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)

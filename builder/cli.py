@@ -10,11 +10,12 @@ from pathlib import Path
 
 from builder import formats, image
 from builder.config import ImageConfig, OutputFormat, list_images, load_image
+from builder.counter import default_version
 from builder.errors import BuildError
 from builder.log import complete_step, log, timings
 from builder.publish import PublishResult
 from builder.run import ensure_host_packages
-from updater.version import Version, default_version
+from updater.release.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = "containerhost"

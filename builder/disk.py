@@ -18,7 +18,7 @@ from builder.config import ImageConfig
 from builder.errors import BuildError
 from builder.run import run
 from builder.treetool import tree_command
-from updater import gpt
+from updater.disk import gpt
 
 MiB = 1 << 20
 

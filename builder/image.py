@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +15,11 @@ from builder.config import ImageConfig
 from builder.disk import stable_uuid
 from builder.erofs import make_erofs
 from builder.errors import BuildError
+from builder.lock import exclusive
 from builder.log import complete_step, log, warn
 from builder.verity import make_verity
-from updater.manifest import Manifest, describe
-from updater.version import Version
+from updater.release.manifest import Manifest, describe
+from updater.release.version import Version
 
 ARCH = "x86_64"
 
@@ -137,20 +136,8 @@ def build_image(
     work = repo / "cache" / "work" / config.name
     # Builds of one image share its work tree: a second build (another shell, a test session,
     # another checkout sharing the cache) waits instead of changing files under the first.
-    with _exclusive(work.with_name(f"{config.name}.lock"), f"another build of {config.name}"):
+    with exclusive(work.with_name(f"{config.name}.lock"), f"another build of {config.name}"):
         return _build_image(config, version, repo, work, refresh, out_dir, keys_dir, extra_trees)
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path, holder: str) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for {holder} to finish ({path})")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _build_image(

@@ -52,10 +52,10 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from builder.errors import BuildError
-from updater import channel as channels
-from updater.channel import ChannelError, ChannelManifest, Release
-from updater.manifest import PAYLOAD_FILES, Manifest, ManifestError
-from updater.version import Version
+from updater.release import channel as channels
+from updater.release.channel import ChannelError, ChannelManifest, Release
+from updater.release.manifest import PAYLOAD_FILES, Manifest, ManifestError
+from updater.release.version import Version
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)

@@ -27,7 +27,7 @@ TEST_VERSION = os.environ.get("BERTH_TEST_VERSION", "1.0.0")
 @pytest.fixture(scope="session")
 def built_image() -> BuildResult:
     """The default image (containerhost), built once per test session."""
-    from updater.version import Version
+    from updater.release.version import Version
 
     config = load_image("containerhost", REPO / "images")
     # BERTH_TEST_OUT: another output directory, so that two test sessions at once do not

@@ -26,7 +26,7 @@ from builder.image import BuildResult, build_image
 from qemu import VM, VMConfig
 from tests import console
 from tests.servers import NginxServer
-from updater.version import Version
+from updater.release.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_HOST = "10.0.2.2"  # the host's loopback as QEMU's user network shows it to the guest

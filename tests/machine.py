@@ -27,12 +27,12 @@ from builder import publish as pub
 from builder.disk import PartitionImage, make_disk
 from builder.run import run
 from tests.servers import NginxServer
-from updater import bootentries, gpt, slots
 from updater.agent import Agent
 from updater.config import UpdateConfig
-from updater.machine import FetchOptions, Machine
-from updater.manifest import PAYLOAD_FILES, Manifest, describe
-from updater.version import Version
+from updater.disk import bootentries, gpt, slots
+from updater.release.manifest import PAYLOAD_FILES, Manifest, describe
+from updater.release.version import Version
+from updater.update.machine import FetchOptions, Machine
 
 MiB = 1 << 20
 IMAGE = "containerhost"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from updater.manifest import PAYLOAD_FILES, Manifest, describe
-from updater.version import Version
+from updater.release.manifest import PAYLOAD_FILES, Manifest, describe
+from updater.release.version import Version
 
 
 def make_release(

@@ -11,14 +11,14 @@ import pytest
 
 from builder import publish as pub
 from tests.machine import FakeMachine, Site, make_agent, release_manifest
-from updater import bootentries, gpt, slots
 from updater.agent import AfterBoot, Agent, SlotRole
 from updater.cli import main
 from updater.config import UpdateConfig
+from updater.disk import bootentries, gpt, slots
+from updater.disk.slots import SlotState
 from updater.errors import RefusedError, UpdateError
-from updater.slots import SlotState
-from updater.state import load_state, state_path
-from updater.version import Version
+from updater.release.version import Version
+from updater.update.state import load_state, state_path
 
 V1, V2 = Version(1, 0, 0), Version(1, 1, 0)
 

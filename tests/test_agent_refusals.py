@@ -21,8 +21,8 @@ from builder import publish as pub
 from tests.machine import FakeMachine, Site, make_agent, release_manifest
 from tests.misbehaving_server import MisbehavingServer, Misbehaviour, misbehaving, start
 from tests.servers import NginxServer
-from updater import trust
 from updater.agent import Agent
+from updater.disk.slots import SlotState
 from updater.errors import (
     DownloadError,
     LengthMismatchError,
@@ -32,10 +32,10 @@ from updater.errors import (
     SlowRetrievalError,
     VerificationError,
 )
-from updater.machine import FetchOptions
-from updater.manifest import PAYLOAD_FILES, Manifest, describe
-from updater.slots import SlotState
-from updater.version import Version
+from updater.release.manifest import PAYLOAD_FILES, Manifest, describe
+from updater.release.version import Version
+from updater.update import trust
+from updater.update.machine import FetchOptions
 
 __all__ = ["misbehaving"]  # the fixture, imported for pytest
 

@@ -1,4 +1,4 @@
-"""updater.bootentries in a temporary ESP directory."""
+"""updater.disk.bootentries in a temporary ESP directory."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from updater import bootentries
-from updater.bootentries import Entry, EntryState
+from updater.disk import bootentries
+from updater.disk.bootentries import Entry, EntryState
 from updater.errors import BootEntryError
-from updater.version import Version
+from updater.release.version import Version
 
 V1, V2, V3 = Version(1, 0, 0), Version(1, 1, 0), Version(1, 10, 0)
 UKI = b"MZ" + bytes(4094) + b"uki"

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from updater import channel as ch
-from updater.channel import ChannelError, ChannelManifest, Release
-from updater.version import Version
+from updater.release import channel as ch
+from updater.release.channel import ChannelError, ChannelManifest, Release
+from updater.release.version import Version
 
 T0 = datetime(2025, 11, 22, 8, 0, tzinfo=UTC)
 HASH = "ab" * 32

@@ -22,7 +22,7 @@ from tests.containers import (
     web_starts,
 )
 from tests.oci import oci_archive, static_hello
-from updater.version import Version
+from updater.release.version import Version
 
 pytestmark = pytest.mark.vm
 

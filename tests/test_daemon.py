@@ -15,13 +15,13 @@ import pytest
 
 from tests.machine import FakeMachine, Site, make_agent, release_manifest
 from tests.servers import _free_port
-from updater import slots
 from updater.config import Strategy
-from updater.daemon import ConfigPaths, Daemon, initial_config
-from updater.machine import FetchOptions
-from updater.notify import Notifier, socket_address
-from updater.state import load_state, state_path
-from updater.version import Version
+from updater.disk import slots
+from updater.release.version import Version
+from updater.service.daemon import ConfigPaths, Daemon, initial_config
+from updater.service.notify import Notifier, socket_address
+from updater.update.machine import FetchOptions
+from updater.update.state import load_state, state_path
 
 INTERVAL = 600.0
 
@@ -180,7 +180,7 @@ def test_backs_off_while_the_repository_is_down_then_recovers(
     harness.defaults(f"http://127.0.0.1:{_free_port()}/")
     site.publish(site.release("1.1.0"))
     daemon = harness.daemon()
-    with caplog.at_level(logging.ERROR, logger="updater.daemon"):
+    with caplog.at_level(logging.ERROR, logger="updater.service.daemon"):
         daemon.run(iterations=5)
     # 1 min doubling, capped at the interval (600 s); the loop survived every failure.
     assert harness.slept == [60.0, 120.0, 240.0, 480.0, 600.0]
@@ -203,7 +203,7 @@ def test_keeps_the_last_good_config_when_the_override_breaks(
     assert daemon.config.strategy is Strategy.OFF
     harness.paths.override.write_text('[update]\nstrategy = "sometimes"\n')
     site.publish(site.release("1.1.0"))
-    with caplog.at_level(logging.ERROR, logger="updater.daemon"):
+    with caplog.at_level(logging.ERROR, logger="updater.service.daemon"):
         daemon.run(iterations=1)
     assert daemon.config.strategy is Strategy.OFF
     assert "key 'update.strategy'" in caplog.text and "keeping the last good" in caplog.text

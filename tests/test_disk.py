@@ -14,7 +14,7 @@ from builder.config import ImageConfig, Partitions
 from builder.disk import PartitionImage, berth_layout, make_disk, stable_uuid, uki_name
 from builder.errors import BuildError
 from builder.run import run
-from updater import gpt
+from updater.disk import gpt
 
 MiB = 1 << 20
 ROOTHASH = "00112233445566778899aabbccddeeff0123456789abcdeffedcba9876543210"

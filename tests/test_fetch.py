@@ -1,4 +1,4 @@
-"""updater.fetch against a real HTTP server on loopback that misbehaves on request."""
+"""updater.update.fetch against a real HTTP server on loopback that misbehaves on request."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from updater import fetch, files, verity
+from updater import files
+from updater.disk import verity
 from updater.errors import (
     DownloadError,
     LengthMismatchError,
@@ -28,6 +29,7 @@ from updater.errors import (
     StorageError,
     VerificationError,
 )
+from updater.update import fetch
 
 CONTENT = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: not a multiple of any chunk
 SHA256 = hashlib.sha256(CONTENT).hexdigest()

@@ -23,7 +23,7 @@ from builder.config import OutputFormat
 from builder.disk import PartitionImage, make_disk
 from builder.errors import ConfigError
 from builder.run import run
-from updater import gpt
+from updater.disk import gpt
 
 MiB = 1 << 20
 DISK_SIZE = (1 + 2 + 24 + 4 + 1) * MiB

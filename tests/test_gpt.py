@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from builder.run import run
-from updater import gpt
+from updater.disk import gpt
 
 GIB = 1024**3
 MIB = 1024**2

@@ -12,10 +12,10 @@ from tests.machine import FakeMachine, Site, make_agent, make_verity_release, re
 from updater.agent import Agent
 from updater.cli import main
 from updater.config import UpdateConfig
-from updater.health import HealthCheck, Result
-from updater.machine import Machine
-from updater.state import state_path
-from updater.version import Version
+from updater.release.version import Version
+from updater.service.health import HealthCheck, Result
+from updater.update.machine import Machine
+from updater.update.state import state_path
 
 
 @pytest.fixture

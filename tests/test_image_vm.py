@@ -17,7 +17,7 @@ from builder.run import run
 from qemu import DiskBus
 from tests.conftest import REPO, boot
 from tests.oci import oci_archive, static_hello
-from updater import gpt
+from updater.disk import gpt
 
 pytestmark = pytest.mark.vm
 
@@ -94,7 +94,7 @@ def test_first_boot_reboot_and_containers(
     # anchor of the keys this image was built with, and the image's update defaults.
     vm.ssh(
         "python3 -c 'import tuf.ngclient, securesystemslib.signer, cryptography, requests,"
-        " updater.gpt, updater.manifest'"
+        " updater.disk.gpt, updater.release.manifest'"
     )
     status = json.loads(vm.ssh_output("berth-update status --json"))
     assert str(built_image.version) in json.dumps(status), status

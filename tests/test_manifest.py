@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from updater.manifest import FileEntry, Manifest, ManifestError, describe, hash_file
-from updater.version import Version
+from updater.release.manifest import FileEntry, Manifest, ManifestError, describe, hash_file
+from updater.release.version import Version
 
 ROOTHASH = "00112233445566778899aabbccddeeff0123456789abcdeffedcba9876543210"
 DIGEST = "ab" * 32

@@ -14,8 +14,8 @@ from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 from builder import publish as pub
 from builder.publish import PublishError
 from tests.releases import make_release, roothash_of
-from updater import channel as ch
-from updater.version import Version
+from updater.release import channel as ch
+from updater.release.version import Version
 
 NOW = datetime(2025, 11, 22, 8, 0, tzinfo=UTC)
 

@@ -17,15 +17,15 @@ import pytest
 from tests.etcd import EtcdServer
 from tests.machine import MACHINE_ID, FakeMachine, Site, release_manifest
 from tests.test_daemon import INTERVAL, Harness
-from updater.daemon import Daemon, initial_config
-from updater.etcdlock import EtcdStore
-from updater.gate import LOCK_RETRY_START
-from updater.identity import lock_id
-from updater.lockd import LockServer
-from updater.machine import FetchOptions
-from updater.notify import Notifier
-from updater.semaphore import Semaphore, SemaphoreClient
-from updater.version import Version
+from updater.reboot.etcdlock import EtcdStore
+from updater.reboot.gate import LOCK_RETRY_START
+from updater.reboot.lockd import LockServer
+from updater.reboot.semaphore import Semaphore, SemaphoreClient
+from updater.release.identity import lock_id
+from updater.release.version import Version
+from updater.service.daemon import Daemon, initial_config
+from updater.service.notify import Notifier
+from updater.update.machine import FetchOptions
 
 ME = lock_id(MACHINE_ID)
 
@@ -110,7 +110,7 @@ def test_fleet_lock_through_berth_lockd(
     assert sem.acquire("other").ok
     first = site.release("1.1.0")
     site.publish(first)
-    with caplog.at_level(logging.INFO, logger="updater.daemon"):
+    with caplog.at_level(logging.INFO, logger="updater.service.daemon"):
         daemon.run(iterations=2)
     assert harness.reboots == 0 and (fake.run / "reboot-required").exists()
     assert "failed_lock_semaphore_full" not in caplog.text  # the reason is the server's text
@@ -152,7 +152,7 @@ def test_etcd_lock_takes_a_slot_directly(
     # A missing TLS file is an error naming the key; the daemon logs it and backs off.
     harness.paths.override.write_text('[etcd_lock]\nca_file = "/nonexistent/ca.pem"\n')
     daemon = make_daemon(harness)
-    with caplog.at_level(logging.ERROR, logger="updater.daemon"):
+    with caplog.at_level(logging.ERROR, logger="updater.service.daemon"):
         daemon.run(iterations=1)
     assert "etcd_lock.ca_file: /nonexistent/ca.pem does not exist" in caplog.text
     assert daemon.failures == 1

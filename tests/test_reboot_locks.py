@@ -22,10 +22,10 @@ import requests
 from tests.etcd import EtcdServer
 from tests.servers import _free_port
 from updater.cli import main as berth_update
-from updater.etcdlock import EtcdStore
-from updater.fleetlock import FleetLockClient
-from updater.lockd import LockServer
-from updater.semaphore import LockError, Semaphore, SemaphoreClient, semaphore_key
+from updater.reboot.etcdlock import EtcdStore
+from updater.reboot.fleetlock import FleetLockClient
+from updater.reboot.lockd import LockServer
+from updater.reboot.semaphore import LockError, Semaphore, SemaphoreClient, semaphore_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -177,8 +177,8 @@ def _hold_forever(url: str, group: str, holder: str) -> subprocess.Popen[str]:
     """A separate process that takes a slot with the real code and then hangs, to be killed."""
     code = (
         "import sys, time\n"
-        "from updater.etcdlock import EtcdStore\n"
-        "from updater.semaphore import SemaphoreClient\n"
+        "from updater.reboot.etcdlock import EtcdStore\n"
+        "from updater.reboot.semaphore import SemaphoreClient\n"
         f"ok = SemaphoreClient(EtcdStore([{url!r}]), {group!r}, 3).acquire({holder!r}).ok\n"
         "print('held' if ok else 'refused', flush=True)\n"
         "time.sleep(600)\n"
@@ -252,7 +252,7 @@ def replicas(etcd: EtcdServer) -> Iterator[tuple[str, str]]:
         [
             sys.executable,
             "-m",
-            "updater.lockd",
+            "updater.reboot.lockd",
             "--etcd",
             etcd.url,
             "--listen",

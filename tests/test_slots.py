@@ -1,4 +1,4 @@
-"""updater.slots on a sparse disk image in Berth's layout, checked by sfdisk and veritysetup."""
+"""updater.disk.slots on a sparse disk in Berth's layout, checked by sfdisk and veritysetup."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from builder.run import run
-from updater import gpt, slots
+from updater.disk import gpt, slots
+from updater.disk.slots import Slot, SlotName, SlotState
 from updater.errors import SlotError, VerificationError
-from updater.slots import Slot, SlotName, SlotState
-from updater.version import Version
+from updater.release.version import Version
 
 MiB = 1 << 20
 ROOTHASH_A = "00112233445566778899aabbccddeeff0123456789abcdeffedcba9876543210"

@@ -20,9 +20,9 @@ import requests
 from builder import publish as pub
 from tests.releases import make_release
 from tests.servers import NginxServer
-from updater import trust
-from updater.trust import TrustedRepository
-from updater.version import Version
+from updater.release.version import Version
+from updater.update import trust
+from updater.update.trust import TrustedRepository
 
 
 class Site:

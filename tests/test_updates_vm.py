@@ -177,7 +177,7 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
 FAT_RENAME = r"""
 import mmap, os, struct, subprocess, sys
 from pathlib import Path
-from updater import bootentries
+from updater.disk import bootentries
 from updater.files import fsync_dir
 
 image, mount = sys.argv[1], Path("/run/berth-fat")
@@ -334,7 +334,7 @@ TAMPER = """
 import os, sys
 from pathlib import Path
 from typing import Any
-from updater import slots
+from updater.disk import slots
 
 disk = Path("/dev/vda")
 with disk.open("rb") as f:

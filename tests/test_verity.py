@@ -1,4 +1,4 @@
-"""updater.verity against the host's real `veritysetup format`: same tree, same root hash."""
+"""updater.disk.verity against the host's real `veritysetup format`: same tree, same root hash."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from builder.run import run
 from tests.machine import VERITYSETUP
-from updater import verity
+from updater.disk import verity
 from updater.errors import VerificationError
 
 BLOCK = 4096

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from updater.version import COUNTER_FILE, Version, default_version
+from builder.counter import COUNTER_FILE, default_version
+from updater.release.version import Version
 
 
 def test_parse_and_str_round_trip() -> None:

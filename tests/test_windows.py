@@ -1,4 +1,5 @@
-"""Maintenance windows: week wrap-around and both DST directions in two zones (updater.windows)."""
+"""Maintenance windows (updater.reboot.windows): week wrap-around and both DST directions in two
+zones."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from updater.windows import Schedule, parse_window
+from updater.reboot.windows import Schedule, parse_window
 
 
 def schedule(days: list[str], start: str, length: int, tz: str = "UTC") -> Schedule:

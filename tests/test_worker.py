@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from updater.errors import UpdateError, VerificationError
-from updater.worker import WorkerBug, run_in_child
+from updater.service.worker import WorkerBug, run_in_child
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,9 +53,9 @@ def test_a_child_that_dies_without_reporting_is_an_error_naming_how() -> None:
 def test_the_resident_daemon_does_not_import_the_heavy_modules() -> None:
     """What keeps the idle daemon small (bench/bench_apply.py measures its memory)."""
     code = (
-        "import pickle, sys, updater.cli, updater.daemon\n"
+        "import pickle, sys, updater.cli, updater.service.daemon\n"
         # What a worker sends back must not pull the agent in when it is unpickled.
-        "j = updater.daemon.Judgement('1.0.0', ('r',), '1.0.0', ('e',), False)\n"
+        "j = updater.service.daemon.Judgement('1.0.0', ('r',), '1.0.0', ('e',), False)\n"
         "assert pickle.loads(pickle.dumps(j)) == j\n"
         "heavy = [m for m in ('requests', 'urllib3', 'tuf', 'securesystemslib', 'cryptography')"
         " if m in sys.modules]\n"

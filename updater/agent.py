@@ -21,7 +21,7 @@
     block of root.erofs is also hashed as dm-verity does, with the salt of root.verity's
     superblock.
  7. The hash tree built from those block hashes must have the release's root hash and equal the
-    tree written in step 6 (updater/verity.py): the whole slot verified without reading it back.
+    tree written in step 6 (disk/verity.py): the whole slot verified without reading it back.
  8. `commit_slot`: UUIDs from the root hash, version labels (both table copies fsynced).
  9. The ESP entry of the version that used to live in that slot goes: its root is gone.
 10. uki.efi is streamed into a hidden temporary file on the ESP, fsynced, and renamed to
@@ -61,17 +61,9 @@ from typing import Any, BinaryIO
 
 import requests
 
-from updater import bootentries, fetch, files, gpt, slots, verity
-from updater.channel import (
-    RELEASE_TARGETS,
-    ChannelManifest,
-    Release,
-    Selection,
-    machine_seed,
-    select_candidate,
-    select_version,
-)
+from updater import files
 from updater.config import Strategy, UpdateConfig
+from updater.disk import bootentries, gpt, slots, verity
 from updater.errors import (
     DownloadError,
     LengthMismatchError,
@@ -82,11 +74,21 @@ from updater.errors import (
     UpdateError,
     VerificationError,
 )
-from updater.machine import REBOOT_REQUIRED_TEXT, FetchOptions, Machine
-from updater.manifest import Manifest, ManifestError
-from updater.state import LastCheck, Pending, State, load_state, save_state, state_path
-from updater.trust import TargetInfo, TrustedRepository
-from updater.version import Version
+from updater.release.channel import (
+    RELEASE_TARGETS,
+    ChannelManifest,
+    Release,
+    Selection,
+    machine_seed,
+    select_candidate,
+    select_version,
+)
+from updater.release.manifest import Manifest, ManifestError
+from updater.release.version import Version
+from updater.update import fetch
+from updater.update.machine import REBOOT_REQUIRED_TEXT, FetchOptions, Machine
+from updater.update.state import LastCheck, Pending, State, load_state, save_state, state_path
+from updater.update.trust import TargetInfo, TrustedRepository
 
 log = logging.getLogger(__name__)
 

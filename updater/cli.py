@@ -29,17 +29,17 @@ from typing import TYPE_CHECKING, TextIO
 
 from updater.config import DEFAULT_GROUP, ConfigError, UpdateConfig, load_config
 from updater.errors import RefusedError, UpdateError
-from updater.machine import Machine
-from updater.version import Version
+from updater.release.version import Version
+from updater.update.machine import Machine
 
 if TYPE_CHECKING:
     from updater.agent import Agent, Status
-    from updater.daemon import Daemon
-    from updater.health import HealthCheck
-    from updater.semaphore import SemaphoreClient
+    from updater.reboot.semaphore import SemaphoreClient
+    from updater.service.daemon import Daemon
+    from updater.service.health import HealthCheck
 
 # The agent (requests, python-tuf, cryptography) is imported only by the commands that use it:
-# `berth-update daemon` must start without it (see updater/worker.py).
+# `berth-update daemon` must start without it (see updater/service/worker.py).
 
 PROG = "berth-update"
 MACHINE_ID = Path("/etc/machine-id")
@@ -52,7 +52,7 @@ def default_agent() -> Agent:
 
 
 def default_daemon() -> Daemon:
-    from updater.daemon import ConfigPaths, Daemon, initial_config
+    from updater.service.daemon import ConfigPaths, Daemon, initial_config
 
     paths = ConfigPaths()
     return Daemon(Machine.detect(), initial_config(paths), paths=paths)
@@ -60,7 +60,7 @@ def default_daemon() -> Daemon:
 
 def default_health() -> HealthCheck:
     from updater.agent import Agent
-    from updater.health import HealthCheck
+    from updater.service.health import HealthCheck
 
     try:
         config = load_config()
@@ -152,8 +152,8 @@ def _semaphore(
     args: argparse.Namespace, config_factory: Callable[[], UpdateConfig]
 ) -> SemaphoreClient:
     """The semaphore named on the command line, else the one this machine's strategy uses."""
-    from updater.etcdlock import EtcdStore, TLSFiles
-    from updater.semaphore import SemaphoreClient
+    from updater.reboot.etcdlock import EtcdStore, TLSFiles
+    from updater.reboot.semaphore import SemaphoreClient
 
     config: UpdateConfig | None = None
     if not args.etcd or args.group is None:
@@ -175,7 +175,7 @@ def _semaphore(
 
 
 def _lock(args: argparse.Namespace, config_factory: Callable[[], UpdateConfig], out: TextIO) -> int:
-    from updater.gate import holder_id
+    from updater.reboot.gate import holder_id
 
     if args.action == "id":
         out.write(holder_id(MACHINE_ID) + "\n")

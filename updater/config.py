@@ -10,7 +10,7 @@
     interval = "1h"             # "30m", "90s", "3600" or 3600: seconds between checks
     reboot_delay = "10m"        # logged-in users are warned this long before a reboot
 
-    [[window]]                  # strategy "window": see updater/windows.py
+    [[window]]                  # strategy "window": see updater/reboot/windows.py
     [fleet_lock]                # strategy "fleet-lock": base_url, group
     [etcd_lock]                 # strategy "etcd-lock": endpoints, group, slots, TLS files
 
@@ -39,10 +39,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from updater.channel import CHANNEL_NAME
 from updater.errors import UpdateError
-from updater.semaphore import GROUP_NAME
-from updater.windows import Window, parse_window
+from updater.reboot.semaphore import GROUP_NAME
+from updater.reboot.windows import Window, parse_window
+from updater.release.channel import CHANNEL_NAME
 
 DEFAULT_PATH = Path("/usr/lib/berth/update.toml")
 OVERRIDE_PATH = Path("/etc/berth/update.toml")

@@ -1,11 +1,11 @@
 """berth-lockd: a FleetLock server backed by airlock's semaphore in etcd.
 
-    python3 -m updater.lockd --etcd URL[,URL...] --listen HOST:PORT [--slots N]
+    python3 -m updater.reboot.lockd --etcd URL[,URL...] --listen HOST:PORT [--slots N]
                              [--ca-file F] [--cert-file F --key-file F]
 
 For sites that want FleetLock (Berth's `fleet-lock` strategy, Zincati's `fleet_lock`) without
 running Go's airlock. It keeps no state of its own: every request reads and compare-and-swaps the
-group's semaphore in etcd (updater.semaphore), so any number of replicas can serve the same fleet
+group's semaphore in etcd (reboot.semaphore), so any number of replicas can serve the same fleet
 behind one name, and it shares the semaphore with airlock and with `etcd-lock` machines.
 
     POST /v1/pre-reboot     200: the id holds a slot (now or already);
@@ -33,8 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from updater.etcdlock import EtcdStore, TLSFiles
-from updater.semaphore import GROUP_NAME, LockError, SemaphoreClient, Store
+from updater.reboot.etcdlock import EtcdStore, TLSFiles
+from updater.reboot.semaphore import GROUP_NAME, LockError, SemaphoreClient, Store
 
 log = logging.getLogger("berth-lockd")
 MAX_BODY = 64 * 1024

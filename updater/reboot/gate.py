@@ -26,14 +26,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from updater.config import Strategy, UpdateConfig
 from updater.errors import UpdateError
-from updater.identity import lock_id
-from updater.windows import Schedule
+from updater.reboot.windows import Schedule
+from updater.release.identity import lock_id
 
-if TYPE_CHECKING:  # they import requests: only a lock strategy loads them (see worker.py)
-    from updater.fleetlock import FleetLockClient
-    from updater.semaphore import SemaphoreClient
+if TYPE_CHECKING:  # they import requests: only a lock strategy loads them (see service/worker.py)
+    from updater.reboot.fleetlock import FleetLockClient
+    from updater.reboot.semaphore import SemaphoreClient
 
 LOCK_RETRY_START = 30.0
 LOCK_RETRY_MAX = 300.0
@@ -125,34 +124,8 @@ class LockGate(RebootGate):
 
 
 def holder_id(machine_id: Path) -> str:
-    """This machine's lock holder id, derived from /etc/machine-id (updater.identity)."""
+    """This machine's lock holder id, derived from /etc/machine-id (updater.release.identity)."""
     try:
         return lock_id(machine_id.read_text(encoding="ascii"))
     except (OSError, ValueError) as e:
         raise UpdateError(f"{machine_id}: cannot derive a reboot-lock id: {e}") from None
-
-
-def gate_for(config: UpdateConfig, machine_id: Path) -> RebootGate:
-    """The gate for `config.strategy`; load_config has checked the strategy's own table."""
-    strategy = config.strategy
-    if strategy is Strategy.IMMEDIATE:
-        return Immediate()
-    if strategy is Strategy.OFF:
-        return Off()
-    if strategy is Strategy.WINDOW:
-        return WindowGate(Schedule(config.windows))
-    from updater.etcdlock import EtcdStore, TLSFiles
-    from updater.fleetlock import FleetLockClient
-    from updater.semaphore import SemaphoreClient
-
-    holder = holder_id(machine_id)
-    if strategy is Strategy.FLEET_LOCK:
-        return LockGate(
-            fleetlock=FleetLockClient(config.fleet_lock_url, config.fleet_lock_group, holder),
-            holder=holder,
-        )
-    tls = TLSFiles(config.etcd_ca_file, config.etcd_cert_file, config.etcd_key_file)
-    store = EtcdStore(config.etcd_endpoints, tls)
-    return LockGate(
-        semaphore=SemaphoreClient(store, config.etcd_group, config.etcd_slots), holder=holder
-    )

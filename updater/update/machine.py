@@ -11,7 +11,7 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from updater import bootentries, slots
+from updater.disk import bootentries, slots
 
 MiB = 1 << 20
 REBOOT_REQUIRED_TEXT = "*** System restart required ***\n"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from updater.version import Version
+from updater.release.version import Version
 
 # The release payload: what the agent writes into a slot and onto the ESP.
 PAYLOAD_FILES = ("root.erofs", "root.verity", "uki.efi")

@@ -30,11 +30,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from updater import bootentries, slots
 from updater.agent import Agent, SlotRole
-from updater.daemon import REBOOT_COMMAND, run_command
+from updater.disk import bootentries, slots
 from updater.errors import UpdateError
-from updater.state import State, state_path
+from updater.service.daemon import REBOOT_COMMAND, run_command
+from updater.update.state import State, state_path
 
 log = logging.getLogger(__name__)
 

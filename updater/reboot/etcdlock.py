@@ -26,7 +26,7 @@ from typing import Any
 
 import requests
 
-from updater.semaphore import LockError, SemaphoreClient, Versioned
+from updater.reboot.semaphore import LockError, SemaphoreClient, Versioned
 
 TIMEOUT = (5.0, 10.0)
 

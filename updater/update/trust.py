@@ -24,10 +24,10 @@ from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
-from updater import channel as channels
 from updater import files
-from updater.channel import ChannelManifest
 from updater.errors import UpdateError
+from updater.release import channel as channels
+from updater.release.channel import ChannelManifest
 
 _ROLLBACK_MESSAGE = re.compile(r"must be >=|Expected \S+\.json version")
 

@@ -32,9 +32,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
-from updater import gpt, verity
+from updater.disk import gpt, verity
 from updater.errors import SlotError, VerificationError
-from updater.version import Version
+from updater.release.version import Version
 
 EMPTY_LABEL = "_empty"
 WRITING_LABEL = "_writing"

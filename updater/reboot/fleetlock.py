@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import requests
 
-from updater.semaphore import GROUP_NAME, LockError
+from updater.reboot.semaphore import GROUP_NAME, LockError
 
 PRE_REBOOT = "v1/pre-reboot"
 STEADY_STATE = "v1/steady-state"

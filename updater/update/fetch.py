@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 import requests
 import urllib3.exceptions
 
+from updater.disk.verity import BlockHashes
 from updater.errors import (
     DownloadError,
     LengthMismatchError,
@@ -44,7 +45,6 @@ from updater.errors import (
     VerificationError,
 )
 from updater.files import write_file_atomic
-from updater.verity import BlockHashes
 
 log = logging.getLogger(__name__)
 

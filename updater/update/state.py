@@ -21,7 +21,7 @@ from typing import Any
 
 from updater.errors import StorageError
 from updater.files import write_file_atomic
-from updater.version import Version
+from updater.release.version import Version
 
 log = logging.getLogger(__name__)
 

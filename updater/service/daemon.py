@@ -22,13 +22,13 @@ Decisions that matter:
   bug and ends the process (systemd restarts it).
 - A malformed /etc/berth/update.toml keeps the last good configuration (config.reload_config);
   at start, when there is none yet, the image's defaults alone are used.
-- Reboots go through the strategy's gate (updater.gate): a window or a lock slot may say "not
+- Reboots go through the strategy's gate (updater.reboot.gate): a window or a lock slot may say "not
   yet", and the daemon looks again when the gate says it is worth it (the window opens, the lock
   retry delay) or at the interval, whichever is first. Once the boot is judged the gate is
   released (FleetLock steady-state): at start, since this machine may hold a slot from before
   its reboot, and after every blessing. Nothing is checked or installed until that release
   succeeds, as with Zincati: a slot that is never given back blocks the fleet.
-- Before rebooting, logged-in users are warned (wall) and get `reboot_delay` (updater.notice).
+- Before rebooting, logged-in users are warned (wall) and get `reboot_delay` (service.notice).
 
 One log line per event on stderr; journald stores it with the unit's name.
 """
@@ -56,12 +56,13 @@ from updater.config import (
     reload_config,
 )
 from updater.errors import UpdateError
-from updater.gate import RebootGate, gate_for
-from updater.machine import REBOOT_REQUIRED_TEXT, FetchOptions, Machine
-from updater.notice import WALL, count_sessions, reboot_message, warn_users
-from updater.notify import Notifier, NotifyError
-from updater.state import load_state, state_path
-from updater.worker import run_in_child
+from updater.reboot.gate import RebootGate
+from updater.service.gates import gate_for
+from updater.service.notice import WALL, count_sessions, reboot_message, warn_users
+from updater.service.notify import Notifier, NotifyError
+from updater.service.worker import run_in_child
+from updater.update.machine import REBOOT_REQUIRED_TEXT, FetchOptions, Machine
+from updater.update.state import load_state, state_path
 
 if TYPE_CHECKING:  # imported at run time only in the worker child
     from updater.agent import Agent

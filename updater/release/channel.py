@@ -22,9 +22,9 @@ from types import MappingProxyType
 from typing import Any
 
 from updater.errors import UpdateError
-from updater.identity import app_specific_id
-from updater.manifest import PAYLOAD_FILES
-from updater.version import Version
+from updater.release.identity import app_specific_id
+from updater.release.manifest import PAYLOAD_FILES
+from updater.release.version import Version
 
 SEED_RANGE = 2048
 # Every release names these targets: the payload plus the release manifest it was checked against.

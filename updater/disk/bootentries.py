@@ -30,7 +30,7 @@ from typing import BinaryIO
 
 from updater.errors import BootEntryError
 from updater.files import fsync_dir
-from updater.version import Version
+from updater.release.version import Version
 
 ENTRY_DIR = "EFI/Linux"
 # systemd's vendor GUID for the boot loader interface variables (systemd's BOOT_LOADER_INTERFACE).
