@@ -5,11 +5,9 @@ production web server or CDN does. Each server gets its own configuration, pid f
 private directory; the access log records the request, status, bytes sent and the Range header,
 so a test can check what a client actually fetched.
 
-Use `NginxServer` as a context manager, or the `nginx` fixture (register this module with
-`pytest_plugins = ["tests.servers"]`, or import the fixture into a test module):
+Use `NginxServer` as a context manager:
 
-    def test_fetch(nginx):
-        server = nginx(repo_dir)
+    with NginxServer(repo_dir, tmp_path / "nginx") as server:
         requests.get(server.url + "metadata/timestamp.json")
         assert server.requests()[-1].status == 200
 """
@@ -22,18 +20,15 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-import pytest
-
 from builder.run import find_tool
 
 # One line per request; fields are separated by tabs so a request line with spaces stays whole.
-_LOG_FORMAT = "$status\\t$body_bytes_sent\\t$bytes_sent\\t$request\\t$http_range"
+_LOG_FORMAT = "$status\\t$body_bytes_sent\\t$request\\t$http_range"
 _START_TIMEOUT = 10.0
 
 
@@ -43,7 +38,6 @@ class Request:
 
     status: int
     body_bytes: int  # response body bytes nginx sent (after a dropped connection: what went out)
-    bytes_sent: int  # including headers
     request: str  # e.g. "GET /targets/x HTTP/1.1"
     range: str | None  # the Range header, or None
 
@@ -238,25 +232,8 @@ http {{
         """The access log parsed, oldest first."""
         parsed: list[Request] = []
         for line in self.log_lines():
-            status, body, sent, request, range_ = line.split("\t")
+            status, body, request, range_ = line.split("\t")
             parsed.append(
-                Request(
-                    int(status), int(body), int(sent), request, None if range_ == "-" else range_
-                )
+                Request(int(status), int(body), request, None if range_ == "-" else range_)
             )
         return parsed
-
-
-@pytest.fixture
-def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., NginxServer]]:
-    """A factory: `nginx(root, extra_config="")` starts a server; all stop at teardown."""
-    servers: list[NginxServer] = []
-
-    def start(root: Path, extra_config: str = "") -> NginxServer:
-        server = NginxServer(root, tmp_path_factory.mktemp("nginx"), extra_config).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
