@@ -7,7 +7,7 @@ checks apply makes of a root image alone (its sha256 and its verity block digest
 in the agent, from memory: the ceiling for apply on this machine, set by its cores), raw
 sequential write throughput (O_DIRECT; to a new file for reference, and to the slot partition
 the agent then writes), the agent's apply throughput (a random release published with
-builder.publish, served by nginx on loopback, applied into a tests.machine.FakeMachine whose
+builder.publish, served by nginx on loopback, applied into a tests.support.machine.FakeMachine whose
 disk image, made dense like a real disk, is attached as a loop device with partitions, so the
 agent takes the block-device path it takes on a real machine: download, slot write, hashing and
 verification included) with its ratio to the slower of sha256 and the slot's raw write (target
@@ -44,7 +44,7 @@ from bench.table import print_table
 from updater.update.machine import Machine
 
 if TYPE_CHECKING:  # the daemon child must not pay for the test helpers' imports
-    from tests import machine as tm
+    from tests.support import machine as tm
 
 MiB = 1 << 20
 MB = 1e6
@@ -187,8 +187,8 @@ def apply_rate(work: Path, size: int, phases: Phases) -> tuple[float, float, str
     to; the VmRSS of a daemon idle on that machine; then that of a daemon idle after it applied
     the release itself, on a second machine (what a machine waiting for its reboot holds)."""
     from builder import publish as pub
-    from tests import machine as tm
-    from tests.servers import NginxServer
+    from tests.support import machine as tm
+    from tests.support.servers import NginxServer
     from updater.agent import Agent
     from updater.disk import slots
 
@@ -293,7 +293,7 @@ def _machine(base: Path, root: Path, work: Path) -> Machine:
         trusted_root=work / "keys/root.json",
         boot_id=root / "proc/boot_id",
         reboot_required=root / "run/reboot-required",
-        arch="x86_64",  # the fake machine's architecture (tests.machine.ARCH)
+        arch="x86_64",  # the fake machine's architecture (tests.support.machine.ARCH)
     )
 
 

@@ -28,7 +28,7 @@ from builder.config import load_image
 from builder.image import build_image
 from qemu import VM, VMConfig
 from qemu.vm import free_port
-from tests.containers import PORT, httpd_archive, install_web_service, web_answers
+from tests.support.containers import PORT, httpd_archive, install_web_service, web_answers
 from updater.release.version import Version
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from builder import publish as pub
-from tests.machine import FakeMachine, Site, make_agent, release_manifest
+from tests.support.machine import FakeMachine, Site, make_agent, release_manifest
 from updater.agent import AfterBoot, Agent, SlotRole
 from updater.cli import main
 from updater.config import UpdateConfig

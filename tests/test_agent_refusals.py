@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from builder import publish as pub
-from tests.machine import FakeMachine, Site, make_agent, release_manifest
-from tests.misbehaving_server import MisbehavingServer, Misbehaviour, misbehaving, start
-from tests.servers import NginxServer
+from tests.support.machine import FakeMachine, Site, make_agent, release_manifest
+from tests.support.misbehaving_server import MisbehavingServer, Misbehaviour, start
+from tests.support.servers import NginxServer
 from updater.agent import Agent
 from updater.disk.slots import SlotState
 from updater.errors import (
@@ -36,8 +36,6 @@ from updater.release.manifest import PAYLOAD_FILES, Manifest, describe
 from updater.release.version import Version
 from updater.update import trust
 from updater.update.machine import FetchOptions
-
-__all__ = ["misbehaving"]  # the fixture, imported for pytest
 
 FAST = FetchOptions(timeout=(2.0, 2.0), attempts=2, backoff=0.0, state_interval=64 * 1024)
 

@@ -9,7 +9,7 @@ import pytest
 from builder.cli import build_config, main, parser
 from builder.config import DEFAULT_FORMATS, OutputFormat
 from builder.publish import read_channel
-from tests.releases import make_release
+from tests.support.releases import make_release
 
 
 def test_keys_publish_pull_refresh(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

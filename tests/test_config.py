@@ -22,8 +22,8 @@ from builder.config import (
     load_image,
 )
 from builder.errors import ConfigError
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 MiB = 1024**2
 GiB = 1024**3
 

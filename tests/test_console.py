@@ -1,8 +1,8 @@
-"""tests/console.py on serial output as the guests print it (lines from real TCG runs)."""
+"""tests/support/console.py on serial output as the guests print it (lines from real TCG runs)."""
 
 from __future__ import annotations
 
-from tests.console import boots, guest_faults
+from tests.support.console import boots, guest_faults
 
 FIRMWARE = 'BdsDxe: starting Boot0001 "UEFI Misc Device" from PciRoot(0x0)/Pci(0x3,0x0)\r\n'
 BANNER = "[    0.000000] Linux version 6.12.118+deb13-amd64 (debian-kernel@lists.debian.org)\r\n"

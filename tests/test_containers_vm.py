@@ -13,15 +13,16 @@ import pytest
 
 from builder.config import load_image
 from builder.image import BuildResult, build_image
-from tests.conftest import REPO, TEST_VERSION, boot
-from tests.containers import (
+from tests.support import REPO
+from tests.support.containers import (
     IMAGE,
     httpd_archive,
     install_web_service,
     web_answers,
     web_starts,
 )
-from tests.oci import oci_archive, static_hello
+from tests.support.oci import oci_archive, static_hello
+from tests.support.vms import TEST_VERSION, boot
 from updater.release.version import Version
 
 pytestmark = pytest.mark.vm

@@ -7,23 +7,19 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.machine import FakeMachine, Site, make_agent, release_manifest
-from tests.servers import _free_port
+from tests.support.daemon import INTERVAL, Harness
+from tests.support.machine import FakeMachine, Site, make_agent, release_manifest
+from tests.support.servers import _free_port
 from updater.config import Strategy
 from updater.disk import slots
 from updater.release.version import Version
-from updater.service.daemon import ConfigPaths, Daemon, initial_config
 from updater.service.notify import Notifier, socket_address
-from updater.update.machine import FetchOptions
 from updater.update.state import load_state, state_path
-
-INTERVAL = 600.0
 
 
 class Listener:
@@ -66,48 +62,6 @@ def listener(tmp_path: Path) -> Iterator[Listener]:
     listening = Listener(tmp_path / "notify")
     yield listening
     listening.close()
-
-
-class Harness:
-    def __init__(self, tmp: Path, fake: FakeMachine, site: Site, notify: str | None) -> None:
-        self.fake, self.site = fake, site
-        self.paths = ConfigPaths(tmp / "usr-update.toml", tmp / "etc-update.toml")
-        self.reboots = 0
-        self.slept: list[float] = []
-        self.offset = 0.0  # the fake sleeps move the daemon's clock ahead of the real one
-        self.notify = notify
-
-    def defaults(self, url: str, strategy: str = "immediate") -> None:
-        self.paths.default.write_text(
-            f'[update]\nurl = "{url}"\nchannel = "stable"\nstrategy = "{strategy}"\n'
-            f"interval = {INTERVAL:.0f}\n"
-        )
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.offset += seconds
-
-    def clock(self) -> float:
-        # Real time plus the slept seconds: a release published after the harness was made
-        # (its wave opening at the time of publishing) is open at the daemon's "now".
-        return time.time() + self.offset
-
-    def reboot(self) -> None:
-        self.reboots += 1
-
-    def daemon(self, jitter: float = 0.5) -> Daemon:
-        return Daemon(
-            self.fake.machine(self.site.keys / "root.json"),
-            initial_config(self.paths),
-            paths=self.paths,
-            sleep=self.sleep,
-            clock=self.clock,
-            jitter=lambda: jitter,
-            reboot=self.reboot,
-            notifier=Notifier(self.notify or ""),
-            fetch_options=FetchOptions(timeout=(2.0, 2.0), attempts=1, backoff=0.0),
-            sessions=lambda: 0,  # nobody logged in: no warning delay (tests/test_reboot_gate.py)
-        )
 
 
 @pytest.fixture

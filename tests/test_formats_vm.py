@@ -13,7 +13,7 @@ import pytest
 
 from builder import formats
 from builder.image import BuildResult
-from tests.conftest import boot
+from tests.support.vms import boot
 
 pytestmark = pytest.mark.vm
 

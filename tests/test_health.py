@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.machine import FakeMachine, Site, make_agent, make_verity_release, release_manifest
+from tests.support.machine import (
+    FakeMachine,
+    Site,
+    make_agent,
+    make_verity_release,
+    release_manifest,
+)
 from updater.agent import Agent
 from updater.cli import main
 from updater.config import UpdateConfig

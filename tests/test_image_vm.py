@@ -15,8 +15,9 @@ import pytest
 from builder.image import BuildResult
 from builder.run import run
 from qemu import DiskBus
-from tests.conftest import REPO, boot
-from tests.oci import oci_archive, static_hello
+from tests.support import REPO
+from tests.support.oci import oci_archive, static_hello
+from tests.support.vms import boot
 from updater.disk import gpt
 
 pytestmark = pytest.mark.vm

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from qemu.drives import make_cidata, make_config_drive
-from tests.metadata_server import TOKEN, MetadataServer
+from tests.support.metadata_server import TOKEN, MetadataServer
 from updater.provision.plan import ProvisionError
 from updater.provision.sources import (
     AZURE_ASSET_TAG,

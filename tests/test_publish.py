@@ -13,7 +13,7 @@ from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
 from builder import publish as pub
 from builder.publish import PublishError
-from tests.releases import make_release, roothash_of
+from tests.support.releases import make_release, roothash_of
 from updater.release import channel as ch
 from updater.release.version import Version
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.etcd import EtcdServer
-from tests.machine import MACHINE_ID, FakeMachine, Site, release_manifest
-from tests.test_daemon import INTERVAL, Harness
+from tests.support.daemon import INTERVAL, Harness
+from tests.support.etcd import EtcdServer
+from tests.support.machine import MACHINE_ID, FakeMachine, Site, release_manifest
 from updater.reboot.etcdlock import EtcdStore
 from updater.reboot.gate import LOCK_RETRY_START
 from updater.reboot.lockd import LockServer

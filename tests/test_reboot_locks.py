@@ -14,20 +14,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.etcd import EtcdServer
-from tests.servers import _free_port
+from tests.support import REPO
+from tests.support.etcd import EtcdServer
+from tests.support.servers import _free_port
 from updater.cli import main as berth_update
 from updater.reboot.etcdlock import EtcdStore
 from updater.reboot.fleetlock import FleetLockClient
 from updater.reboot.lockd import LockServer
 from updater.reboot.semaphore import LockError, Semaphore, SemaphoreClient, semaphore_key
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def raw_get(server: EtcdServer, key: str) -> dict[str, object] | None:

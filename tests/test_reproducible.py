@@ -8,7 +8,7 @@ import pytest
 
 from builder.config import load_image
 from builder.image import BuildResult, build_image
-from tests.conftest import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.vm  # needs the bootstrapped package tree, like the boot tests
 

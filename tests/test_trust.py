@@ -18,8 +18,8 @@ import pytest
 import requests
 
 from builder import publish as pub
-from tests.releases import make_release
-from tests.servers import NginxServer
+from tests.support.releases import make_release
+from tests.support.servers import NginxServer
 from updater.release.version import Version
 from updater.update import trust
 from updater.update.trust import TrustedRepository

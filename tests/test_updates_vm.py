@@ -4,7 +4,7 @@ Releases are built by the project's builder (1.0.0 is the session's image; the o
 package cache), published with its publisher and keys, and served by nginx on loopback. The
 daemon, not a test command, finds and installs them. Boots are the expensive part under TCG,
 so each machine walks through several scenarios in order; every scenario prints one summary
-line (case, boots, seconds, outcome) and the session ends with the table (tests/conftest.py).
+line (case, boots, seconds, outcome) and the session ends with the table (tests/support/e2e.py).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import pytest
 
 from builder.image import BuildResult
 from qemu.drives import make_vfat
-from tests.containers import install_web_service, load_httpd_image, web_answers, web_starts
-from tests.e2e import MARKER, PANIC_WORD, Machine, Site, build_release, record
-from tests.oci import SLEEPER_C, oci_archive, static_binary
+from tests.support.containers import install_web_service, load_httpd_image, web_answers, web_starts
+from tests.support.e2e import MARKER, PANIC_WORD, Machine, Site, build_release, record
+from tests.support.oci import SLEEPER_C, oci_archive, static_binary
 
 pytestmark = pytest.mark.vm
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from builder.run import run
-from tests.machine import VERITYSETUP
+from tests.support.machine import VERITYSETUP
 from updater.disk import verity
 from updater.errors import VerificationError
 

@@ -6,15 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import requests
 
+from tests.support import REPO
 from updater.errors import UpdateError, VerificationError
 from updater.service.worker import WorkerBug, run_in_child
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_the_result_comes_back_and_the_work_ran_elsewhere() -> None:

@@ -6,8 +6,8 @@ boots from a copy-on-write overlay of the session's built image (1.0.0), so mach
 identical and the image stays pristine. Power cuts are `VM.kill()` (SIGKILL to QEMU: whatever
 the guest had not flushed is lost) followed by `VM.start()` on the same overlay and NVRAM.
 
-Each scenario records one `Outcome` (case, boots, seconds, outcome); `tests/conftest.py` prints
-them as a table at the end of the session.
+Each scenario records one `Outcome` (case, boots, seconds, outcome); the session prints them as
+a table at its end (`pytest_terminal_summary` below).
 """
 
 from __future__ import annotations
@@ -20,15 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from builder import publish as pub
 from builder.config import load_image
 from builder.image import BuildResult, build_image
 from qemu import VM, VMConfig
-from tests import console
-from tests.servers import NginxServer
+from tests.support import REPO, console
+from tests.support.servers import NginxServer
 from updater.release.version import Version
 
-REPO = Path(__file__).resolve().parent.parent
 GUEST_HOST = "10.0.2.2"  # the host's loopback as QEMU's user network shows it to the guest
 DISK_SIZE = "8G"
 MARKER = "/usr/lib/berth/e2e-marker"
@@ -62,6 +63,15 @@ def summary_table() -> list[str]:
     lines = [f"{'case':<{width}}  {'boots':>5}  {'seconds':>7}  outcome"]
     lines += [f"{o.case:<{width}}  {o.boots:>5}  {o.seconds:>7.0f}  {o.outcome}" for o in OUTCOMES]
     return lines
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The end-to-end scenarios' table: case, boots, seconds, outcome."""
+    lines = summary_table()
+    if lines:
+        terminalreporter.section("end-to-end update scenarios")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def build_release(

@@ -1,8 +1,8 @@
 """A quadlet service with a named volume, for VM tests: install it, and check that it answers.
 
-The container runs `httpd` (tests/oci.py) from the image `localhost/berth/httpd:1`, which a test
-either preloads into the OS image (`httpd_archive` + `preload`) or loads with `podman load`. It
-publishes port 8080, keeps its data in the named volume `web-data` (a `.volume` quadlet), records
+The container runs `httpd` (tests/support/oci.py) from the image `localhost/berth/httpd:1`, which
+a test either preloads into the OS image (`httpd_archive` + `preload`) or loads with `podman load`.
+It publishes port 8080, keeps its data in the named volume `web-data` (a `.volume` quadlet), records
 every start in the volume's `starts` file and serves the volume's `index.html`.
 
 Update tests reuse it: `install_web_service` before the update, `web_answers` and `web_starts`
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.oci import oci_archive, static_httpd
+from tests.support.oci import oci_archive, static_httpd
 
 IMAGE = "localhost/berth/httpd:1"
 PORT = 8080

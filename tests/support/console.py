@@ -6,19 +6,23 @@ recover from a boot that crashed. A kernel fault on the way would then go unseen
 a static key flips, on a vCPU that still runs the patched bytes) and crashes; the boot counter
 absorbs it and the scenario costs one boot more. The firmware, too, has once stayed silent after
 a reset until the harness power-cycled the machine (`VM.recover_hung_reset`, which says so in
-the log). `guest_faults` finds both in a serial log so the session can list them instead of
-hiding them in the boot count.
+the log). `guest_faults` finds both in a serial log, and the session lists them at its end
+(under "guest faults no test asked for") instead of hiding them in the boot count.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
+import pytest
 
 from qemu.vm import HARNESS_MARK
+from tests.support.vms import ARTIFACTS
 
 # Linux prints this once per boot: counts boots (and failed boot attempts) in a serial log.
 KERNEL_BANNER = "Linux version "
-# The one panic tests cause on purpose: the release whose initrd cannot run (tests/e2e.py).
+# The one panic tests cause on purpose: the release whose initrd cannot run (tests/support/e2e.py).
 DELIBERATE_PANIC = "VFS: Unable to mount root fs"
 
 _OOPS = re.compile(r"\bOops: ([^\r\n]*)")
@@ -59,3 +63,41 @@ def _kernel_fault(number: int, boot: str) -> list[str]:
     where = f" at {rip[1]}" if rip is not None else ""
     then = "; then the kernel panicked" if oops is not None and panic is not None else ""
     return [f"boot {number}: {what}{where}{then}"]
+
+
+# Serial logs grow across sessions (a machine started again appends): the sizes they had when
+# this session started, so that only what it added is read at the end.
+_SERIAL_AT_START: dict[Path, int] = {}
+
+
+def _serial_logs() -> list[Path]:
+    return sorted(ARTIFACTS.glob("*/*/serial.log"))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    for log in _serial_logs():
+        _SERIAL_AT_START[log] = log.stat().st_size
+
+
+def _session_faults() -> list[str]:
+    """Guest faults no test asked for, in this session's serial logs."""
+    faults = []
+    for log in _serial_logs():
+        with log.open("rb") as f:
+            f.seek(_SERIAL_AT_START.get(log, 0))
+            text = f.read().decode(errors="replace")
+        where = f"{log.parent.parent.name}/{log.parent.name}"
+        faults += [f"{where}: {fault}" for fault in guest_faults(text)]
+    return faults
+
+
+# trylast: after the end-to-end scenarios' table (tests/support/e2e.py), whose boots these
+# faults may have cost.
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The guest faults that boot counting or the harness's power-cycle may have absorbed."""
+    faults = _session_faults()
+    if faults:
+        terminalreporter.section("guest faults no test asked for")
+        for line in faults:
+            terminalreporter.write_line(line)

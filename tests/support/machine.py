@@ -17,16 +17,18 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from builder import publish as pub
 from builder.disk import PartitionImage, make_disk
 from builder.run import run
-from tests.servers import NginxServer
+from tests.support.servers import NginxServer
 from updater.agent import Agent
 from updater.config import UpdateConfig
 from updater.disk import bootentries, gpt, slots
@@ -273,3 +275,18 @@ def make_agent(
         fetch_options=options
         or FetchOptions(timeout=(5.0, 5.0), attempts=2, backoff=0.0, state_interval=64 * 1024),
     )
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    """Signing keys and an empty TUF repository served by nginx on loopback."""
+    pub.init_keys(tmp_path / "keys")
+    (tmp_path / "repo").mkdir()
+    with NginxServer(tmp_path / "repo", tmp_path / "nginx") as server:
+        yield Site(tmp_path, server)
+
+
+@pytest.fixture
+def fake(tmp_path: Path, site: Site) -> FakeMachine:
+    """A machine (GPT disk image, ESP, cmdline) booted into 1.0.0 from slot A."""
+    return FakeMachine(tmp_path / "machine", site.release("1.0.0"))

@@ -5,7 +5,7 @@ directory (on /dev/shm when there is one: etcd fsyncs every write, and a tmpfs m
 which keeps fifty contending agents within seconds). `./build.py test` installs the package
 (builder.run.HOST_TOOLS maps the `etcd` command to it).
 
-    def test_x(etcd):          # tests/conftest.py: one server per test module
+    def test_x(etcd):          # the fixture below: one server per test module
         store = EtcdStore([etcd.url])
 """
 
@@ -15,12 +15,14 @@ import contextlib
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import requests
 
 from builder.run import find_tool
-from tests.servers import ServerProcess, _free_port
+from tests.support.servers import ServerProcess, _free_port
 
 
 class EtcdServer(ServerProcess):
@@ -71,3 +73,10 @@ class EtcdServer(ServerProcess):
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    """A real etcd on loopback, shared by a test module's tests (each uses its own groups)."""
+    with EtcdServer() as server:
+        yield server

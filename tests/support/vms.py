@@ -1,0 +1,64 @@
+"""Machines under QEMU for the VM tests: the session's one built image, and VMs that are stopped
+when their test ends, with their serial logs kept in test-artifacts/ for a failed test.
+
+A build and a boot cost minutes, so every VM test that can boots the same image
+(`built_image`, built once per session) and checks many things per boot.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from builder.config import load_image
+from builder.image import BuildResult, build_image
+from qemu import VM, VMConfig
+from tests.support import REPO
+
+ARTIFACTS = REPO / "test-artifacts"
+
+# One version for the test image: fixed, so a second session reuses nothing stale by accident
+# (the build always rebuilds the output; only the package cache is shared).
+TEST_VERSION = os.environ.get("BERTH_TEST_VERSION", "1.0.0")
+
+
+@pytest.fixture(scope="session")
+def built_image() -> BuildResult:
+    """The default image (containerhost), built once per test session."""
+    from updater.release.version import Version
+
+    config = load_image("containerhost", REPO / "images")
+    # BERTH_TEST_OUT: another output directory, so that two test sessions at once do not
+    # replace the disk images each other's VMs are booted from.
+    out = Path(os.environ["BERTH_TEST_OUT"]) if os.environ.get("BERTH_TEST_OUT") else None
+    return build_image(config, Version.parse(TEST_VERSION), REPO, out_dir=out)
+
+
+@pytest.fixture
+def artifacts(request: pytest.FixtureRequest) -> Path:
+    """Where a test keeps serial logs and journals; kept after the run for failed tests."""
+    path: Path = ARTIFACTS / str(request.node.name).replace("/", "_")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def boot(disk: Path, workdir: Path, **options: object) -> VM:
+    config = VMConfig(
+        disk=disk,
+        work_dir=workdir,
+        serial_log=workdir / "serial.log",
+        **options,  # type: ignore[arg-type]
+    )
+    return VM(config)
+
+
+@pytest.fixture
+def vm_factory(artifacts: Path) -> Iterator[list[VM]]:
+    """Tests append the VMs they start; all are stopped even when the test fails."""
+    vms: list[VM] = []
+    yield vms
+    for vm in vms:
+        vm.close()
