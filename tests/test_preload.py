@@ -1,6 +1,7 @@
 """The preloaded image store: what makes two loads of the same archives byte-identical.
 
-Loading itself runs the image's podman and is proven by the VM test (tests/test_containers_vm.py).
+Loading itself runs the image's podman and is proven by the VM test
+(tests/vm/test_containers_vm.py).
 """
 
 from __future__ import annotations

@@ -1,30 +1,22 @@
-"""The VM harness: command lines, overlays, credentials and image lookup; one firmware-only boot."""
+"""The VM harness without booting: command lines, overlays, credentials and image lookup.
+
+Its firmware boots are VM tests (tests/vm/test_qemu_vm.py).
+"""
 
 from __future__ import annotations
 
 import base64
-import dataclasses
-import os
 import socket
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from builder.formats import image_info
-from builder.run import run
 from qemu.__main__ import main
 from qemu.ssh import ssh_argv, write_ssh_config
 from qemu.vm import (
-    HARNESS_MARK,
-    RESET_LINE,
-    VM,
     Accel,
-    BootError,
     DiskBus,
-    VMConfig,
     VMError,
     disk_arguments,
     free_port,
@@ -33,15 +25,7 @@ from qemu.vm import (
     smbios_credential,
     strip_ansi,
 )
-
-
-def make_disk(path: Path, size: str = "64M", fmt: str = "qcow2") -> Path:
-    run(["qemu-img", "create", "-q", "-f", fmt, path, size], quiet=True)
-    return path
-
-
-def option_values(argv: list[str], option: str) -> list[str]:
-    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
+from tests.support.vms import blank_disk, option_values, prepared_vm
 
 
 def decode_credential(value: str) -> tuple[str, bytes]:
@@ -49,19 +33,6 @@ def decode_credential(value: str) -> tuple[str, bytes]:
     assert value.startswith(prefix)
     name, _, encoded = value.removeprefix(prefix).partition("=")
     return name, base64.b64decode(encoded, validate=True)
-
-
-@pytest.fixture
-def blank(tmp_path: Path) -> Path:
-    return make_disk(tmp_path / "blank.qcow2")
-
-
-def prepared_vm(tmp_path: Path, disk: Path, **kwargs: Any) -> VM:
-    # TCG unless a test asks otherwise: no KVM probe, and the same argv on every host.
-    config = VMConfig(disk=disk, work_dir=tmp_path / "vm", accel=Accel.TCG)
-    vm = VM(dataclasses.replace(config, **kwargs))
-    vm.prepare()
-    return vm
 
 
 @pytest.mark.parametrize(
@@ -120,7 +91,7 @@ def test_smbios_credential_rejects_bad_names(name: str) -> None:
 
 
 def test_command_line(tmp_path: Path, blank: Path) -> None:
-    extra = make_disk(tmp_path / "extra.raw", fmt="raw")
+    extra = blank_disk(tmp_path / "extra.raw", fmt="raw")
     ignition = tmp_path / "config.ign"
     ignition.write_text("{}")
     vm = prepared_vm(
@@ -190,7 +161,7 @@ def test_interactive_console_shares_the_terminal_and_still_logs(
 
 
 def test_sata_adds_one_controller(tmp_path: Path, blank: Path) -> None:
-    extra = make_disk(tmp_path / "extra.qcow2")
+    extra = blank_disk(tmp_path / "extra.qcow2")
     argv = prepared_vm(tmp_path, blank, disk_bus=DiskBus.SATA, extra_disks=(extra,)).command()
     devices = option_values(argv, "-device")
     assert devices.count("ahci,id=ahci") == 1
@@ -215,7 +186,7 @@ def test_overlay_keeps_the_image_pristine_and_can_grow(tmp_path: Path, blank: Pa
 
 
 def test_overlay_of_a_raw_image_names_its_format(tmp_path: Path) -> None:
-    raw = make_disk(tmp_path / "disk.raw", fmt="raw")
+    raw = blank_disk(tmp_path / "disk.raw", fmt="raw")
     prepared_vm(tmp_path, raw)
     assert image_info(tmp_path / "vm" / "overlay.qcow2")["backing-filename-format"] == "raw"
 
@@ -304,94 +275,6 @@ def test_strip_ansi_keeps_text_and_line_structure() -> None:
     assert strip_ansi(raw) == ("  OK  ] Reached\n[DEPEND] Dependency failed\nCount 5\nCount 4")
 
 
-# OVMF names the boot option after the device it found, so the console shows which bus was used.
-BUS_BOOT_OPTION = {
-    DiskBus.VIRTIO: r'BdsDxe: failed to load Boot\d+ "UEFI Misc Device" from PciRoot',
-    DiskBus.NVME: r'BdsDxe: failed to load Boot\d+ "UEFI QEMU NVMe Ctrl berth0',
-    DiskBus.SATA: r'BdsDxe: failed to load Boot\d+ "UEFI QEMU HARDDISK berth0',
-}
-
-
-@pytest.mark.vm
-@pytest.mark.parametrize("bus", list(DiskBus))
-def test_firmware_boots_and_exit_is_reported(tmp_path: Path, blank: Path, bus: DiskBus) -> None:
-    config = VMConfig(
-        disk=blank, work_dir=tmp_path / "vm", memory_mib=512, disk_bus=bus, no_reboot=True
-    )
-    with VM(config) as vm:
-        # A blank disk has nothing to boot: the firmware says so and drops to its shell.
-        vm.wait_for_serial(BUS_BOOT_OPTION[bus], timeout=60)
-        assert vm.qmp("query-status")["status"] == "running"
-
-        quitter = threading.Timer(1.0, vm.qmp, args=("quit",))
-        quitter.start()
-        start = time.monotonic()
-        with pytest.raises(BootError) as err:
-            vm.wait_for_ssh(timeout=60)
-        quitter.join()
-        assert time.monotonic() - start < 15
-        message = str(err.value)
-        assert "QEMU exited before SSH answered (QEMU exit status 0)" in message
-        assert "BdsDxe: failed to load" in message
-        assert vm.boot_seconds is None
-
-
-@pytest.mark.vm
-def test_power_cycle_reuses_the_disk_and_appends_the_console(tmp_path: Path, blank: Path) -> None:
-    config = VMConfig(disk=blank, work_dir=tmp_path / "vm", memory_mib=512)
-    with VM(config) as vm:
-        vm.wait_for_serial("BdsDxe: loading", timeout=60)
-        overlay = (tmp_path / "vm" / "overlay.qcow2").stat().st_ino
-        assert vm.kill() == -9
-        first_boot = vm.serial_offset()
-        vm.start()
-        # By default only what this start printed counts, not the first boot's identical lines.
-        vm.wait_for_serial("BdsDxe: loading", timeout=60)
-        assert (tmp_path / "vm" / "overlay.qcow2").stat().st_ino == overlay
-        assert vm.serial_text().count("BdsDxe: loading") >= 2
-        assert "BdsDxe: loading" in vm.serial_text(first_boot)
-        # The firmware shell ignores the ACPI power button, so shutdown has to fall back to a kill.
-        assert vm.shutdown(timeout=2) == -9
-    assert not vm.running
-
-
-@pytest.mark.vm
-def test_a_machine_silent_after_its_reset_is_power_cycled(tmp_path: Path, blank: Path) -> None:
-    # QEMU started with -S never runs the firmware: from outside it looks like the hung reset.
-    serial = tmp_path / "serial.log"
-    config = VMConfig(
-        disk=blank, work_dir=tmp_path / "vm", serial_log=serial, memory_mib=512, extra_args=("-S",)
-    )
-    long_ago = time.time() - 600
-
-    def console_was(text: str) -> None:
-        serial.write_text(text)
-        os.utime(serial, (long_ago, long_ago))
-
-    console_was("[   12.5] Reached target multi-user.target.\n")
-    with VM(config) as vm:
-        first = vm.pid
-        # Quiet for long, but the last words are not a reset: a guest that is simply idle.
-        assert not vm.recover_hung_reset(silence=300)
-        # The reset, but not quiet for long enough yet.
-        console_was(f"[   69.1] reboot: Restarting system\n\x1b[2J[   69.2] {RESET_LINE}\r\n")
-        assert not vm.recover_hung_reset(silence=900)
-        assert vm.pid == first
-
-        assert vm.recover_hung_reset(silence=300)
-        assert vm.running and vm.pid != first
-        last = vm.serial_text().splitlines()[-1]
-        assert last.startswith(f"{HARNESS_MARK} no console output for 6")
-        assert last.endswith("s after the guest reset; power-cycled the machine")
-        # Once said, the reset is no longer the console's last word.
-        assert not vm.recover_hung_reset(silence=0)
-        assert vm.pid != first
-
-        # The new QEMU is a whole machine: let it run, and its firmware boots again.
-        vm.qmp("cont")
-        vm.wait_for_serial("BdsDxe: failed to load", timeout=60)
-
-
 def test_testinfra_host_uses_the_vm_ssh_config(tmp_path: Path, blank: Path) -> None:
     vm = prepared_vm(tmp_path, blank)
     backend = vm.testinfra_host().backend
@@ -402,14 +285,3 @@ def test_testinfra_host_uses_the_vm_ssh_config(tmp_path: Path, blank: Path) -> N
     assert line.endswith("127.0.0.1 true")
     # A multiplexing master from before a reboot would hang later commands.
     assert "ControlMaster" not in line
-
-
-@pytest.mark.vm
-def test_cli_without_terminal_gives_up_when_ssh_never_answers(
-    tmp_path: Path, blank: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["run", str(blank), "--memory", "512", "--timeout", "3"]) == 1
-    err = capsys.readouterr().err
-    assert "waiting for SSH on port" in err
-    assert "error: SSH did not answer within 3s" in err
-    assert "lines of the serial console" in err

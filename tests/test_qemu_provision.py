@@ -3,7 +3,6 @@ relay.py, and config drive images. Fast: QEMU is at most started paused, never b
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -14,7 +13,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,35 +21,16 @@ from qemu import vm as vm_module
 from qemu.drives import make_cidata, make_config_drive
 from qemu.vm import (
     RELAY,
-    VM,
-    Accel,
     VMConfig,
     VMError,
     guest_forward_option,
     nic_argument,
     user_network_options,
 )
+from tests.support.vms import option_values, prepared_vm
 
 METADATA_NET = "169.254.169.0/24"
 EC2_SMBIOS = "type=1,manufacturer=Amazon EC2,product=t3.micro"
-
-
-def option_values(argv: list[str], option: str) -> list[str]:
-    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
-
-
-@pytest.fixture
-def blank(tmp_path: Path) -> Path:
-    path = tmp_path / "blank.qcow2"
-    run(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"], quiet=True)
-    return path
-
-
-def prepared_vm(tmp_path: Path, disk: Path, **kwargs: Any) -> VM:
-    config = VMConfig(disk=disk, work_dir=tmp_path / "vm", accel=Accel.TCG)
-    vm = VM(dataclasses.replace(config, **kwargs))
-    vm.prepare()
-    return vm
 
 
 def relay_command(host_port: int) -> str:

@@ -1,5 +1,6 @@
-"""Machines under QEMU for the VM tests: the session's one built image, and VMs that are stopped
-when their test ends, with their serial logs kept in test-artifacts/ for a failed test.
+"""Machines under QEMU for tests: the session's one built image, VMs that are stopped when their
+test ends (their serial logs kept in test-artifacts/ for a failed test), and, for the harness's
+own tests, blank disks and VMs prepared but never started.
 
 A build and a boot cost minutes, so every VM test that can boots the same image
 (`built_image`, built once per session) and checks many things per boot.
@@ -7,15 +8,18 @@ A build and a boot cost minutes, so every VM test that can boots the same image
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from builder.config import load_image
 from builder.image import BuildResult, build_image
-from qemu import VM, VMConfig
+from builder.run import run
+from qemu import VM, Accel, VMConfig
 from tests.support import REPO
 
 ARTIFACTS = REPO / "test-artifacts"
@@ -62,3 +66,28 @@ def vm_factory(artifacts: Path) -> Iterator[list[VM]]:
     yield vms
     for vm in vms:
         vm.close()
+
+
+def blank_disk(path: Path, size: str = "64M", fmt: str = "qcow2") -> Path:
+    """An empty disk image: the firmware finds nothing to boot on it."""
+    run(["qemu-img", "create", "-q", "-f", fmt, path, size], quiet=True)
+    return path
+
+
+@pytest.fixture
+def blank(tmp_path: Path) -> Path:
+    return blank_disk(tmp_path / "blank.qcow2")
+
+
+def prepared_vm(tmp_path: Path, disk: Path, **kwargs: Any) -> VM:
+    """A VM with its overlay, NVRAM and keys in place and its command line built, not started."""
+    # TCG unless a test asks otherwise: no KVM probe, and the same argv on every host.
+    config = VMConfig(disk=disk, work_dir=tmp_path / "vm", accel=Accel.TCG)
+    vm = VM(dataclasses.replace(config, **kwargs))
+    vm.prepare()
+    return vm
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    """The values given to `option` in a command line, in order."""
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]

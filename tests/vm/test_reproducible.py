@@ -1,16 +1,16 @@
-"""Same inputs, same bytes: rebuilding a version gives an identical payload (initrd included)."""
+"""Same inputs, same bytes: rebuilding a version gives an identical payload (initrd included).
+
+It boots nothing, but it lives with the VM tests because it needs what they need: the session's
+built image and the bootstrapped package tree, minutes of work the fast tier never does.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from builder.config import load_image
 from builder.image import BuildResult, build_image
 from tests.support import REPO
-
-pytestmark = pytest.mark.vm  # needs the bootstrapped package tree, like the boot tests
 
 
 def test_rebuild_of_a_version_is_byte_identical(built_image: BuildResult, tmp_path: Path) -> None:

@@ -27,8 +27,6 @@ from tests.support.containers import install_web_service, load_httpd_image, web_
 from tests.support.e2e import MARKER, PANIC_WORD, Machine, Site, build_release, record
 from tests.support.oci import SLEEPER_C, oci_archive, static_binary
 
-pytestmark = pytest.mark.vm
-
 # Power cuts: 4 in CI, one in each phase of an update; 20 in the slow run (-m slow);
 # BERTH_POWER_SEED replays a run's random moments.
 POWER_CUTS = int(os.environ.get("BERTH_POWER_CUTS", "4"))

@@ -25,8 +25,6 @@ from tests.support.oci import oci_archive, static_hello
 from tests.support.vms import TEST_VERSION, boot
 from updater.release.version import Version
 
-pytestmark = pytest.mark.vm
-
 DISK_SIZE = "8G"
 COMPOSE = """\
 services:

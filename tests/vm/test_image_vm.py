@@ -10,8 +10,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from builder.image import BuildResult
 from builder.run import run
 from qemu import DiskBus
@@ -19,8 +17,6 @@ from tests.support import REPO
 from tests.support.oci import oci_archive, static_hello
 from tests.support.vms import boot
 from updater.disk import gpt
-
-pytestmark = pytest.mark.vm
 
 DISK_SIZE = "8G"
 

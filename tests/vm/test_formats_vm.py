@@ -9,13 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from builder import formats
 from builder.image import BuildResult
 from tests.support.vms import boot
-
-pytestmark = pytest.mark.vm
 
 
 def test_vmdk_boots_to_ssh(

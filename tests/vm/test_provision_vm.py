@@ -16,8 +16,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from builder.image import BuildResult
 from builder.run import find_tool
 from qemu import VM
@@ -26,8 +24,6 @@ from qemu.ssh import generate_key
 from tests.support.metadata_server import TOKEN, MetadataServer
 from tests.support.servers import NginxServer
 from tests.support.vms import boot
-
-pytestmark = pytest.mark.vm
 
 GUEST_HOST = "10.0.2.2"
 
