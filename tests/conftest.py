@@ -13,7 +13,6 @@ pytest_plugins = [
     "tests.support.releases",
     "tests.support.machine",
     "tests.support.daemon",
-    "tests.support.metadata_server",
     "tests.support.misbehaving_server",
     "tests.support.oci",
     "tests.support.containers",

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from builder import publish as pub
 from tests.support.machine import FakeMachine, Site, make_agent, release_manifest
-from tests.support.misbehaving_server import MisbehavingServer, Misbehaviour, start
+from tests.support.misbehaving_server import MisbehavingServer, Misbehaviour
 from tests.support.servers import NginxServer
 from updater.agent import Agent
 from updater.disk.slots import SlotState
@@ -184,16 +185,18 @@ def test_a_signed_hash_tree_that_does_not_match_its_data(site: Site, fake: FakeM
 def served_by(
     site: Site,
     fake: FakeMachine,
-    servers: list[MisbehavingServer],
+    misbehaving: Callable[..., MisbehavingServer],
     rule: Misbehaviour,
     **opts: object,
 ) -> Agent:
-    srv = start(site.repo, servers)
+    srv = misbehaving(site.repo)
     srv.rules.append(rule)
-    return make_agent(fake, site, url=srv.url, options=replace(FAST, **opts))  # type: ignore[arg-type]
+    return make_agent(fake, site, url=srv.url + "/", options=replace(FAST, **opts))  # type: ignore[arg-type]
 
 
-def test_endless_data(site: Site, fake: FakeMachine, misbehaving: list[MisbehavingServer]) -> None:
+def test_endless_data(
+    site: Site, fake: FakeMachine, misbehaving: Callable[..., MisbehavingServer]
+) -> None:
     site.publish(site.release("1.1.0"))
     agent = served_by(site, fake, misbehaving, Misbehaviour("root.erofs", endless=True))
     failed_midway(
@@ -206,7 +209,7 @@ def test_endless_data(site: Site, fake: FakeMachine, misbehaving: list[Misbehavi
 
 
 def test_slow_retrieval(
-    site: Site, fake: FakeMachine, misbehaving: list[MisbehavingServer]
+    site: Site, fake: FakeMachine, misbehaving: Callable[..., MisbehavingServer]
 ) -> None:
     site.publish(site.release("1.1.0"))
     rule = Misbehaviour("root.erofs", delay=0.05, piece=1024)
@@ -217,17 +220,19 @@ def test_slow_retrieval(
 
 
 def test_connection_reset_after_some_bytes(
-    site: Site, fake: FakeMachine, misbehaving: list[MisbehavingServer]
+    site: Site, fake: FakeMachine, misbehaving: Callable[..., MisbehavingServer]
 ) -> None:
     site.publish(site.release("1.1.0"))
-    agent = served_by(site, fake, misbehaving, Misbehaviour("root.erofs", reset_after=100_000))
+    agent = served_by(
+        site, fake, misbehaving, Misbehaviour("root.erofs", cut_at=100_000, reset=True)
+    )
     failed_midway(
         fake, agent, DownloadError, r"refused .*root\.erofs: connection failed after \d+ of \d+"
     )
 
 
 def test_connection_reset_on_the_first_request(
-    site: Site, fake: FakeMachine, misbehaving: list[MisbehavingServer]
+    site: Site, fake: FakeMachine, misbehaving: Callable[..., MisbehavingServer]
 ) -> None:
     site.publish(site.release("1.1.0"))
     agent = served_by(site, fake, misbehaving, Misbehaviour("root.erofs", reset_at_once=True))
@@ -235,7 +240,7 @@ def test_connection_reset_on_the_first_request(
 
 
 def test_repository_reset_on_the_first_request(
-    site: Site, fake: FakeMachine, misbehaving: list[MisbehavingServer]
+    site: Site, fake: FakeMachine, misbehaving: Callable[..., MisbehavingServer]
 ) -> None:
     site.publish(site.release("1.1.0"))
     agent = served_by(site, fake, misbehaving, Misbehaviour("timestamp.json", reset_at_once=True))

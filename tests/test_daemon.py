@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from qemu.vm import free_port
 from tests.support.daemon import INTERVAL, Harness
 from tests.support.machine import FakeMachine, Site, make_agent, release_manifest
-from tests.support.servers import _free_port
 from updater.config import Strategy
 from updater.disk import slots
 from updater.release.version import Version
@@ -131,7 +131,7 @@ def test_jitter_spreads_the_interval(harness: Harness, site: Site) -> None:
 def test_backs_off_while_the_repository_is_down_then_recovers(
     harness: Harness, site: Site, fake: FakeMachine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    harness.defaults(f"http://127.0.0.1:{_free_port()}/")
+    harness.defaults(f"http://127.0.0.1:{free_port()}/")
     site.publish(site.release("1.1.0"))
     daemon = harness.daemon()
     with caplog.at_level(logging.ERROR, logger="updater.service.daemon"):

@@ -1,25 +1,21 @@
-"""updater.update.fetch against a real HTTP server on loopback that misbehaves on request."""
+"""updater.update.fetch against a real HTTP server on loopback that misbehaves on request
+(tests/support/misbehaving_server.py)."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
 import hashlib
-import http.server
 import itertools
 import json
 import os
-import re
-import socket
-import struct
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.support.misbehaving_server import MisbehavingServer, Misbehaviour
 from updater import files
 from updater.disk import verity
 from updater.errors import (
@@ -38,122 +34,18 @@ FILL = b"\xaa"
 KiB = 1024
 
 
-@dataclass
-class Logged:
-    range: str | None
-    status: int
-    sent: int = 0
-
-
-@dataclass
-class Behaviour:
-    """How the server answers; each field is one kind of misbehaviour."""
-
-    content: bytes = CONTENT
-    status: int | None = None  # answer every request with this status and no body
-    drop_after: int | None = None  # first request only: send this many body bytes, then close
-    reset: bool = False  # with drop_after: close with a TCP reset instead of a clean FIN
-    endless: bool = False  # no Content-Length, then data until the client hangs up
-    ignore_range: bool = False
-    declare_length: bool = True
-    declared_length: int | None = None  # a Content-Length that lies
-    piece: int = 64 * KiB
-    delay: float = 0.0  # seconds between pieces (slow retrieval)
-    stall: float = 0.0  # seconds of silence after the headers
-    log: list[Logged] = field(default_factory=list)
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: Server
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        b = self.server.behaviour
-        rng = self.headers.get("Range")
-        first_request = not b.log
-        if b.status is not None:
-            b.log.append(Logged(rng, b.status))
-            self.send_response(b.status)
-            self.send_header("Content-Length", "0")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            return
-        body = b.content
-        status = 200
-        match = re.fullmatch(r"bytes=(\d+)-", rng or "")
-        if match and not b.ignore_range:
-            start = int(match[1])
-            if start >= len(body):
-                b.log.append(Logged(rng, 416))
-                self.send_response(416)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            status = 206
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-            body = body[start:]
-        else:
-            self.send_response(200)
-        entry = Logged(rng, status)
-        b.log.append(entry)
-        self.send_header("Connection", "close")
-        if b.declared_length is not None:
-            self.send_header("Content-Length", str(b.declared_length))
-        elif b.declare_length and not b.endless:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.flush()
-        if b.stall:
-            time.sleep(b.stall)
-        limit = b.drop_after if first_request and b.drop_after is not None else None
-        deadline = time.monotonic() + 10  # every handler ends by itself, whatever the client does
-        try:
-            while time.monotonic() < deadline:
-                if b.endless:
-                    piece = b"x" * b.piece
-                else:
-                    end = len(body) if limit is None else min(len(body), limit)
-                    piece = body[entry.sent : min(end, entry.sent + b.piece)]
-                    if not piece:
-                        break
-                self.wfile.write(piece)
-                self.wfile.flush()
-                entry.sent += len(piece)
-                if b.delay:
-                    time.sleep(b.delay)
-        except (BrokenPipeError, ConnectionResetError):
-            return
-        if limit is not None and b.reset:
-            # SO_LINGER with a zero timeout turns close() into a TCP reset.
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.close_connection = True
-
-
-class Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.behaviour = Behaviour()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/root.erofs"
+PATH = "/root.erofs"
 
 
 @pytest.fixture
-def server() -> Iterator[Server]:
-    srv = Server()
-    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join()
+def server(misbehaving: Callable[..., MisbehavingServer]) -> MisbehavingServer:
+    srv = misbehaving()
+    srv.files[PATH] = CONTENT
+    return srv
+
+
+def url(server: MisbehavingServer) -> str:
+    return server.url + PATH
 
 
 @pytest.fixture
@@ -164,13 +56,13 @@ def dest(tmp_path: Path) -> Path:
     return path
 
 
-def download(server: Server, dest: Path, **options: object) -> None:
+def download(server: MisbehavingServer, dest: Path, **options: object) -> None:
     options.setdefault("backoff", 0.0)
     options.setdefault("timeout", (2.0, 2.0))
     sha256 = str(options.pop("sha256", SHA256))
     length = int(options.pop("length", len(CONTENT)))  # type: ignore[call-overload]
     with dest.open("r+b") as f:
-        fetch.stream_to(server.url, f, OFFSET, length, sha256, **options)  # type: ignore[arg-type]
+        fetch.stream_to(url(server), f, OFFSET, length, sha256, **options)  # type: ignore[arg-type]
 
 
 def assert_written(dest: Path, content: bytes = CONTENT) -> None:
@@ -184,17 +76,15 @@ def assert_untouched(dest: Path) -> None:
     assert dest.read_bytes() == FILL * (OFFSET + len(CONTENT) + 4096)
 
 
-def test_full_download_at_offset_reports_progress(server: Server, dest: Path) -> None:
+def test_full_download_at_offset_reports_progress(server: MisbehavingServer, dest: Path) -> None:
     seen: list[int] = []
     download(server, dest, progress=seen.append, chunk=100_000)
     assert_written(dest)
     assert seen == sorted(seen) and seen[-1] == len(CONTENT)
-    assert [(e.range, e.status, e.sent) for e in server.behaviour.log] == [
-        (None, 200, len(CONTENT))
-    ]
+    assert [(e.range, e.status, e.sent) for e in server.seen] == [(None, 200, len(CONTENT))]
 
 
-def test_hash_mismatch_is_refused_after_the_write(server: Server, dest: Path) -> None:
+def test_hash_mismatch_is_refused_after_the_write(server: MisbehavingServer, dest: Path) -> None:
     wrong = hashlib.sha256(b"something else").hexdigest()
     state = dest.parent / "state.json"
     with pytest.raises(VerificationError, match=f"hash to sha256 {SHA256}.*says {wrong}"):
@@ -204,86 +94,88 @@ def test_hash_mismatch_is_refused_after_the_write(server: Server, dest: Path) ->
     assert not state.exists()
 
 
-def test_endless_data_stops_at_length_plus_one(server: Server, dest: Path) -> None:
-    server.behaviour.endless = True
+def test_endless_data_stops_at_length_plus_one(server: MisbehavingServer, dest: Path) -> None:
+    server.rules.append(Misbehaviour(endless=True))
     with pytest.raises(LengthMismatchError, match="more than the trusted length"):
         download(server, dest)
     data = dest.read_bytes()
     # Exactly `length` bytes were written, the extra one was read and refused.
     assert data[OFFSET : OFFSET + len(CONTENT)] == b"x" * len(CONTENT)
     assert data[OFFSET + len(CONTENT) :] == FILL * 4096
-    assert len(server.behaviour.log) == 1
+    assert len(server.seen) == 1
 
 
 def test_a_content_length_beyond_the_trusted_length_is_refused_before_writing(
-    server: Server, dest: Path
+    server: MisbehavingServer, dest: Path
 ) -> None:
-    server.behaviour.declared_length = 10 * len(CONTENT)
+    server.rules.append(Misbehaviour(declared_length=10 * len(CONTENT)))
     with pytest.raises(LengthMismatchError, match=f"offers {10 * len(CONTENT)} bytes"):
         download(server, dest)
     assert_untouched(dest)
 
 
-def test_short_data_is_refused(server: Server, dest: Path) -> None:
-    server.behaviour.content = CONTENT[:1000]
+def test_short_data_is_refused(server: MisbehavingServer, dest: Path) -> None:
+    server.files[PATH] = CONTENT[:1000]
     with pytest.raises(LengthMismatchError, match="offers 1000 bytes"):
         download(server, dest)
     assert_untouched(dest)
-    assert len(server.behaviour.log) == 1
+    assert len(server.seen) == 1
 
 
-def test_short_data_without_content_length_is_refused(server: Server, dest: Path) -> None:
-    server.behaviour.content = CONTENT[:1000]
-    server.behaviour.declare_length = False
+def test_short_data_without_content_length_is_refused(
+    server: MisbehavingServer, dest: Path
+) -> None:
+    server.files[PATH] = CONTENT[:1000]
+    server.rules.append(Misbehaviour(declare_length=False))
     with pytest.raises(LengthMismatchError, match=r"sent 1000 bytes.*short data"):
         download(server, dest)
-    assert len(server.behaviour.log) == 1
+    assert len(server.seen) == 1
 
 
-def test_404_is_refused_without_retrying(server: Server, dest: Path) -> None:
-    server.behaviour.status = 404
+def test_404_is_refused_without_retrying(server: MisbehavingServer, dest: Path) -> None:
+    server.rules.append(Misbehaviour(status=404))
     with pytest.raises(
         DownloadError, match=r"refused http://127\.0\.0\.1:\d+/root\.erofs: HTTP 404"
     ) as e:
         download(server, dest, attempts=3)
-    assert e.value.status == 404 and e.value.url == server.url
-    assert len(server.behaviour.log) == 1
+    assert e.value.status == 404 and e.value.url == url(server)
+    assert len(server.seen) == 1
     assert_untouched(dest)
 
 
-def test_500_is_retried_a_bounded_number_of_times(server: Server, dest: Path) -> None:
-    server.behaviour.status = 500
+def test_500_is_retried_a_bounded_number_of_times(server: MisbehavingServer, dest: Path) -> None:
+    server.rules.append(Misbehaviour(status=500))
     with pytest.raises(DownloadError, match="HTTP 500 Internal Server Error") as e:
         download(server, dest, attempts=3)
     assert e.value.status == 500
-    assert len(server.behaviour.log) == 3
+    assert len(server.seen) == 3
     assert_untouched(dest)
 
 
-def test_connection_reset_is_refused_when_attempts_run_out(server: Server, dest: Path) -> None:
-    server.behaviour.drop_after = 300 * KiB
-    server.behaviour.reset = True
+def test_connection_reset_is_refused_when_attempts_run_out(
+    server: MisbehavingServer, dest: Path
+) -> None:
+    server.rules.append(Misbehaviour(times=1, cut_at=300 * KiB, reset=True))
     with pytest.raises(DownloadError, match=r"after \d+ of 1048580 bytes") as e:
         download(server, dest, attempts=1)
     assert e.value.status == 200
-    assert len(server.behaviour.log) == 1
+    assert len(server.seen) == 1
 
 
-def test_resume_after_a_drop_fetches_only_the_rest(server: Server, dest: Path) -> None:
+def test_resume_after_a_drop_fetches_only_the_rest(server: MisbehavingServer, dest: Path) -> None:
     half = 512 * KiB
-    server.behaviour.drop_after = half
+    server.rules.append(Misbehaviour(times=1, cut_at=half))
     download(server, dest, attempts=2)
     assert_written(dest)
-    log = [(e.range, e.status, e.sent) for e in server.behaviour.log]
+    log = [(e.range, e.status, e.sent) for e in server.seen]
     assert log == [(None, 200, half), (f"bytes={half}-", 206, len(CONTENT) - half)]
 
 
-def test_resume_after_a_reset_fetches_only_the_rest(server: Server, dest: Path) -> None:
-    server.behaviour.drop_after = 512 * KiB
-    server.behaviour.reset = True
+def test_resume_after_a_reset_fetches_only_the_rest(server: MisbehavingServer, dest: Path) -> None:
+    server.rules.append(Misbehaviour(times=1, cut_at=512 * KiB, reset=True))
     download(server, dest, attempts=2)
     assert_written(dest)
-    first, second = server.behaviour.log
+    first, second = server.seen
     # A reset may discard what the client had not read yet: it asks for what it lacks.
     assert second.range is not None
     got = int(second.range.removeprefix("bytes=").removesuffix("-"))
@@ -291,16 +183,18 @@ def test_resume_after_a_reset_fetches_only_the_rest(server: Server, dest: Path) 
     assert second.status == 206 and second.sent == len(CONTENT) - got
 
 
-def test_resume_across_calls_rehashes_what_is_on_disk(server: Server, dest: Path) -> None:
+def test_resume_across_calls_rehashes_what_is_on_disk(
+    server: MisbehavingServer, dest: Path
+) -> None:
     half = 512 * KiB
-    server.behaviour.drop_after = half
+    server.rules.append(Misbehaviour(times=1, cut_at=half))
     state = dest.parent / "state.json"
     with pytest.raises(DownloadError, match="after 524288 of 1048580 bytes"):
         download(server, dest, attempts=1, state_path=state)
     record = json.loads(state.read_text())
     assert record == {
         "format": 1,
-        "url": server.url,
+        "url": url(server),
         "sha256": SHA256,
         "length": len(CONTENT),
         "offset": OFFSET,
@@ -308,15 +202,15 @@ def test_resume_across_calls_rehashes_what_is_on_disk(server: Server, dest: Path
     }
     download(server, dest, state_path=state)
     assert_written(dest)
-    assert [(e.range, e.sent) for e in server.behaviour.log] == [
+    assert [(e.range, e.sent) for e in server.seen] == [
         (None, half),
         (f"bytes={half}-", len(CONTENT) - half),
     ]
     assert not state.exists()
 
 
-def test_resume_trusts_nothing_already_on_disk(server: Server, dest: Path) -> None:
-    server.behaviour.drop_after = 512 * KiB
+def test_resume_trusts_nothing_already_on_disk(server: MisbehavingServer, dest: Path) -> None:
+    server.rules.append(Misbehaviour(times=1, cut_at=512 * KiB))
     state = dest.parent / "state.json"
     with pytest.raises(DownloadError):
         download(server, dest, attempts=1, state_path=state)
@@ -325,15 +219,17 @@ def test_resume_trusts_nothing_already_on_disk(server: Server, dest: Path) -> No
         f.write(b"!")
     with pytest.raises(VerificationError):
         download(server, dest, state_path=state)
-    assert server.behaviour.log[1].range == f"bytes={512 * KiB}-"
+    assert server.seen[1].range == f"bytes={512 * KiB}-"
     assert not state.exists()  # so the next attempt starts from byte 0
     download(server, dest, state_path=state)
-    assert server.behaviour.log[2].range is None
+    assert server.seen[2].range is None
     assert_written(dest)
 
 
-def test_verity_digests_cover_the_bytes_read_back_to_resume(server: Server, dest: Path) -> None:
-    server.behaviour.drop_after = 300 * KiB + 5
+def test_verity_digests_cover_the_bytes_read_back_to_resume(
+    server: MisbehavingServer, dest: Path
+) -> None:
+    server.rules.append(Misbehaviour(times=1, cut_at=300 * KiB + 5))
     state = dest.parent / "state.json"
     with pytest.raises(DownloadError):
         download(server, dest, attempts=1, state_path=state)
@@ -348,16 +244,16 @@ def test_verity_digests_cover_the_bytes_read_back_to_resume(server: Server, dest
     assert bytes(blocks.digests) == expected
 
 
-def test_state_for_another_target_is_ignored(server: Server, dest: Path) -> None:
+def test_state_for_another_target_is_ignored(server: MisbehavingServer, dest: Path) -> None:
     state = dest.parent / "state.json"
-    other = {"format": 1, "url": server.url, "sha256": "0" * 64, "length": len(CONTENT)}
+    other = {"format": 1, "url": url(server), "sha256": "0" * 64, "length": len(CONTENT)}
     state.write_text(json.dumps({**other, "offset": OFFSET, "done": 1000}))
     download(server, dest, state_path=state)
-    assert server.behaviour.log[0].range is None
+    assert server.seen[0].range is None
     assert_written(dest)
 
 
-def test_progress_is_recorded_during_the_transfer(server: Server, dest: Path) -> None:
+def test_progress_is_recorded_during_the_transfer(server: MisbehavingServer, dest: Path) -> None:
     state = dest.parent / "state.json"
     recorded: list[int] = []
 
@@ -377,7 +273,7 @@ def test_progress_is_recorded_during_the_transfer(server: Server, dest: Path) ->
 
 @pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
 def test_a_record_never_points_past_bytes_not_yet_written(
-    server: Server, dest: Path, direct: bool, monkeypatch: pytest.MonkeyPatch
+    server: MisbehavingServer, dest: Path, direct: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Writes run on a helper thread; each record must wait for them (what a resume trusts).
     state = dest.parent / "state.json"
@@ -405,11 +301,13 @@ def test_a_record_never_points_past_bytes_not_yet_written(
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
-def test_a_failed_write_is_a_storage_error_and_not_retried(server: Server, direct: bool) -> None:
+def test_a_failed_write_is_a_storage_error_and_not_retried(
+    server: MisbehavingServer, direct: bool
+) -> None:
     # /dev/full refuses every write with ENOSPC, as a failing disk would.
     with pytest.raises(StorageError, match=f"writing at offset {OFFSET} failed: .*No space"):
         download(server, Path("/dev/full"), chunk=64 * KiB, direct=direct)
-    assert len(server.behaviour.log) == 1
+    assert len(server.seen) == 1
 
 
 def _spy_on_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, int, int]]:
@@ -428,7 +326,7 @@ def _spy_on_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, int, int
 
 
 def test_direct_writes_bypass_the_page_cache_for_every_whole_block(
-    server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch
+    server: MisbehavingServer, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(fetch, "_STAGE", 256 * KiB)  # several stages
     writes = _spy_on_writes(monkeypatch)
@@ -445,10 +343,10 @@ def test_direct_writes_bypass_the_page_cache_for_every_whole_block(
 
 
 def test_direct_resume_from_an_unaligned_point_across_calls(
-    server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch
+    server: MisbehavingServer, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cut = 300 * KiB + 123
-    server.behaviour.drop_after = cut
+    server.rules.append(Misbehaviour(times=1, cut_at=cut))
     state = dest.parent / "state.json"
     monkeypatch.setattr(fetch, "_STAGE", 64 * KiB)
     with pytest.raises(DownloadError):
@@ -457,12 +355,12 @@ def test_direct_resume_from_an_unaligned_point_across_calls(
     writes = _spy_on_writes(monkeypatch)
     download(server, dest, state_path=state, direct=True)
     assert_written(dest)
-    assert server.behaviour.log[1].range == f"bytes={cut}-"
+    assert server.seen[1].range == f"bytes={cut}-"
     assert any(d for d, _, _ in writes)
 
 
 def test_without_o_direct_support_the_page_cache_is_used(
-    server: Server, dest: Path, monkeypatch: pytest.MonkeyPatch
+    server: MisbehavingServer, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Some file systems refuse the flag at open, others the alignment at the first write.
     real = os.pwrite
@@ -477,37 +375,36 @@ def test_without_o_direct_support_the_page_cache_is_used(
     assert_written(dest)
 
 
-def test_server_ignoring_range_restarts_from_zero(server: Server, dest: Path) -> None:
-    server.behaviour.drop_after = 512 * KiB
-    server.behaviour.ignore_range = True
+def test_server_ignoring_range_restarts_from_zero(server: MisbehavingServer, dest: Path) -> None:
+    # The first answer is cut; every answer, the first too, ignores the Range.
+    server.rules.append(Misbehaviour(times=1, cut_at=512 * KiB, ignore_range=True))
+    server.rules.append(Misbehaviour(ignore_range=True))
     download(server, dest, attempts=2)
     assert_written(dest)
-    log = [(e.range, e.status, e.sent) for e in server.behaviour.log]
+    log = [(e.range, e.status, e.sent) for e in server.seen]
     assert log == [(None, 200, 512 * KiB), (f"bytes={512 * KiB}-", 200, len(CONTENT))]
 
 
-def test_slow_retrieval_is_refused(server: Server, dest: Path) -> None:
+def test_slow_retrieval_is_refused(server: MisbehavingServer, dest: Path) -> None:
     # 1 KiB every 20 ms: about 50 KiB/s, each read well within the read timeout.
-    server.behaviour.piece = KiB
-    server.behaviour.delay = 0.02
+    server.rules.append(Misbehaviour(piece=KiB, delay=0.02))
     started = time.monotonic()
     with pytest.raises(SlowRetrievalError, match="below the minimum of 1000000 bytes/s"):
         download(server, dest, attempts=2, min_rate=1_000_000, rate_window=0.3)
     assert time.monotonic() - started < 3
-    assert len(server.behaviour.log) == 2
+    assert len(server.seen) == 2
     # The second attempt resumed where the first one stopped.
-    assert server.behaviour.log[1].range is not None
+    assert server.seen[1].range is not None
 
 
-def test_a_rate_above_the_minimum_passes(server: Server, dest: Path) -> None:
-    server.behaviour.piece = 128 * KiB
-    server.behaviour.delay = 0.01
+def test_a_rate_above_the_minimum_passes(server: MisbehavingServer, dest: Path) -> None:
+    server.rules.append(Misbehaviour(piece=128 * KiB, delay=0.01))
     download(server, dest, min_rate=200_000, rate_window=0.05)
     assert_written(dest)
 
 
-def test_a_stalled_server_times_out(server: Server, dest: Path) -> None:
-    server.behaviour.stall = 3
+def test_a_stalled_server_times_out(server: MisbehavingServer, dest: Path) -> None:
+    server.rules.append(Misbehaviour(stall=3))
     started = time.monotonic()
     with pytest.raises(DownloadError, match="timed out"):
         download(server, dest, attempts=1, timeout=(1.0, 0.5))
@@ -523,25 +420,25 @@ def test_write_file_atomic_replaces_whole(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
-def test_resume_false_ignores_the_state_file(server: Server, dest: Path) -> None:
+def test_resume_false_ignores_the_state_file(server: MisbehavingServer, dest: Path) -> None:
     state = dest.parent / "state.json"
-    record = {"format": 1, "url": server.url, "sha256": SHA256, "length": len(CONTENT)}
+    record = {"format": 1, "url": url(server), "sha256": SHA256, "length": len(CONTENT)}
     state.write_text(json.dumps({**record, "offset": OFFSET, "done": 1000}))
     download(server, dest, state_path=state, resume=False)
-    assert [e.range for e in server.behaviour.log] == [None]
+    assert [e.range for e in server.seen] == [None]
     assert_written(dest)
 
 
 def test_a_file_that_shrank_on_the_server_restarts_then_is_refused(
-    server: Server, dest: Path
+    server: MisbehavingServer, dest: Path
 ) -> None:
     state = dest.parent / "state.json"
-    record = {"format": 1, "url": server.url, "sha256": SHA256, "length": len(CONTENT)}
+    record = {"format": 1, "url": url(server), "sha256": SHA256, "length": len(CONTENT)}
     state.write_text(json.dumps({**record, "offset": OFFSET, "done": 2000}))
-    server.behaviour.content = CONTENT[:1000]
+    server.files[PATH] = CONTENT[:1000]
     with pytest.raises(LengthMismatchError, match="offers 1000 bytes from byte 0"):
         download(server, dest, state_path=state)
-    assert [(e.range, e.status) for e in server.behaviour.log] == [
+    assert [(e.range, e.status) for e in server.seen] == [
         ("bytes=2000-", 416),
         (None, 200),
     ]

@@ -1,23 +1,29 @@
 """The Azure Ready report, against a WireServer stand-in on 127.0.0.1.
 
-The stand-in behaves like the host's agent endpoint where it matters: it serves goal states in
-turn, and accepts a health report only when it names the current container, instance and
-incarnation (a stale incarnation is 410 Gone, as on Azure). Tests script failures into it.
+The stand-in (tests/support/misbehaving_server.py) behaves like the host's agent endpoint where
+it matters: it serves goal states in turn, and accepts a health report only when it names the
+current container, instance and incarnation (a stale incarnation is 410 Gone, as on Azure).
+Tests script failures into it.
 """
 
 from __future__ import annotations
 
-import http.server
-import socket
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass
-from xml.sax.saxutils import escape
 
 import pytest
 
+from tests.support.misbehaving_server import (
+    CONTAINER,
+    INSTANCE,
+    Misbehaviour,
+    Seen,
+    WireServer,
+    goal_state_xml,
+    refusing_port,
+    silent_port,
+)
 from updater.provision.azure import (
     AGENT_NAME,
     MS_VERSION,
@@ -28,148 +34,11 @@ from updater.provision.azure import (
 )
 from updater.provision.plan import ProvisionError
 
-CONTAINER = "5f3c2a9e-81d4-4b6f-9a0e-2c7d1b8e4f60"
-INSTANCE = "0b7e4c1a92d34f6e8a5b3c2d1e0f9a8b.berth-vm-1"
-
-
-def goal_state_xml(
-    incarnation: str = "3", container: str = CONTAINER, instance: str = INSTANCE
-) -> bytes:
-    """A goal state shaped like what Azure hosts answer (version 2012-11-30)."""
-    config = f"http://100.72.14.9:80/machine/{container}/{instance}?comp=config"
-    return f"""\
-<?xml version="1.0" encoding="utf-8"?>
-<GoalState xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" \
-xsi:noNamespaceSchemaLocation="goalstate10.xsd">
-  <Version>2012-11-30</Version>
-  <Incarnation>{escape(incarnation)}</Incarnation>
-  <Machine>
-    <ExpectedState>Started</ExpectedState>
-    <StopRolesDeadlineHint>300000</StopRolesDeadlineHint>
-    <LBProbePorts>
-      <Port>16001</Port>
-    </LBProbePorts>
-    <ExpectHealthReport>FALSE</ExpectHealthReport>
-  </Machine>
-  <Container>
-    <ContainerId>{escape(container)}</ContainerId>
-    <RoleInstanceList>
-      <RoleInstance>
-        <InstanceId>{escape(instance)}</InstanceId>
-        <State>Started</State>
-        <Configuration>
-          <HostingEnvironmentConfig>{escape(config)}&amp;type=hostingEnvironmentConfig\
-</HostingEnvironmentConfig>
-          <SharedConfig>{escape(config)}&amp;type=sharedConfig</SharedConfig>
-          <ExtensionsConfig>{escape(config)}&amp;type=extensionsConfig</ExtensionsConfig>
-          <FullConfig>{escape(config)}&amp;type=fullConfig</FullConfig>
-          <ConfigName>0b7e4c1a92d34f6e8a5b3c2d1e0f9a8b.0.berth-vm-1.1.xml</ConfigName>
-        </Configuration>
-      </RoleInstance>
-    </RoleInstanceList>
-  </Container>
-</GoalState>
-""".encode()
-
-
-@dataclass(frozen=True)
-class Seen:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    status: int
-
-
-class WireServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _WireHandler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        self.lock = threading.Lock()
-        self.seen: list[Seen] = []
-        # Served in turn, the last one repeatedly. The fabric's current goal state is the one
-        # the next GET would serve, so [a, b] means "it changed right after a was read".
-        self.goal_states: list[bytes] = [goal_state_xml()]
-        self.served = 0
-        # Statuses answered instead of the real thing, consumed one per request.
-        self.goal_failures: list[int] = []
-        self.health_failures: list[int] = []
-
-    def current(self) -> GoalState:
-        body = self.goal_states[min(self.served, len(self.goal_states) - 1)]
-        return parse_goal_state(body, "test")
-
-    def handle(self, handler: _WireHandler, method: str) -> tuple[int, bytes]:
-        with self.lock:
-            if method == "GET" and handler.path == "/machine/?comp=goalstate":
-                if self.goal_failures:
-                    return self.goal_failures.pop(0), b""
-                body = self.goal_states[min(self.served, len(self.goal_states) - 1)]
-                self.served += 1
-                return 200, body
-            if method == "POST" and handler.path == "/machine/?comp=health":
-                if self.health_failures:
-                    return self.health_failures.pop(0), b""
-                report = ET.fromstring(handler.body)
-                current = self.current()
-                if report.findtext("GoalStateIncarnation") != current.incarnation:
-                    return 410, b""
-                role = report.find("Container/RoleInstanceList/Role")
-                if (
-                    report.findtext("Container/ContainerId") != current.container_id
-                    or role is None
-                    or role.findtext("InstanceId") != current.instance_id
-                ):
-                    return 400, b""
-                return 200, b""
-            return 404, b""
-
-    def requests(self, method: str | None = None) -> list[Seen]:
-        with self.lock:
-            return [s for s in self.seen if method is None or s.method == method]
-
-
-class _WireHandler(http.server.BaseHTTPRequestHandler):
-    server: WireServer
-    body = b""
-
-    def _answer(self, method: str) -> None:
-        self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        status, body = self.server.handle(self, method)
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        with self.server.lock:
-            self.server.seen.append(Seen(method, self.path, headers, self.body, status))
-        self.send_response(status)
-        if status == 302:
-            self.send_header("Location", "/elsewhere")
-        self.send_header("Content-Type", "text/xml; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        self._answer("GET")
-
-    def do_POST(self) -> None:
-        self._answer("POST")
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
 
 @pytest.fixture
 def wire() -> Iterator[WireServer]:
-    server = WireServer()
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with WireServer() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def reported(seen: Seen) -> dict[str, str | None]:
@@ -237,7 +106,7 @@ def test_first_role_instance_is_reported() -> None:
 
 
 def test_goal_state_unavailable_twice_then_answers(wire: WireServer) -> None:
-    wire.goal_failures = [503, 503]
+    wire.fail("comp=goalstate", 503, 503)
     report_ready(base_url=wire.url, wait=10)
     assert [(s.method, s.status) for s in wire.requests()] == [
         ("GET", 503),
@@ -248,7 +117,7 @@ def test_goal_state_unavailable_twice_then_answers(wire: WireServer) -> None:
 
 
 def test_server_error_on_the_report_retries_the_report(wire: WireServer) -> None:
-    wire.health_failures = [500, 502]
+    wire.fail("comp=health", 500, 502)
     report_ready(base_url=wire.url, wait=10)
     assert [(s.method, s.status) for s in wire.requests()] == [
         ("GET", 200),
@@ -297,8 +166,8 @@ def test_refusals_are_errors_naming_url_and_status_at_once(
     path: str,
     status: str,
 ) -> None:
-    wire.goal_failures = goal_failures
-    wire.health_failures = health_failures
+    wire.fail("comp=goalstate", *goal_failures)
+    wire.fail("comp=health", *health_failures)
     started = time.monotonic()
     with pytest.raises(ProvisionError) as error:
         report_ready(base_url=wire.url, wait=30)
@@ -310,10 +179,8 @@ def test_refusals_are_errors_naming_url_and_status_at_once(
 
 
 def test_silent_server_gives_up_within_the_wait() -> None:
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(16)  # connections complete in the backlog and are never answered
-        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    with silent_port() as port:
+        url = f"http://127.0.0.1:{port}"
         started = time.monotonic()
         with pytest.raises(ProvisionError) as error:
             report_ready(base_url=url, timeout=30, wait=1.0)
@@ -328,18 +195,16 @@ def test_silent_server_gives_up_within_the_wait() -> None:
 
 
 def test_refused_connections_are_retried_until_the_wait_ends() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    started = time.monotonic()
-    with pytest.raises(ProvisionError, match=r"did not accept the Ready report within 0\.8 s"):
-        report_ready(base_url=url, wait=0.8)
-    assert 0.8 <= time.monotonic() - started < 3.0
+    with refusing_port() as port:
+        url = f"http://127.0.0.1:{port}"
+        started = time.monotonic()
+        with pytest.raises(ProvisionError, match=r"did not accept the Ready report within 0\.8 s"):
+            report_ready(base_url=url, wait=0.8)
+        assert 0.8 <= time.monotonic() - started < 3.0
 
 
 def test_a_server_that_stays_unavailable_is_named_with_its_last_answer(wire: WireServer) -> None:
-    wire.goal_failures = [503] * 1000
+    wire.rules.append(Misbehaviour("comp=goalstate", status=503))
     with pytest.raises(ProvisionError) as error:
         report_ready(base_url=wire.url, wait=0.8)
     assert str(error.value) == (
@@ -351,7 +216,7 @@ def test_a_server_that_stays_unavailable_is_named_with_its_last_answer(wire: Wir
 
 
 def test_a_goal_state_that_keeps_changing_gives_up(wire: WireServer) -> None:
-    wire.health_failures = [410] * 1000
+    wire.rules.append(Misbehaviour("comp=health", status=410))
     with pytest.raises(ProvisionError, match="HTTP 410 Gone \\(the goal state changed"):
         report_ready(base_url=wire.url, wait=0.8)
     # Every 410 was followed by a fresh goal state.
@@ -401,14 +266,13 @@ def test_oversized_goal_state_is_refused(wire: WireServer) -> None:
 def test_a_proxy_from_the_environment_is_not_used(
     wire: WireServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.setenv(name, dead)
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    report_ready(base_url=wire.url, wait=2)
+    with refusing_port() as port:
+        dead = f"http://127.0.0.1:{port}"
+        for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+            monkeypatch.setenv(name, dead)
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        report_ready(base_url=wire.url, wait=2)
     assert [s.status for s in wire.requests()] == [200, 200]
 
 

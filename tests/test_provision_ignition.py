@@ -7,18 +7,17 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import http.server
 import json
-import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
 
+from qemu.vm import free_port
+from tests.support.misbehaving_server import MisbehavingServer, Misbehaviour, refusing_port
 from updater.provision.ignition import SPEC_VERSIONS, Fetcher, http_fetch, parse_ignition
 from updater.provision.plan import Directory, Dropin, File, Link, Plan, ProvisionError, Unit, User
 
@@ -66,70 +65,12 @@ def sha256(data: bytes) -> str:
     return "sha256-" + hashlib.sha256(data).hexdigest()
 
 
-# --- A real HTTP server -------------------------------------------------------------------------
-
-
-@dataclass
-class Route:
-    body: bytes = b""
-    statuses: list[int] = field(default_factory=list)  # answered in turn before 200
-    stall: float = 0.0  # seconds before answering
-
-
-@dataclass
-class Seen:
-    path: str
-    headers: dict[str, str]
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:
-        self.server.seen.append(Seen(self.path, dict(self.headers.items())))
-        route = self.server.routes.get(urllib.parse.urlsplit(self.path).path)
-        if route is None:
-            self.send_error(404)
-            return
-        time.sleep(route.stall)
-        status = route.statuses.pop(0) if route.statuses else 200
-        body = route.body if status == 200 else b""
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, port: int = 0) -> None:
-        super().__init__(("127.0.0.1", port), _Handler)
-        self.routes: dict[str, Route] = {}
-        self.seen: list[Seen] = []
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+# --- A real HTTP server (tests/support/misbehaving_server.py) -----------------------------------
 
 
 @pytest.fixture
-def server() -> Iterator[_Server]:
-    srv = _Server()
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def server(misbehaving: Callable[..., MisbehavingServer]) -> MisbehavingServer:
+    return misbehaving()
 
 
 # --- Versions and the document ------------------------------------------------------------------
@@ -1139,12 +1080,12 @@ def test_types_are_checked_everywhere(doc: dict[str, Any], expected: str) -> Non
 # --- Fetching over HTTP ---------------------------------------------------------------------
 
 
-def test_http_contents_are_fetched_and_verified(server: _Server) -> None:
+def test_http_contents_are_fetched_and_verified(server: MisbehavingServer) -> None:
     body = b"fetched contents\n"
-    server.routes["/files/a"] = Route(body)
+    server.files["/files/a"] = body
     entry = {
         "path": "/etc/a",
-        "contents": {"source": server.url("/files/a"), "verification": {"hash": sha512(body)}},
+        "contents": {"source": server.url + "/files/a", "verification": {"hash": sha512(body)}},
     }
     plan = parse(files(entry))
     assert plan.files == (File("/etc/a", body),)
@@ -1152,21 +1093,21 @@ def test_http_contents_are_fetched_and_verified(server: _Server) -> None:
     assert [s.path for s in server.seen] == ["/files/a"]
 
 
-def test_http_hash_mismatch_names_the_field_and_both_hashes(server: _Server) -> None:
-    server.routes["/a"] = Route(b"tampered")
+def test_http_hash_mismatch_names_the_field_and_both_hashes(server: MisbehavingServer) -> None:
+    server.files["/a"] = b"tampered"
     expected = sha256(b"original")
     entry = {
         "path": "/etc/a",
-        "contents": {"source": server.url("/a"), "verification": {"hash": expected}},
+        "contents": {"source": server.url + "/a", "verification": {"hash": expected}},
     }
     message = refusal(files(entry))
     assert "storage.files[0].contents.verification.hash" in message
     assert expected in message and sha256(b"tampered") in message
-    assert server.url("/a") in message
+    assert server.url + "/a" in message
 
 
-def test_http_headers_are_sent_and_values_not_shown(server: _Server) -> None:
-    server.routes["/secret"] = Route(b"s")
+def test_http_headers_are_sent_and_values_not_shown(server: MisbehavingServer) -> None:
+    server.files["/secret"] = b"s"
     headers = [
         {"name": "Authorization", "value": "Bearer t0ken"},
         {"name": "X-Empty", "value": ""},
@@ -1174,7 +1115,7 @@ def test_http_headers_are_sent_and_values_not_shown(server: _Server) -> None:
     ]
     entry = {
         "path": "/etc/s",
-        "contents": {"source": server.url("/secret?sig=abc"), "httpHeaders": headers},
+        "contents": {"source": server.url + "/secret?sig=abc", "httpHeaders": headers},
     }
     plan = parse(files(entry, version="3.1.0"))
     seen = server.seen[0].headers
@@ -1204,34 +1145,34 @@ def test_http_headers_are_sent_and_values_not_shown(server: _Server) -> None:
         ),
     ],
 )
-def test_bad_http_headers(server: _Server, headers: list[dict[str, Any]], expected: str) -> None:
-    entry = {"path": "/etc/s", "contents": {"source": server.url("/x"), "httpHeaders": headers}}
+def test_bad_http_headers(
+    server: MisbehavingServer, headers: list[dict[str, Any]], expected: str
+) -> None:
+    entry = {"path": "/etc/s", "contents": {"source": server.url + "/x", "httpHeaders": headers}}
     message = refusal(files(entry))
     assert expected in message
     assert "Injected" not in message
     assert server.seen == []  # refused before fetching
 
 
-def test_gzip_over_http(server: _Server) -> None:
+def test_gzip_over_http(server: MisbehavingServer) -> None:
     text = b"big text " * 1000
-    server.routes["/z.gz"] = Route(gzip.compress(text))
+    server.files["/z.gz"] = gzip.compress(text)
     entry = {
         "path": "/var/z",
         "contents": {
-            "source": server.url("/z.gz"),
+            "source": server.url + "/z.gz",
             "compression": "gzip",
             "verification": {"hash": sha512(text)},
         },
-        "append": [{"source": server.url("/z.gz"), "compression": "gzip"}],
+        "append": [{"source": server.url + "/z.gz", "compression": "gzip"}],
     }
     assert parse(files(entry)).files[0].contents == text + text
 
 
-def test_http_error_names_the_field_and_the_url(server: _Server) -> None:
-    message = refusal(files({"path": "/etc/a", "contents": {"source": server.url("/missing")}}))
-    assert (
-        f"storage.files[0].contents.source: fetching {server.url('/missing')}: HTTP 404" in message
-    )
+def test_http_error_names_the_field_and_the_url(server: MisbehavingServer) -> None:
+    message = refusal(files({"path": "/etc/a", "contents": {"source": server.url + "/missing"}}))
+    assert f"storage.files[0].contents.source: fetching {server.url}/missing: HTTP 404" in message
 
 
 @pytest.mark.parametrize(
@@ -1245,10 +1186,10 @@ def test_http_error_names_the_field_and_the_url(server: _Server) -> None:
     ],
 )
 def test_nothing_is_fetched_from_a_config_that_is_refused(
-    server: _Server, section: str, fault: dict[str, Any], expected: str
+    server: MisbehavingServer, section: str, fault: dict[str, Any], expected: str
 ) -> None:
-    server.routes["/a"] = Route(b"a")
-    doc = files({"path": "/etc/a", "contents": {"source": server.url("/a")}})
+    server.files["/a"] = b"a"
+    doc = files({"path": "/etc/a", "contents": {"source": server.url + "/a"}})
     if section == "storage":
         for key, entries in fault.items():
             doc["storage"].setdefault(key, []).extend(entries)
@@ -1258,47 +1199,48 @@ def test_nothing_is_fetched_from_a_config_that_is_refused(
     assert server.seen == []
 
 
-def test_a_server_error_is_retried(server: _Server) -> None:
-    server.routes["/flaky"] = Route(b"ok", statuses=[503, 502])
-    assert http_fetch(server.url("/flaky"), {}, retry_for=10) == b"ok"
+def test_a_server_error_is_retried(server: MisbehavingServer) -> None:
+    server.files["/flaky"] = b"ok"
+    server.fail("/flaky", 503, 502)
+    assert http_fetch(server.url + "/flaky", {}, retry_for=10) == b"ok"
     assert len(server.seen) == 3
 
 
-def test_a_client_error_is_not_retried(server: _Server) -> None:
-    server.routes["/gone"] = Route(b"", statuses=[410])
+def test_a_client_error_is_not_retried(server: MisbehavingServer) -> None:
+    server.files["/gone"] = b""
+    server.fail("/gone", 410)
     with pytest.raises(ProvisionError, match="HTTP 410"):
-        http_fetch(server.url("/gone"), {}, retry_for=10)
+        http_fetch(server.url + "/gone", {}, retry_for=10)
     assert len(server.seen) == 1
 
 
 def test_a_network_that_comes_up_late() -> None:
-    port = _free_port()
-    started: list[_Server] = []
+    port = free_port()
+    started: list[MisbehavingServer] = []
     ready = threading.Event()
 
     def start_later() -> None:
         time.sleep(0.4)
-        late = _Server(port)
-        late.routes["/late"] = Route(b"finally")
-        started.append(late)
+        late = MisbehavingServer(port=port)
+        late.files["/late"] = b"finally"
+        started.append(late.start())
         ready.set()
-        late.serve_forever(0.05)
 
     threading.Thread(target=start_later, daemon=True).start()
     try:
         assert http_fetch(f"http://127.0.0.1:{port}/late", {}, retry_for=10) == b"finally"
     finally:
         if ready.wait(5):
-            started[0].shutdown()
-            started[0].server_close()
+            started[0].stop()
 
 
 def test_a_network_that_never_comes_up() -> None:
-    url = f"http://127.0.0.1:{_free_port()}/x"
-    secret = "?token=t0ken"
-    started = time.monotonic()
-    with pytest.raises(ProvisionError) as info:
-        http_fetch(url + secret, {}, retry_for=0.3)
+    with refusing_port() as port:
+        url = f"http://127.0.0.1:{port}/x"
+        secret = "?token=t0ken"
+        started = time.monotonic()
+        with pytest.raises(ProvisionError) as info:
+            http_fetch(url + secret, {}, retry_for=0.3)
     assert time.monotonic() - started < 3
     message = str(info.value)
     assert message.startswith(f"fetching {url}?...: ConnectionError: Failed to establish")
@@ -1306,20 +1248,21 @@ def test_a_network_that_never_comes_up() -> None:
     assert "gave up after" in message and "in 0.3 s" in message
 
 
-def test_a_stalled_server_times_out(server: _Server) -> None:
-    server.routes["/slow"] = Route(b"late", stall=1.0)
+def test_a_stalled_server_times_out(server: MisbehavingServer) -> None:
+    server.files["/slow"] = b"late"
+    server.rules.append(Misbehaviour("/slow", wait=1.0))
     with pytest.raises(ProvisionError, match="Timeout"):
-        http_fetch(server.url("/slow"), {}, timeout=0.2, retry_for=0)
+        http_fetch(server.url + "/slow", {}, timeout=0.2, retry_for=0)
 
 
-def test_a_body_over_the_cap_is_refused(server: _Server) -> None:
-    server.routes["/big"] = Route(b"x" * 1000)
+def test_a_body_over_the_cap_is_refused(server: MisbehavingServer) -> None:
+    server.files["/big"] = b"x" * 1000
     with pytest.raises(ProvisionError, match="1000 bytes, more than 100"):
-        http_fetch(server.url("/big"), {}, max_bytes=100)
+        http_fetch(server.url + "/big", {}, max_bytes=100)
 
 
-def test_parse_uses_the_fetcher_it_is_given(server: _Server) -> None:
-    server.routes["/a"] = Route(b"a")
+def test_parse_uses_the_fetcher_it_is_given(server: MisbehavingServer) -> None:
+    server.files["/a"] = b"a"
     asked: list[tuple[str, dict[str, str]]] = []
 
     def fetch(url: str, headers: Mapping[str, str]) -> bytes:
@@ -1328,10 +1271,10 @@ def test_parse_uses_the_fetcher_it_is_given(server: _Server) -> None:
 
     entry = {
         "path": "/etc/a",
-        "contents": {"source": server.url("/a"), "httpHeaders": [{"name": "X", "value": "1"}]},
+        "contents": {"source": server.url + "/a", "httpHeaders": [{"name": "X", "value": "1"}]},
     }
     assert parse(files(entry), fetch=fetch).files[0].contents == b"a"
-    assert asked == [(server.url("/a"), {"X": "1"})]
+    assert asked == [(server.url + "/a", {"X": "1"})]
 
 
 def test_a_fetcher_error_is_prefixed_with_the_field() -> None:
@@ -1346,14 +1289,14 @@ def test_a_fetcher_error_is_prefixed_with_the_field() -> None:
     )
 
 
-def test_credentials_in_a_url_are_not_shown(server: _Server) -> None:
-    server.routes["/a"] = Route(b"x")
-    url = server.url("/a?token=t0ken").replace("http://", "http://user:pa55@")
+def test_credentials_in_a_url_are_not_shown(server: MisbehavingServer) -> None:
+    server.files["/a"] = b"x"
+    url = (server.url + "/a?token=t0ken").replace("http://", "http://user:pa55@")
     entry = {"path": "/etc/a", "contents": {"source": url, "verification": {"hash": sha512(b"y")}}}
     message = refusal(files(entry))
     assert server.seen[0].headers["Authorization"].startswith("Basic ")
     assert "pa55" not in message and "t0ken" not in message
-    assert server.url("/a?...") in message
+    assert server.url + "/a?..." in message
 
 
 def test_the_documented_example() -> None:

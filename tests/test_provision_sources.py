@@ -1,7 +1,8 @@
 """Platform detection and every user-data source, against real files, scripts and HTTP servers.
 
-Metadata services are `http.server`s on 127.0.0.1 that check what the real ones check (IMDSv2's
-session token, GCE's `Metadata-Flavor`, Azure's `Metadata: true`); config drives are directories
+Metadata services are a real HTTP server on 127.0.0.1 that checks what the real ones check
+(IMDSv2's session token, GCE's `Metadata-Flavor`, Azure's `Metadata: true`; a
+`MetadataServer` from tests/support/misbehaving_server.py); config drives are directories
 behind a `Drives` that records mounts, or real FAT images probed by the real blkid.
 """
 
@@ -13,7 +14,6 @@ import gzip
 import json
 import logging
 import os
-import socket
 import stat
 import threading
 import time
@@ -24,7 +24,14 @@ from pathlib import Path
 import pytest
 
 from qemu.drives import make_cidata, make_config_drive
-from tests.support.metadata_server import TOKEN, MetadataServer
+from qemu.vm import free_port
+from tests.support.misbehaving_server import (
+    TOKEN,
+    MetadataServer,
+    Misbehaviour,
+    refusing_port,
+    silent_port,
+)
 from updater.provision.plan import ProvisionError
 from updater.provision.sources import (
     AZURE_ASSET_TAG,
@@ -569,13 +576,13 @@ def test_ec2_rejected_token_is_an_error_naming_url_and_status(
 
 
 def test_ec2_token_endpoint_missing_is_an_error(tmp_path: Path, metadata: MetadataServer) -> None:
-    metadata.status["/latest/api/token"] = 404
+    metadata.rules.append(Misbehaviour("/latest/api/token", status=404))
     with pytest.raises(ProvisionError, match="no IMDSv2 session token"):
         find_user_data(Platform.EC2, env=metadata_env(tmp_path, metadata))
 
 
 def test_ec2_imdsv1_only_service_is_an_error(tmp_path: Path, metadata: MetadataServer) -> None:
-    metadata.status["/latest/api/token"] = 403
+    metadata.rules.append(Misbehaviour("/latest/api/token", status=403))
     with pytest.raises(ProvisionError, match=r"PUT .*/latest/api/token answered HTTP 403"):
         find_user_data(Platform.EC2, env=metadata_env(tmp_path, metadata))
 
@@ -593,24 +600,21 @@ def test_a_drive_is_used_before_the_metadata_service(
 
 
 def test_server_errors_are_retried(tmp_path: Path, metadata: MetadataServer) -> None:
-    metadata.unavailable = 2
+    metadata.rules.append(Misbehaviour(status=503, times=2))
     found = find_user_data(Platform.EC2, env=metadata_env(tmp_path, metadata, metadata_wait=30))
     assert found is not None and found.data == CLOUD_CONFIG
     assert metadata.paths()[:3] == ["PUT /latest/api/token"] * 3
 
 
 def test_a_service_that_comes_up_late_is_waited_for(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     started: list[MetadataServer] = []
 
     def start_later() -> None:
         time.sleep(0.8)  # the guest's network is still coming up
         server = MetadataServer(port)
         server.gce_user_data = IGNITION
-        started.append(server)
-        server.serve_forever(0.05)
+        started.append(server.start())
 
     threading.Thread(target=start_later, daemon=True).start()
     env = env_for(
@@ -620,22 +624,19 @@ def test_a_service_that_comes_up_late_is_waited_for(tmp_path: Path) -> None:
         found = find_user_data(Platform.GCE, env=env)
     finally:
         if started:
-            started[0].shutdown()
-            started[0].server_close()
+            started[0].stop()
     assert found is not None and found.data == IGNITION
 
 
 def test_unreachable_service_stops_the_boot(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = env_for(
-        tmp_path, DirectoryDrives(), metadata_url=f"http://127.0.0.1:{port}/", metadata_wait=0.6
-    )
-    start = time.monotonic()
-    with pytest.raises(ProvisionError) as e:
-        find_user_data(Platform.EC2, env=env)
-    assert 0.6 <= time.monotonic() - start < 5
+    with refusing_port() as port:
+        env = env_for(
+            tmp_path, DirectoryDrives(), metadata_url=f"http://127.0.0.1:{port}/", metadata_wait=0.6
+        )
+        start = time.monotonic()
+        with pytest.raises(ProvisionError) as e:
+            find_user_data(Platform.EC2, env=env)
+        assert 0.6 <= time.monotonic() - start < 5
     message = str(e.value)
     assert message.startswith(
         f"EC2 metadata service at http://127.0.0.1:{port} did not answer within 0.6 s: "
@@ -646,10 +647,8 @@ def test_unreachable_service_stops_the_boot(tmp_path: Path) -> None:
 
 
 def test_a_silent_service_times_out_and_stops_the_boot(tmp_path: Path) -> None:
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(16)  # connections complete in the backlog and are never answered
-        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    with silent_port() as port:
+        url = f"http://127.0.0.1:{port}"
         env = env_for(
             tmp_path, DirectoryDrives(), metadata_url=url, metadata_wait=0.5, request_timeout=0.2
         )
@@ -660,7 +659,7 @@ def test_a_silent_service_times_out_and_stops_the_boot(tmp_path: Path) -> None:
 
 
 def test_lasting_server_errors_stop_the_boot(tmp_path: Path, metadata: MetadataServer) -> None:
-    metadata.unavailable = 1000
+    metadata.rules.append(Misbehaviour(status=503))
     with pytest.raises(ProvisionError) as e:
         find_user_data(Platform.OPENSTACK, env=metadata_env(tmp_path, metadata, metadata_wait=0.5))
     assert str(e.value) == (
@@ -671,7 +670,9 @@ def test_lasting_server_errors_stop_the_boot(tmp_path: Path, metadata: MetadataS
 
 
 def test_redirects_are_not_followed(tmp_path: Path, metadata: MetadataServer) -> None:
-    metadata.status["/computeMetadata/v1/instance/attributes/user-data"] = 302
+    metadata.rules.append(
+        Misbehaviour("/computeMetadata/v1/instance/attributes/user-data", status=302)
+    )
     with pytest.raises(ProvisionError, match="answered HTTP 302"):
         find_user_data(Platform.GCE, env=metadata_env(tmp_path, metadata))
 

@@ -10,7 +10,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from qemu.vm import (
     nic_argument,
     user_network_options,
 )
+from tests.support.misbehaving_server import HalfCloseServer, refusing_port
 from tests.support.vms import option_values, prepared_vm
 
 METADATA_NET = "169.254.169.0/24"
@@ -201,33 +201,14 @@ def test_qemu_refuses_what_the_harness_refuses() -> None:
 # relay.py
 
 
-class OneShotServer:
-    """Reads the whole request (until the client's FIN), answers it reversed, then closes."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.received = b""
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        conn, _ = self.sock.accept()
-        with conn:
-            while chunk := conn.recv(65536):
-                self.received += chunk
-            conn.sendall(b"answer:" + self.received[::-1])
-
-
 @pytest.fixture
-def server() -> Iterator[OneShotServer]:
-    srv = OneShotServer()
+def server() -> Iterator[HalfCloseServer]:
+    srv = HalfCloseServer(lambda request: b"answer:" + request[::-1])
     yield srv
-    srv.sock.close()
-    srv.thread.join(timeout=5)
+    srv.close()
 
 
-def test_relay_over_pipes_half_closes(server: OneShotServer) -> None:
+def test_relay_over_pipes_half_closes(server: HalfCloseServer) -> None:
     request = b"GET /latest/user-data HTTP/1.0\r\n\r\n" + os.urandom(200_000)
     result = subprocess.run(
         [sys.executable, str(RELAY), "127.0.0.1", str(server.port)],
@@ -243,7 +224,7 @@ def test_relay_over_pipes_half_closes(server: OneShotServer) -> None:
     assert result.stderr == b""
 
 
-def test_relay_over_one_socket_like_qemu(server: OneShotServer) -> None:
+def test_relay_over_one_socket_like_qemu(server: HalfCloseServer) -> None:
     """slirp hands the relay one socket as stdin, stdout and stderr; EOF must still get through."""
     guest, relay_end = socket.socketpair()
     with guest, relay_end:
@@ -265,16 +246,14 @@ def test_relay_over_one_socket_like_qemu(server: OneShotServer) -> None:
 
 
 def test_relay_to_a_closed_port_fails_quietly() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    result = subprocess.run(
-        [sys.executable, str(RELAY), "127.0.0.1", str(port)],
-        input=b"x",
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
+    with refusing_port() as port:
+        result = subprocess.run(
+            [sys.executable, str(RELAY), "127.0.0.1", str(port)],
+            input=b"x",
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
     # Under QEMU stderr is the guest's connection: nothing may be written there.
     assert (result.returncode, result.stdout, result.stderr) == (1, b"", b"")
 

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 
+from qemu.vm import free_port
 from tests.support import REPO
 from tests.support.etcd import EtcdServer
-from tests.support.servers import _free_port
 from updater.cli import main as berth_update
 from updater.reboot.etcdlock import EtcdStore
 from updater.reboot.fleetlock import FleetLockClient
@@ -86,7 +86,7 @@ def test_reads_what_airlock_wrote(etcd: EtcdServer) -> None:
 
 
 def test_unreachable_etcd_is_a_lock_error_naming_every_endpoint() -> None:
-    dead = [f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"]
+    dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
     store = EtcdStore(dead, timeout=(0.5, 0.5))
     with pytest.raises(LockError, match="no etcd endpoint answered") as info:
         SemaphoreClient(store, "g").acquire("a")
@@ -94,7 +94,7 @@ def test_unreachable_etcd_is_a_lock_error_naming_every_endpoint() -> None:
 
 
 def test_second_endpoint_is_used_when_the_first_is_down(etcd: EtcdServer) -> None:
-    store = EtcdStore([f"http://127.0.0.1:{_free_port()}", etcd.url], timeout=(0.5, 1.0))
+    store = EtcdStore([f"http://127.0.0.1:{free_port()}", etcd.url], timeout=(0.5, 1.0))
     assert SemaphoreClient(store, "failover").acquire("a").ok
 
 
@@ -245,7 +245,7 @@ def test_fifty_agents_never_exceed_the_slots_and_a_killed_holder_is_releasable(
 @pytest.fixture
 def replicas(etcd: EtcdServer) -> Iterator[tuple[str, str]]:
     """Two berth-lockd replicas on one etcd: one as its real command line, one in-process."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -332,7 +332,7 @@ def test_lockd_refuses_malformed_requests(replicas: tuple[str, str]) -> None:
 
 
 def test_lockd_without_etcd_answers_502_and_the_client_retries() -> None:
-    store = EtcdStore([f"http://127.0.0.1:{_free_port()}"], timeout=(0.3, 0.3))
+    store = EtcdStore([f"http://127.0.0.1:{free_port()}"], timeout=(0.3, 0.3))
     server = LockServer(("127.0.0.1", 0), store, 1).start()
     slept: list[float] = []
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import requests
 
 from builder import publish as pub
+from tests.support.misbehaving_server import refusing_port
 from tests.support.releases import make_release
 from tests.support.servers import NginxServer
 from updater.release.version import Version
@@ -178,9 +178,7 @@ def test_http_error(site: Site) -> None:
 
 
 def test_connection_refused(site: Site) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # bound but not listening: connections are refused
+    with refusing_port() as port:
         repo = TrustedRepository(
             site.base / "c/metadata",
             site.keys / "root.json",

@@ -22,7 +22,8 @@ import pytest
 import requests
 
 from builder.run import find_tool
-from tests.support.servers import ServerProcess, _free_port
+from qemu.vm import free_port
+from tests.support.servers import ServerProcess
 
 
 class EtcdServer(ServerProcess):
@@ -46,7 +47,7 @@ class EtcdServer(ServerProcess):
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         self._attempts += 1
-        peer_url = f"http://127.0.0.1:{_free_port()}"
+        peer_url = f"http://127.0.0.1:{free_port()}"
         with self.log_path.open("ab") as log:
             return subprocess.Popen(
                 [

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Self
 
 from builder.run import find_tool
+from qemu.vm import free_port
 
 # One line per request; fields are separated by tabs so a request line with spaces stays whole.
 _LOG_FORMAT = "$status\\t$body_bytes_sent\\t$request\\t$http_range"
@@ -45,13 +46,6 @@ class Request:
     def path(self) -> str:
         parts = self.request.split(" ")
         return parts[1] if len(parts) >= 2 else self.request
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class ServerProcess:
@@ -86,7 +80,7 @@ class ServerProcess:
 
     def start(self) -> Self:
         for _attempt in range(5):
-            self.port = _free_port()
+            self.port = free_port()
             self._process = self._spawn()
             if self._wait_ready():
                 return self

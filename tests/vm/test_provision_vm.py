@@ -21,7 +21,7 @@ from builder.run import find_tool
 from qemu import VM
 from qemu.drives import make_cidata
 from qemu.ssh import generate_key
-from tests.support.metadata_server import TOKEN, MetadataServer
+from tests.support.misbehaving_server import TOKEN, MetadataServer
 from tests.support.servers import NginxServer
 from tests.support.vms import boot
 
