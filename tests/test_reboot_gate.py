@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,33 +22,8 @@ from updater.reboot.lockd import LockServer
 from updater.reboot.semaphore import Semaphore, SemaphoreClient
 from updater.release.identity import lock_id
 from updater.release.version import Version
-from updater.service.daemon import Daemon, initial_config
-from updater.service.notify import Notifier
-from updater.update.machine import FetchOptions
 
 ME = lock_id(MACHINE_ID)
-
-
-def make_daemon(h: Harness, **overrides: Any) -> Daemon:
-    options: dict[str, Any] = {
-        "paths": h.paths,
-        "sleep": h.sleep,
-        "clock": h.clock,
-        "jitter": lambda: 0.5,
-        "reboot": h.reboot,
-        "notifier": Notifier(""),
-        "fetch_options": FetchOptions(timeout=(2.0, 2.0), attempts=1, backoff=0.0),
-        "sessions": lambda: 0,
-        **overrides,
-    }
-    return Daemon(h.fake.machine(h.site.keys / "root.json"), initial_config(h.paths), **options)
-
-
-def configure(h: Harness, extra: str, strategy: str) -> None:
-    h.paths.default.write_text(
-        f'[update]\nurl = "{h.site.url}"\nchannel = "stable"\nstrategy = "{strategy}"\n'
-        f"interval = {INTERVAL:.0f}\n{extra}"
-    )
 
 
 @pytest.fixture
@@ -65,13 +39,13 @@ def test_window_waits_for_the_opening_then_reboots(
     harness.offset = now.timestamp() - time.time()
     opens = now + timedelta(minutes=5)
     day = opens.strftime("%a")
-    configure(
-        harness,
-        f'[[window]]\ndays = ["{day}"]\nstart_time = "{opens:%H:%M}"\nlength_minutes = 10\n',
+    harness.defaults(
+        site.url,
         "window",
+        extra=f'[[window]]\ndays = ["{day}"]\nstart_time = "{opens:%H:%M}"\nlength_minutes = 10\n',
     )
     site.publish(site.release("1.1.0"))
-    daemon = make_daemon(harness)
+    daemon = harness.daemon()
     daemon.run(iterations=1)
     assert harness.reboots == 0 and (fake.run / "reboot-required").exists()
     # To the opening (less the seconds this test took), not the 600 s interval.
@@ -97,11 +71,13 @@ def test_fleet_lock_through_berth_lockd(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     group = "daemon-fleet"
-    configure(harness, f'[fleet_lock]\nbase_url = "{lockd.url}"\ngroup = "{group}"\n', "fleet-lock")
+    harness.defaults(
+        site.url, "fleet-lock", extra=f'[fleet_lock]\nbase_url = "{lockd.url}"\ngroup = "{group}"\n'
+    )
     sem = SemaphoreClient(EtcdStore([etcd.url]), group)
     # This machine took a slot before its last reboot and never said steady-state.
     assert sem.acquire(ME).ok
-    daemon = make_daemon(harness)
+    daemon = harness.daemon()
     daemon.run(iterations=1)
     assert sem.show()[0] == Semaphore(1, ())  # released at start: the boot is judged
     assert daemon.steady
@@ -126,7 +102,7 @@ def test_fleet_lock_through_berth_lockd(
     # It boots the new version on trial: the slot stays held until the version is blessed.
     new = next(e for e in fake.boot_order() if e.startswith("berth_1.1.0"))
     fake.boot(Version(1, 1, 0), release_manifest(first).roothash)
-    after = make_daemon(harness)
+    after = harness.daemon()
     after.run(iterations=1)
     assert not after.judged and sem.show()[0].holders == (ME,)
     (fake.entry_dir / new).rename(fake.entry_dir / "berth_1.1.0.efi")  # systemd-bless-boot
@@ -138,20 +114,20 @@ def test_etcd_lock_takes_a_slot_directly(
     harness: Harness, site: Site, etcd: EtcdServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     group = "daemon-etcd"
-    configure(
-        harness,
-        f'[etcd_lock]\nendpoints = ["{etcd.url}"]\ngroup = "{group}"\nslots = 2\n',
+    harness.defaults(
+        site.url,
         "etcd-lock",
+        extra=f'[etcd_lock]\nendpoints = ["{etcd.url}"]\ngroup = "{group}"\nslots = 2\n',
     )
     site.publish(site.release("1.1.0"))
-    make_daemon(harness).run(iterations=1)
+    harness.daemon().run(iterations=1)
     assert harness.reboots == 1
     sem = SemaphoreClient(EtcdStore([etcd.url]), group)
     assert sem.show() == (Semaphore(2, (ME,)), True)  # created with the configured slot count
 
     # A missing TLS file is an error naming the key; the daemon logs it and backs off.
     harness.paths.override.write_text('[etcd_lock]\nca_file = "/nonexistent/ca.pem"\n')
-    daemon = make_daemon(harness)
+    daemon = harness.daemon()
     with caplog.at_level(logging.ERROR, logger="updater.service.daemon"):
         daemon.run(iterations=1)
     assert "etcd_lock.ca_file: /nonexistent/ca.pem does not exist" in caplog.text
@@ -161,14 +137,14 @@ def test_etcd_lock_takes_a_slot_directly(
 def test_logged_in_users_are_warned_and_given_the_delay(
     harness: Harness, site: Site, tmp_path: Path
 ) -> None:
-    configure(harness, "", "immediate")
+    harness.defaults(site.url)
     harness.paths.override.write_text('[update]\nreboot_delay = "2m"\n')
     heard = tmp_path / "wall.txt"
     wall = tmp_path / "wall"
     wall.write_text(f"#!/bin/sh\ncat > {heard}\n")
     wall.chmod(0o755)
     site.publish(site.release("1.1.0"))
-    make_daemon(harness, sessions=lambda: 1, wall=[str(wall)]).run(iterations=1)
+    harness.daemon(sessions=lambda: 1, wall=[str(wall)]).run(iterations=1)
     assert harness.reboots == 1
     assert harness.slept[0] == 120  # the warning delay, before the reboot
     assert "reboot this machine in 2 minute(s) to start version 1.1.0" in heard.read_text()
@@ -176,5 +152,5 @@ def test_logged_in_users_are_warned_and_given_the_delay(
     heard.unlink()
     site.publish(site.release("1.2.0"))
     before = len(harness.slept)
-    make_daemon(harness, sessions=lambda: 0, wall=[str(wall)]).run(iterations=1)
+    harness.daemon(sessions=lambda: 0, wall=[str(wall)]).run(iterations=1)
     assert not heard.exists() and harness.slept[before:] == [pytest.approx(INTERVAL)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.support.machine import FakeMachine, Site
 from updater.service.daemon import ConfigPaths, Daemon, initial_config
@@ -29,10 +30,11 @@ class Harness:
         self.offset = 0.0  # the fake sleeps move the daemon's clock ahead of the real one
         self.notify = notify
 
-    def defaults(self, url: str, strategy: str = "immediate") -> None:
+    def defaults(self, url: str, strategy: str = "immediate", extra: str = "") -> None:
+        """The image's update.toml; `extra` is more TOML after its [update] table."""
         self.paths.default.write_text(
             f'[update]\nurl = "{url}"\nchannel = "stable"\nstrategy = "{strategy}"\n'
-            f"interval = {INTERVAL:.0f}\n"
+            f"interval = {INTERVAL:.0f}\n{extra}"
         )
 
     def sleep(self, seconds: float) -> None:
@@ -47,16 +49,20 @@ class Harness:
     def reboot(self) -> None:
         self.reboots += 1
 
-    def daemon(self, jitter: float = 0.5) -> Daemon:
+    def daemon(self, jitter: float = 0.5, **overrides: Any) -> Daemon:
+        """A daemon living in the harness's world; `overrides` replace its keyword arguments."""
+        options: dict[str, Any] = {
+            "paths": self.paths,
+            "sleep": self.sleep,
+            "clock": self.clock,
+            "jitter": lambda: jitter,
+            "reboot": self.reboot,
+            "notifier": Notifier(self.notify or ""),
+            "fetch_options": FetchOptions(timeout=(2.0, 2.0), attempts=1, backoff=0.0),
+            # Nobody logged in: no warning delay (tests/test_reboot_gate.py warns someone).
+            "sessions": lambda: 0,
+            **overrides,
+        }
         return Daemon(
-            self.fake.machine(self.site.keys / "root.json"),
-            initial_config(self.paths),
-            paths=self.paths,
-            sleep=self.sleep,
-            clock=self.clock,
-            jitter=lambda: jitter,
-            reboot=self.reboot,
-            notifier=Notifier(self.notify or ""),
-            fetch_options=FetchOptions(timeout=(2.0, 2.0), attempts=1, backoff=0.0),
-            sessions=lambda: 0,  # nobody logged in: no warning delay (tests/test_reboot_gate.py)
+            self.fake.machine(self.site.keys / "root.json"), initial_config(self.paths), **options
         )
