@@ -91,13 +91,17 @@ def _session_faults() -> list[str]:
     return faults
 
 
+def write_section(reporter: pytest.TerminalReporter, title: str, lines: list[str]) -> None:
+    """A section of the session's closing report, left out when it has nothing to say."""
+    if lines:
+        reporter.section(title)
+        for line in lines:
+            reporter.write_line(line)
+
+
 # trylast: after the end-to-end scenarios' table (tests/support/e2e.py), whose boots these
 # faults may have cost.
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The guest faults that boot counting or the harness's power-cycle may have absorbed."""
-    faults = _session_faults()
-    if faults:
-        terminalreporter.section("guest faults no test asked for")
-        for line in faults:
-            terminalreporter.write_line(line)
+    write_section(terminalreporter, "guest faults no test asked for", _session_faults())

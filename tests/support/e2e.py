@@ -67,11 +67,7 @@ def summary_table() -> list[str]:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The end-to-end scenarios' table: case, boots, seconds, outcome."""
-    lines = summary_table()
-    if lines:
-        terminalreporter.section("end-to-end update scenarios")
-        for line in lines:
-            terminalreporter.write_line(line)
+    console.write_section(terminalreporter, "end-to-end update scenarios", summary_table())
 
 
 def build_release(
