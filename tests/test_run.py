@@ -1,4 +1,5 @@
-"""updater/run.py, the one way the device runs a command: real commands, real timeouts."""
+"""updater/run.py, the one way the device runs a command: real commands, real timeouts; then
+what each call site makes of a command that fails, hangs or is missing."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from updater import run
-from updater.errors import CommandError, CommandTimeout, ToolMissing, UpdateError
+from updater.disk import bootentries, slots
+from updater.errors import (
+    BootEntryError,
+    CommandError,
+    CommandTimeout,
+    SlotError,
+    ToolMissing,
+    UpdateError,
+)
+from updater.service import daemon, health, notice
 
 
 def gone(pid: int, within: float = 5.0) -> bool:
@@ -183,3 +193,77 @@ def test_a_timeout_does_not_wait_for_a_process_that_left_the_group(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(escaped, signal.SIGKILL)
+
+
+# The call sites: what they make of a command that fails, hangs or is missing
+
+
+def test_find_esp_asks_bootctl_and_reports_what_it_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stand_in(monkeypatch, tmp_path, "bootctl", 'test "$1" = --print-esp-path && echo /efi')
+    assert bootentries.find_esp() == Path("/efi")
+    stand_in(
+        monkeypatch, tmp_path, "bootctl", 'echo "Couldn\'t find EFI system partition." >&2; exit 1'
+    )
+    with pytest.raises(BootEntryError) as e:
+        bootentries.find_esp()
+    assert str(e.value) == (
+        "cannot find the ESP: bootctl --print-esp-path failed with exit status 1: "
+        "Couldn't find EFI system partition."
+    )
+
+
+def test_find_esp_without_bootctl_names_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(run, "PATH", str(tmp_path))
+    with pytest.raises(BootEntryError) as e:
+        bootentries.find_esp()
+    assert str(e.value) == f"cannot find the ESP: bootctl not found in {tmp_path}"
+
+
+def test_verifying_without_veritysetup_names_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, tree = tmp_path / "data", tmp_path / "tree"
+    data.write_bytes(bytes(4096))
+    tree.write_bytes(bytes(4096))
+    monkeypatch.setattr(slots, "_check_superblock", lambda *_: None)
+    monkeypatch.setattr(run, "PATH", str(tmp_path))
+    with pytest.raises(SlotError) as e:
+        slots.verify_verity(data, tree, "0" * 64, 4096)
+    assert str(e.value) == (
+        f"cannot verify the slot: veritysetup not found in {tmp_path} (package cryptsetup-bin)"
+    )
+
+
+def test_a_reboot_command_that_fails_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stand_in(
+        monkeypatch, tmp_path, "systemctl", "echo 'Failed to reboot: Access denied' >&2; exit 1"
+    )
+    with pytest.raises(UpdateError) as e:
+        daemon.run_command(daemon.REBOOT_COMMAND)()
+    assert str(e.value) == "cannot reboot with systemctl reboot: Failed to reboot: Access denied"
+    with pytest.raises(UpdateError, match=r"^cannot reboot with no-reboot: no-reboot not found in"):
+        daemon.run_command(["no-reboot"])()
+
+
+def test_systemctl_for_the_health_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stand_in(monkeypatch, tmp_path, "systemctl", 'echo "$@"')
+    assert health.systemctl(["list-jobs", "--plain"]) == "list-jobs --plain\n"
+    stand_in(monkeypatch, tmp_path, "systemctl", "echo 'Failed to connect to bus' >&2; exit 1")
+    with pytest.raises(health.HealthError) as e:
+        health.systemctl(["list-jobs"])
+    assert str(e.value) == "systemctl list-jobs failed with exit status 1: Failed to connect to bus"
+
+
+def test_a_hung_loginctl_does_not_hold_the_reboot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(notice, "TIMEOUT", 0.3)
+    loginctl = stand_in(monkeypatch, tmp_path, "loginctl", "sleep 300")
+    start = time.monotonic()
+    assert notice.count_sessions([str(loginctl)]) is None  # unknown: warned anyway
+    notice.warn_users("rebooting", [str(loginctl)])  # logged, not raised
+    assert time.monotonic() - start < 5
