@@ -12,7 +12,6 @@ import contextlib
 import gzip
 import json
 import logging
-import os
 import socket
 import stat
 import threading
@@ -25,6 +24,7 @@ import pytest
 
 from qemu.drives import make_cidata, make_config_drive
 from tests.metadata_server import TOKEN, MetadataServer
+from updater import run
 from updater.provision.plan import ProvisionError
 from updater.provision.sources import (
     AZURE_ASSET_TAG,
@@ -905,12 +905,14 @@ def images(tmp_path: Path) -> tuple[Path, Path]:
     return cidata, config2
 
 
-@pytest.fixture
-def sbin_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+def stand_ins_first(monkeypatch: pytest.MonkeyPatch, bin_dir: Path) -> None:
+    """Put the tools in `bin_dir` ahead of the system's where the provisioner looks them up.
+
+    Commands run with updater.run's fixed PATH (/usr/sbin included), never the test's own.
+    """
+    monkeypatch.setattr(run, "PATH", f"{bin_dir}:{run.PATH}")
 
 
-@pytest.mark.usefixtures("sbin_path")
 def test_system_drives_find_by_label_and_type(images: tuple[Path, Path], tmp_path: Path) -> None:
     cidata, config2 = images
     drives = SystemDrives(candidates=(str(cidata), str(config2), str(tmp_path / "missing")))
@@ -936,7 +938,7 @@ def fake_mount_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **fail: st
         f'echo "umount $*" >> {log}\n{fail.get("umount", "")}\n'
         'for last; do :; done\nfind "$last" -mindepth 1 -delete\n',
     )
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    stand_ins_first(monkeypatch, bin_dir)
     return log
 
 
@@ -1012,12 +1014,11 @@ def test_blkid_failure_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     script(bin_dir / "blkid", "echo 'blkid: out of memory' >&2\nexit 4\n")
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    stand_ins_first(monkeypatch, bin_dir)
     with pytest.raises(ProvisionError, match="exit status 4: blkid: out of memory"):
         SystemDrives().find(label="cidata")
 
 
-@pytest.mark.usefixtures("sbin_path")
 def test_real_cidata_image_through_find_user_data(
     images: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1032,7 +1033,7 @@ def test_real_cidata_image_through_find_user_data(
         'MTOOLS_SKIP_CHECK=1 mcopy -s -n -i "$dev" ::/ "$last"/\n',
     )
     script(bin_dir / "umount", 'find "$1" -mindepth 1 -delete\n')
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    stand_ins_first(monkeypatch, bin_dir)
     (tmp_path / "run").mkdir()
     drives = SystemDrives(mount_root=tmp_path / "run", candidates=(str(cidata), str(config2)))
     found = find_user_data(Platform.METAL, env=env_for(tmp_path, drives))

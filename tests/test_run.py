@@ -21,6 +21,8 @@ from updater.errors import (
     ToolMissing,
     UpdateError,
 )
+from updater.provision.apply import run_command, run_commands
+from updater.provision.plan import Command, Plan, ProvisionError
 from updater.service import daemon, health, notice
 
 
@@ -267,3 +269,25 @@ def test_a_hung_loginctl_does_not_hold_the_reboot(
     assert notice.count_sessions([str(loginctl)]) is None  # unknown: warned anyway
     notice.warn_users("rebooting", [str(loginctl)])  # logged, not raised
     assert time.monotonic() - start < 5
+
+
+def test_a_runcmd_program_that_is_missing_fails_its_entry(tmp_path: Path) -> None:
+    plan = Plan(
+        source="user-data", format="cloud-config", commands=(Command(argv=("berth-none",)),)
+    )
+    with pytest.raises(ProvisionError) as e:
+        run_commands(plan, tmp_path)
+    assert str(e.value) == (
+        "user-data: runcmd[0] failed: berth-none not found in /usr/sbin:/usr/bin:/sbin:/bin"
+    )
+
+
+def test_runcmd_sees_only_the_clean_environment(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    run_command(["env"])
+    assert sorted(capfd.readouterr().out.splitlines()) == [
+        "LANG=C.UTF-8",
+        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+    ]
