@@ -670,6 +670,21 @@ def test_lasting_server_errors_stop_the_boot(tmp_path: Path, metadata: MetadataS
     assert len(metadata.seen) >= 2
 
 
+def test_a_tls_failure_is_not_waited_out(tmp_path: Path, metadata: MetadataServer) -> None:
+    """The same rule as Ignition's remote contents (http.request_errors): waiting does not fix
+    a certificate. Real metadata services speak plain HTTP; this one is asked for TLS."""
+    url = metadata.url.replace("http://", "https://")
+    env = env_for(tmp_path, DirectoryDrives(), metadata_url=url, metadata_wait=10)
+    started = time.monotonic()
+    with pytest.raises(ProvisionError) as e:
+        find_user_data(Platform.GCE, env=env)
+    assert time.monotonic() - started < 5
+    assert str(e.value).startswith(
+        f"GCE metadata server: GET {url}/computeMetadata/v1/instance/attributes/user-data: "
+        "TLS failed: "
+    )
+
+
 def test_redirects_are_not_followed(tmp_path: Path, metadata: MetadataServer) -> None:
     metadata.status["/computeMetadata/v1/instance/attributes/user-data"] = 302
     with pytest.raises(ProvisionError, match="answered HTTP 302"):

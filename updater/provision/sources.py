@@ -504,7 +504,7 @@ def _request(
     def attempt() -> _Reply:
         remaining = max(deadline - time.monotonic(), 0.1)
         with (
-            http.request_errors(service, method, url),
+            http.request_errors(f"{method} {url}", service),
             session.request(
                 method,
                 url,
