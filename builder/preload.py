@@ -106,7 +106,9 @@ def preload_images(tree: Path, archives: Sequence[Path], scratch: Path) -> list[
                 scratch,
                 *archives,
             ],
-            env={"STORE": STORE},
+            # podman looks for per-user configuration under $HOME: root's home in the tree, as on
+            # the machine, and never the build user's.
+            env={"STORE": STORE, "HOME": "/root"},
             capture=True,
         )
         listing = json.loads((scratch / "images.json").read_text() or "[]")

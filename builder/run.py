@@ -59,6 +59,18 @@ HOST_FILES: dict[str, str] = {
 
 DEBUG = bool(os.environ.get("BERTH_DEBUG"))
 
+# What every command `run` starts sees, plus what its caller passes: never the build host's own
+# environment, which would make the image depend on the shell it was built from (TZ moves FAT
+# timestamps, TAR_OPTIONS, GZIP and ZSTD_CLEVEL change archives, a locale changes the output
+# tools are parsed by). Host tools are found with the host's PATH by `find_tool` and run by
+# absolute path; this PATH is where they find their own helpers (mmdebstrap its apt and dpkg).
+TOOL_ENV: Mapping[str, str] = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "TZ": "UTC",
+}
+
 
 @functools.cache
 def find_tool(name: str) -> str:
@@ -118,14 +130,15 @@ def run(
     """Run a command; raise BuildError with its stderr tail when it fails.
 
     The first element is resolved with `find_tool` unless it is already a path, so a missing
-    tool becomes a clear error. Output is captured when `capture` or `quiet` is set.
+    tool becomes a clear error. The command's environment is TOOL_ENV and `env`. Output is
+    captured when `capture` or `quiet` is set.
     """
     argv = [os.fspath(c) for c in cmd]
     if "/" not in argv[0]:
         argv[0] = find_tool(argv[0])
     if DEBUG:
         log("+ " + shlex.join(argv))
-    full_env = {**os.environ, **env} if env is not None else None
+    full_env = {**TOOL_ENV, **(env or {})}
     stdin = None if input is not None else subprocess.DEVNULL
     result = subprocess.run(
         argv,

@@ -15,9 +15,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
+import requests
 
 from qemu.vm import free_port
 from tests.support.misbehaving_server import MisbehavingServer, Misbehaviour, refusing_port
+from updater.provision.http import failure_reason
 from updater.provision.ignition import SPEC_VERSIONS, Fetcher, http_fetch, parse_ignition
 from updater.provision.plan import Directory, Dropin, File, Link, Plan, ProvisionError, Unit, User
 
@@ -1243,7 +1245,7 @@ def test_a_network_that_never_comes_up() -> None:
             http_fetch(url + secret, {}, retry_for=0.3)
     assert time.monotonic() - started < 3
     message = str(info.value)
-    assert message.startswith(f"fetching {url}?...: ConnectionError: Failed to establish")
+    assert message.startswith(f"fetching {url}?...: Failed to establish a new connection")
     assert "Connection refused" in message and "t0ken" not in message
     assert "gave up after" in message and "in 0.3 s" in message
 
@@ -1251,8 +1253,31 @@ def test_a_network_that_never_comes_up() -> None:
 def test_a_stalled_server_times_out(server: MisbehavingServer) -> None:
     server.files["/slow"] = b"late"
     server.rules.append(Misbehaviour("/slow", wait=1.0))
-    with pytest.raises(ProvisionError, match="Timeout"):
+    with pytest.raises(ProvisionError, match=r"/slow: Read timed out\. \(read timeout=0\.2\)"):
         http_fetch(server.url + "/slow", {}, timeout=0.2, retry_for=0)
+
+
+def test_a_tls_failure_is_not_retried(server: MisbehavingServer) -> None:
+    # Waiting does not fix a certificate: an https URL answered in plain HTTP fails at once.
+    server.files["/a"] = b"a"
+    url = (server.url + "/a").replace("http://", "https://")
+    started = time.monotonic()
+    with pytest.raises(ProvisionError) as info:
+        http_fetch(url, {}, retry_for=10)
+    assert time.monotonic() - started < 5
+    assert str(info.value).startswith(f"fetching {url}: TLS failed: ")
+
+
+def test_a_failure_reason_never_repeats_the_url() -> None:
+    # urllib3 names the URL, query and token included, when it has no inner reason to give.
+    error = requests.exceptions.RetryError(
+        "HTTPSConnectionPool(host='h', port=443): Max retries exceeded with url: "
+        "/c.ign?token=t0ken (Caused by ResponseError('too many 500 error responses'))"
+    )
+    assert failure_reason(error) == (
+        "Max retries exceeded for this URL "
+        "(Caused by ResponseError('too many 500 error responses'))"
+    )
 
 
 def test_a_body_over_the_cap_is_refused(server: MisbehavingServer) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import gzip
 import json
 import logging
-import os
 import stat
 import threading
 import time
@@ -32,6 +31,7 @@ from tests.support.misbehaving_server import (
     refusing_port,
     silent_port,
 )
+from updater import run
 from updater.provision.plan import ProvisionError
 from updater.provision.sources import (
     AZURE_ASSET_TAG,
@@ -669,6 +669,21 @@ def test_lasting_server_errors_stop_the_boot(tmp_path: Path, metadata: MetadataS
     assert len(metadata.seen) >= 2
 
 
+def test_a_tls_failure_is_not_waited_out(tmp_path: Path, metadata: MetadataServer) -> None:
+    """The same rule as Ignition's remote contents (http.request_errors): waiting does not fix
+    a certificate. Real metadata services speak plain HTTP; this one is asked for TLS."""
+    url = metadata.url.replace("http://", "https://")
+    env = env_for(tmp_path, DirectoryDrives(), metadata_url=url, metadata_wait=10)
+    started = time.monotonic()
+    with pytest.raises(ProvisionError) as e:
+        find_user_data(Platform.GCE, env=env)
+    assert time.monotonic() - started < 5
+    assert str(e.value).startswith(
+        f"GCE metadata server: GET {url}/computeMetadata/v1/instance/attributes/user-data: "
+        "TLS failed: "
+    )
+
+
 def test_redirects_are_not_followed(tmp_path: Path, metadata: MetadataServer) -> None:
     metadata.rules.append(
         Misbehaviour("/computeMetadata/v1/instance/attributes/user-data", status=302)
@@ -906,12 +921,14 @@ def images(tmp_path: Path) -> tuple[Path, Path]:
     return cidata, config2
 
 
-@pytest.fixture
-def sbin_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+def stand_ins_first(monkeypatch: pytest.MonkeyPatch, bin_dir: Path) -> None:
+    """Put the tools in `bin_dir` ahead of the system's where the provisioner looks them up.
+
+    Commands run with updater.run's fixed PATH (/usr/sbin included), never the test's own.
+    """
+    monkeypatch.setattr(run, "PATH", f"{bin_dir}:{run.PATH}")
 
 
-@pytest.mark.usefixtures("sbin_path")
 def test_system_drives_find_by_label_and_type(images: tuple[Path, Path], tmp_path: Path) -> None:
     cidata, config2 = images
     drives = SystemDrives(candidates=(str(cidata), str(config2), str(tmp_path / "missing")))
@@ -937,7 +954,7 @@ def fake_mount_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **fail: st
         f'echo "umount $*" >> {log}\n{fail.get("umount", "")}\n'
         'for last; do :; done\nfind "$last" -mindepth 1 -delete\n',
     )
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    stand_ins_first(monkeypatch, bin_dir)
     return log
 
 
@@ -1013,12 +1030,11 @@ def test_blkid_failure_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     script(bin_dir / "blkid", "echo 'blkid: out of memory' >&2\nexit 4\n")
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    stand_ins_first(monkeypatch, bin_dir)
     with pytest.raises(ProvisionError, match="exit status 4: blkid: out of memory"):
         SystemDrives().find(label="cidata")
 
 
-@pytest.mark.usefixtures("sbin_path")
 def test_real_cidata_image_through_find_user_data(
     images: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1033,7 +1049,7 @@ def test_real_cidata_image_through_find_user_data(
         'MTOOLS_SKIP_CHECK=1 mcopy -s -n -i "$dev" ::/ "$last"/\n',
     )
     script(bin_dir / "umount", 'find "$1" -mindepth 1 -delete\n')
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    stand_ins_first(monkeypatch, bin_dir)
     (tmp_path / "run").mkdir()
     drives = SystemDrives(mount_root=tmp_path / "run", candidates=(str(cidata), str(config2)))
     found = find_user_data(Platform.METAL, env=env_for(tmp_path, drives))

@@ -57,3 +57,51 @@ class RefusedError(UpdateError):
 class ReleaseMismatchError(VerificationError):
     """A release's signed parts disagree (channel entry, release manifest, TUF targets) or the
     release is for another image or architecture than this machine runs."""
+
+
+class CommandError(UpdateError):
+    """An external command did not succeed: it exited with a non-zero status, or could not start.
+
+    `argv` is the command, `status` its exit status (None when it never exited by itself), and
+    `stdout` / `stderr` what it wrote (with combined output, everything is in `stdout`), so that a
+    caller can word its own report. The message already names the command and the tail of its
+    error output.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: tuple[str, ...],
+        status: int | None = None,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+    ) -> None:
+        super().__init__(message)
+        self.argv = argv
+        self.status = status
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class CommandTimeout(CommandError):
+    """A command did not finish in time; it and every process it started were killed.
+
+    `timeout` is the limit in seconds; `stdout` / `stderr` hold what it wrote until then.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: tuple[str, ...],
+        timeout: float,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+    ) -> None:
+        super().__init__(message, argv=argv, stdout=stdout, stderr=stderr)
+        self.timeout = timeout
+
+
+class ToolMissing(CommandError):
+    """The program to run is not installed: not in the search path, or its path does not exist."""

@@ -21,14 +21,14 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
-from updater.errors import BootEntryError
+from updater import run
+from updater.errors import BootEntryError, CommandError
 from updater.files import fsync_dir
 from updater.release.version import Version
 
@@ -38,6 +38,8 @@ LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 ENTRY_SELECTED = Path(f"/sys/firmware/efi/efivars/LoaderEntrySelected-{LOADER_GUID}")
 # Every entry systemd-boot found and could load at this boot (a UKI it cannot parse is left out).
 LOADER_ENTRIES = Path(f"/sys/firmware/efi/efivars/LoaderEntries-{LOADER_GUID}")
+# bootctl answers in well under a second; the margin is for an ESP automounted on first access.
+BOOTCTL_TIMEOUT = 30.0
 DEFAULT_TRIES = 3
 
 # FAT keeps case but ignores it, and systemd-boot matches ".efi" without case: so do we.
@@ -336,15 +338,7 @@ def booted_version(path: Path = ENTRY_SELECTED) -> Version | None:
 def find_esp() -> Path:
     """Where the ESP is mounted on this machine, as systemd knows it."""
     try:
-        result = subprocess.run(
-            ["bootctl", "--print-esp-path"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            check=False,
-        )
-    except OSError as e:
-        raise BootEntryError(f"cannot find the ESP: running bootctl failed: {e}") from e
-    if result.returncode != 0:
-        detail = result.stderr.decode(errors="replace").strip()
-        raise BootEntryError(f"cannot find the ESP: bootctl --print-esp-path: {detail}")
+        result = run.run(["bootctl", "--print-esp-path"], timeout=BOOTCTL_TIMEOUT)
+    except CommandError as e:
+        raise BootEntryError(f"cannot find the ESP: {e}") from e
     return Path(result.stdout.decode().strip())

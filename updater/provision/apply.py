@@ -23,7 +23,6 @@ import contextlib
 import os
 import socket
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from updater import run
+from updater.errors import CommandError
 from updater.files import fsync_dir
 from updater.provision.plan import Command, Plan, ProvisionError, Unit, User
 
@@ -44,6 +45,10 @@ UNIT_SEARCH = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/s
 SCRIPT_PATH = "/var/lib/berth/provision/user-data"
 FIRST_UID = 1000
 LAST_UID = 59999
+# A command (runcmd, the user-data script, systemctl) may take as long as the whole unit may
+# (berth-provision.service's TimeoutStartSec): the limit names the command that hung, where
+# systemd would only stop the unit.
+COMMAND_TIMEOUT = 600.0
 
 Runner = Callable[[Sequence[str]], None]
 
@@ -51,7 +56,10 @@ Runner = Callable[[Sequence[str]], None]
 def run_command(argv: Sequence[str]) -> None:
     """Run a command with its output on the service's stdout (journal and console)."""
     sys.stdout.flush()
-    result = subprocess.run(list(argv), stdin=subprocess.DEVNULL, check=False)
+    try:
+        result = run.run(argv, timeout=COMMAND_TIMEOUT, output=run.Output.INHERIT, check=False)
+    except CommandError as e:
+        raise ProvisionError(str(e)) from e
     if result.returncode != 0:
         raise ProvisionError(f"{' '.join(argv)} exited with status {result.returncode}")
 

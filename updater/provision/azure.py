@@ -122,7 +122,7 @@ def report_ready(
         remaining = max(deadline - time.monotonic(), 0.1)
         extra = {"Content-Type": "text/xml; charset=utf-8"} if body is not None else {}
         with (
-            http.request_errors(SERVICE, method, url),
+            http.request_errors(f"{method} {url}", SERVICE),
             session.request(
                 method,
                 url,

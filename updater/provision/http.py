@@ -26,6 +26,7 @@ MAX_DELAY = 5.0
 # urllib3's messages start with reprs of its pool or connection ("HTTPConnectionPool(host=...,
 # port=...): ", "<HTTPConnection object at 0x...>: "); the reason after them is what matters.
 _REPR_PREFIX = re.compile(r"^(?:\w+\([^)]*\)|<[^>]*>): ")
+_WITH_URL = re.compile(r"with url: \S+")
 
 
 class NotYet(Exception):
@@ -72,28 +73,34 @@ def read_capped(response: Any, limit: int) -> bytes | None:
 
 
 def failure_reason(error: Exception) -> str:
-    """A requests exception as one short reason, without urllib3's object reprs."""
+    """A requests exception as one short reason, without urllib3's object reprs and without the
+    URL it sometimes repeats (query and token included)."""
     inner: Any = error.args[0] if error.args else error
     inner = getattr(inner, "reason", None) or inner
     text = str(inner)
     while (shorter := _REPR_PREFIX.sub("", text, count=1)) != text:
         text = shorter
-    return text
+    return _WITH_URL.sub("for this URL", text)
 
 
 @contextlib.contextmanager
-def request_errors(service: str, method: str, url: str) -> Iterator[None]:
-    """Around one request: a requests failure that waiting may cure (no connection, a timeout, a
-    torn body) becomes NotYet, any other a ProvisionError naming `service`."""
+def request_errors(request: str, service: str | None = None) -> Iterator[None]:
+    """Around one request, called `request` in messages ("GET http://169.254.169.254/..."): a
+    requests failure that waiting may cure (no connection, a timeout, a torn body) becomes NotYet;
+    any other, a refused TLS handshake included (waiting does not fix a certificate), becomes a
+    ProvisionError, naming `service` first when given."""
     import requests
 
+    named = f"{service}: {request}" if service else request
     try:
         yield
+    except requests.exceptions.SSLError as e:  # before ConnectionError, its base class
+        raise ProvisionError(f"{named}: TLS failed: {failure_reason(e)}") from None
     except (
         requests.ConnectionError,
         requests.Timeout,
         requests.exceptions.ChunkedEncodingError,
     ) as e:
-        raise NotYet(f"{method} {url}: {failure_reason(e)}") from None
+        raise NotYet(f"{request}: {failure_reason(e)}") from None
     except requests.RequestException as e:
-        raise ProvisionError(f"{service}: {method} {url}: {e}") from None
+        raise ProvisionError(f"{named}: {failure_reason(e)}") from None

@@ -1009,8 +1009,8 @@ def http_fetch(
 
     def give_up(last: str, attempts: int) -> ProvisionError:
         return ProvisionError(
-            f"fetching {shown}: {last} (gave up after {attempts} attempt"
-            f"{'s' if attempts > 1 else ''} in {retry_for:g} s)"
+            f"{last} (gave up after {attempts} attempt{'s' if attempts > 1 else ''} in "
+            f"{retry_for:g} s)"
         )
 
     with requests.Session() as session:
@@ -1030,41 +1030,20 @@ def _fetch_once(
     max_bytes: int,
     shown: str,
 ) -> bytes:
-    import requests
-
-    try:
-        with session.get(url, headers=dict(headers), timeout=timeout, stream=True) as response:
-            status = response.status_code
-            if status in _TRANSIENT_STATUS:
-                raise http.NotYet(f"HTTP {status} {response.reason or ''}".rstrip())
-            if status != 200:
-                raise ProvisionError(
-                    f"fetching {shown}: HTTP {status} {response.reason or ''}".rstrip()
-                )
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > max_bytes:
-                raise ProvisionError(f"fetching {shown}: {length} bytes, more than {max_bytes}")
-            body = http.read_capped(response, max_bytes)
-            if body is None:
-                raise ProvisionError(f"fetching {shown}: more than {max_bytes} bytes")
-            return body
-    except requests.exceptions.SSLError as e:
-        # Waiting does not fix a certificate (a clock far off might, but not within a minute).
-        raise ProvisionError(f"fetching {shown}: TLS failed: {_why(e)}") from e
-    except (
-        requests.exceptions.ConnectionError,
-        requests.exceptions.Timeout,
-        requests.exceptions.ChunkedEncodingError,
-    ) as e:
-        raise http.NotYet(f"{type(e).__name__}: {_why(e)}") from e
-    except requests.exceptions.RequestException as e:
-        raise ProvisionError(f"fetching {shown}: {type(e).__name__}: {_why(e)}") from e
-
-
-def _why(error: Exception) -> str:
-    """What went wrong, without the URL: urllib3 repeats it, query (and token) included."""
-    inner = error.args[0] if error.args else None
-    reason = getattr(inner, "reason", None)
-    text = str(reason if reason is not None else error)
-    text = re.sub(r"^\w+\(host=[^)]*\): ", "", text)
-    return re.sub(r"with url: \S+", "for this URL", text)
+    what = f"fetching {shown}"  # never the URL itself: its query may carry a token
+    with (
+        http.request_errors(what),
+        session.get(url, headers=dict(headers), timeout=timeout, stream=True) as response,
+    ):
+        status = response.status_code
+        if status in _TRANSIENT_STATUS:
+            raise http.NotYet(f"{what}: HTTP {status} {response.reason or ''}".rstrip())
+        if status != 200:
+            raise ProvisionError(f"{what}: HTTP {status} {response.reason or ''}".rstrip())
+        length = response.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            raise ProvisionError(f"{what}: {length} bytes, more than {max_bytes}")
+        body = http.read_capped(response, max_bytes)
+        if body is None:
+            raise ProvisionError(f"{what}: more than {max_bytes} bytes")
+        return body

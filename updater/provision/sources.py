@@ -33,8 +33,6 @@ import dataclasses
 import gzip
 import json
 import logging
-import shutil
-import subprocess
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -44,6 +42,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from updater import run
+from updater.errors import CommandError, CommandTimeout, ToolMissing
 from updater.provision import http
 from updater.provision.plan import ProvisionError, field_error
 
@@ -275,20 +275,18 @@ class SystemDrives(Drives):
             raise _tool_failed(f"unmounting {device}", argv, result)
 
 
-def _run_tool(argv: Sequence[str], what: str, timeout: float) -> subprocess.CompletedProcess[bytes]:
+def _run_tool(argv: Sequence[str], what: str, timeout: float) -> run.Completed:
     try:
-        return subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
-        )
-    except FileNotFoundError:
+        return run.run(argv, timeout=timeout, check=False)
+    except ToolMissing:
         raise ProvisionError(f"{what}: {argv[0]} is not installed") from None
-    except subprocess.TimeoutExpired:
+    except CommandTimeout:
         raise ProvisionError(f"{what}: {argv[0]} did not finish within {timeout:g} s") from None
+    except CommandError as e:
+        raise ProvisionError(f"{what}: {e}") from None
 
 
-def _tool_failed(
-    what: str, argv: Sequence[str], result: subprocess.CompletedProcess[bytes]
-) -> ProvisionError:
+def _tool_failed(what: str, argv: Sequence[str], result: run.Completed) -> ProvisionError:
     detail = result.stderr.decode(errors="replace").strip()
     return ProvisionError(
         f"{what}: {' '.join(argv)} failed with exit status {result.returncode}"
@@ -506,7 +504,7 @@ def _request(
     def attempt() -> _Reply:
         remaining = max(deadline - time.monotonic(), 0.1)
         with (
-            http.request_errors(service, method, url),
+            http.request_errors(f"{method} {url}", service),
             session.request(
                 method,
                 url,
@@ -684,8 +682,9 @@ def _guestinfo(env: SourceEnv, tool: str, key: str) -> bytes | None:
 
 
 def _vmware(env: SourceEnv, notes: list[str]) -> UserData | None:
-    tool = shutil.which(env.rpctool)
-    if tool is None:
+    try:
+        tool = run.find_tool(env.rpctool)
+    except ToolMissing:
         notes.append(
             f"VMware: guestinfo cannot be read without {env.rpctool} (open-vm-tools is not in "
             "the image); no config from guestinfo"

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import random
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from updater import files
+from updater import files, run
 from updater.config import (
     DEFAULT_PATH,
     MIN_INTERVAL,
@@ -55,7 +54,7 @@ from updater.config import (
     load_config,
     reload_config,
 )
-from updater.errors import UpdateError
+from updater.errors import CommandError, UpdateError
 from updater.reboot.gate import RebootGate
 from updater.service.gates import gate_for
 from updater.service.notice import WALL, count_sessions, reboot_message, warn_users
@@ -84,10 +83,12 @@ def run_command(command: Sequence[str]) -> Callable[[], None]:
 
     def reboot() -> None:
         try:
-            subprocess.run(list(command), check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", None) or e
-            raise UpdateError(f"cannot reboot with {' '.join(command)}: {detail}") from e
+            # systemctl reboot returns once the job is queued: a manager silent for a minute is
+            # an error to retry, not a reason for the daemon to hang.
+            run.run(command, timeout=60.0)
+        except CommandError as e:
+            said = e.stderr.decode(errors="replace").strip() if e.status is not None else ""
+            raise UpdateError(f"cannot reboot with {' '.join(command)}: {said or e}") from e
 
     return reboot
 

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from updater import run
 from updater.agent import Agent, SlotRole
 from updater.disk import bootentries, slots
-from updater.errors import UpdateError
+from updater.errors import CommandError, CommandTimeout, UpdateError
 from updater.service.daemon import REBOOT_COMMAND, run_command
 from updater.update.state import State, state_path
 
@@ -54,12 +53,10 @@ class HealthError(UpdateError):
 
 def systemctl(args: Sequence[str]) -> str:
     try:
-        done = subprocess.run(
-            ["systemctl", *args], capture_output=True, text=True, check=True, timeout=60
-        )
-    except (OSError, subprocess.SubprocessError) as e:
-        raise HealthError(f"systemctl {' '.join(args)} failed: {e}") from e
-    return done.stdout
+        done = run.run(["systemctl", *args], timeout=60)
+    except CommandError as e:
+        raise HealthError(str(e)) from e
+    return done.stdout.decode(errors="replace")
 
 
 @dataclass(frozen=True)
@@ -179,27 +176,19 @@ class HealthCheck:
     def _run_hook(self, hook: Path) -> Result:
         name = f"hook {hook.name}"
         try:
-            process = subprocess.Popen(
-                [str(hook)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-                start_new_session=True,  # a timeout kills the hook and everything it started
+            done = run.run(
+                [str(hook)], timeout=self.hook_timeout, output=run.Output.COMBINED, check=False
             )
-        except OSError as e:
-            return Result(name, False, f"cannot run: {e}")
-        try:
-            output, _ = process.communicate(timeout=self.hook_timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
+        except CommandTimeout as e:
+            output = e.stdout.decode(errors="replace")
             return Result(
                 name, False, f"timed out after {self.hook_timeout:.0f} s: {_tail(output)}"
             )
-        if process.returncode != 0:
-            return Result(name, False, f"exit status {process.returncode}: {_tail(output)}")
+        except CommandError as e:
+            return Result(name, False, f"cannot run: {e}")
+        output = done.stdout.decode(errors="replace")
+        if done.returncode != 0:
+            return Result(name, False, f"exit status {done.returncode}: {_tail(output)}")
         return Result(name, True, _tail(output) or "ok")
 
     def hooks(self) -> list[Result]:

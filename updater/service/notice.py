@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from collections.abc import Sequence
+
+from updater import run
+from updater.errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,9 @@ def parse_sessions(text: str) -> int:
 def count_sessions(command: Sequence[str] = LIST_SESSIONS) -> int | None:
     """Logged-in sessions, or None when logind cannot be asked."""
     try:
-        result = subprocess.run(
-            list(command), capture_output=True, text=True, timeout=TIMEOUT, check=True
-        )
-        return parse_sessions(result.stdout)
-    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        result = run.run(command, timeout=TIMEOUT)
+        return parse_sessions(result.stdout.decode())
+    except (CommandError, ValueError) as e:
         log.warning("cannot count logged-in users (%s); warning anyway", e)
         return None
 
@@ -51,15 +51,8 @@ def count_sessions(command: Sequence[str] = LIST_SESSIONS) -> int | None:
 def warn_users(message: str, command: Sequence[str] = WALL) -> None:
     """Broadcast `message` to every terminal; failures are logged only."""
     try:
-        subprocess.run(
-            list(command),
-            input=message + "\n",
-            text=True,
-            capture_output=True,
-            timeout=TIMEOUT,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError) as e:
+        run.run(command, input=(message + "\n").encode(), timeout=TIMEOUT)
+    except CommandError as e:
         log.warning("cannot warn logged-in users with %s: %s", " ".join(command), e)
 
 
