@@ -15,7 +15,7 @@ from builder.errors import BuildError
 from builder.log import complete_step, log, timings
 from builder.publish import PublishResult
 from builder.run import ensure_host_packages
-from updater.release.version import Version
+from updater.release.version import Version, version_argument
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = "containerhost"
@@ -177,13 +177,6 @@ def _cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version(text: str) -> Version:
-    try:
-        return Version.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="./build.py",
@@ -193,7 +186,9 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build an image into out/<image>/<version>/")
     b.add_argument("image", nargs="?", default=DEFAULT_IMAGE, help="image name or .toml path")
     b.add_argument(
-        "--version", type=_version, help="MAJOR.MINOR.PATCH (default: YYYY.MMDD.N from date)"
+        "--version",
+        type=version_argument,
+        help="MAJOR.MINOR.PATCH (default: YYYY.MMDD.N from date)",
     )
     b.add_argument("--refresh", action="store_true", help="bootstrap again, ignoring the cache")
     b.add_argument(
@@ -238,14 +233,16 @@ def parser() -> argparse.ArgumentParser:
     pb.add_argument("--channel", default="stable")
     pb.add_argument("--now", action="store_true", help="open every wave at once")
     pb.add_argument(
-        "--max-version", type=_version, help="no machine in the channel goes above this version"
+        "--max-version",
+        type=version_argument,
+        help="no machine in the channel goes above this version",
     )
     pb.add_argument("--no-max-version", action="store_true", help="lift the channel's pin")
     pb.add_argument("--refresh", action="store_true", help="re-sign expiring metadata only")
     pb.add_argument("--timestamp-only", action="store_true", help="with --refresh")
     pb.set_defaults(func=_cmd_publish)
     pl = sub.add_parser("pull", help="withdraw a release: no machine installs it")
-    pl.add_argument("version", type=_version)
+    pl.add_argument("version", type=version_argument)
     pl.add_argument("--repo", type=Path, required=True)
     pl.add_argument("--keys", type=Path, default=REPO / "keys")
     pl.add_argument("--channel", default="stable")
