@@ -24,17 +24,14 @@ the timestamp is replaced, clients see the previous repository state in full.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -52,9 +49,11 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from builder.errors import BuildError
+from builder.lock import exclusive
+from updater.files import atomic_writer, fsync_dir, write_file_atomic
 from updater.release import channel as channels
 from updater.release.channel import ChannelError, ChannelManifest, Release
-from updater.release.manifest import PAYLOAD_FILES, Manifest, ManifestError
+from updater.release.manifest import PAYLOAD_FILES, FileEntry, Manifest, ManifestError, hash_file
 from updater.release.version import Version
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
@@ -69,7 +68,6 @@ EXPIRY: Mapping[str, timedelta] = MappingProxyType(
 )
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SERIALIZER = JSONSerializer(compact=False)
-_CHUNK = 1 << 20
 
 
 class PublishError(BuildError):
@@ -109,6 +107,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    fsync_dir(path.parent)
 
 
 def init_keys(
@@ -281,7 +280,7 @@ def rotate_key(keys_dir: Path, role: str, *, now: datetime | None = None) -> Non
         os.rename(old_path, retired)
     _write_new(new_path, new_signer.private_bytes, 0o600)
     _write_new(keys_dir / f"{root.version}.root.json", data, 0o644)
-    _replace_file(keys_dir / "root.json", data, 0o644)
+    write_file_atomic(keys_dir / "root.json", data)
 
 
 def renew_root(keys_dir: Path, *, now: datetime | None = None) -> None:
@@ -297,40 +296,27 @@ def renew_root(keys_dir: Path, *, now: datetime | None = None) -> None:
         new.sign(signer, append=True)
     data = new.to_bytes(_SERIALIZER)
     _write_new(keys_dir / f"{new.signed.version}.root.json", data, 0o644)
-    _replace_file(keys_dir / "root.json", data, 0o644)
+    write_file_atomic(keys_dir / "root.json", data)
 
 
 # ---------------------------------------------------------------------------------------------
 # Repository state
 
 
-def _replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write a temporary file and rename it: readers see the old file or the new one, never half."""
+def _store(path: Path, data: bytes) -> None:
+    """Write a repository file atomically (readers see the old file or the new one, never half),
+    creating its directory on first use."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    write_file_atomic(path, data)
 
 
 @contextlib.contextmanager
 def _locked(repo: Path) -> Iterator[None]:
-    # Two publishers at once would both sign version N+1 of different content.
+    # Two publishers at once would both sign version N+1 of different content. The lock is the
+    # directory itself: a lock file inside the repository would be served with it.
     repo.mkdir(parents=True, exist_ok=True)
-    fd = os.open(repo, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive(repo, "another publisher"):
         yield
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -441,9 +427,9 @@ def _sync_root(state: _State, keys_dir: Path, keys_root: Metadata[Root]) -> bool
                 f"{source} is missing; clients walk every root version in turn",
                 hint="restore it from a backup of the keys directory",
             )
-        _replace_file(metadata / f"{version}.root.json", source.read_bytes())
+        _store(metadata / f"{version}.root.json", source.read_bytes())
     if want > have:
-        _replace_file(metadata / "root.json", (keys_dir / "root.json").read_bytes())
+        _store(metadata / "root.json", (keys_dir / "root.json").read_bytes())
         state.root = keys_root
         return True
     return False
@@ -461,7 +447,7 @@ def _commit(
         md.signatures.clear()
         md.sign(signers[Targets.type])
         data = md.to_bytes(_SERIALIZER)
-        _replace_file(metadata / f"{md.signed.version}.targets.json", data)
+        _store(metadata / f"{md.signed.version}.targets.json", data)
         state.snapshot.signed.meta["targets.json"] = MetaFile.from_data(
             md.signed.version, data, ["sha256"]
         )
@@ -472,7 +458,7 @@ def _commit(
         snap.signatures.clear()
         snap.sign(signers[Snapshot.type])
         data = snap.to_bytes(_SERIALIZER)
-        _replace_file(metadata / f"{snap.signed.version}.snapshot.json", data)
+        _store(metadata / f"{snap.signed.version}.snapshot.json", data)
         # Length and hash, not just the version: a mirror cannot pass off other bytes under the
         # expected name (the client checks them before parsing).
         state.timestamp.signed.snapshot_meta = MetaFile.from_data(
@@ -483,7 +469,7 @@ def _commit(
     ts.signed.expires = now + EXPIRY[Timestamp.type]
     ts.signatures.clear()
     ts.sign(signers[Timestamp.type])
-    _replace_file(metadata / "timestamp.json", ts.to_bytes(_SERIALIZER))
+    _store(metadata / "timestamp.json", ts.to_bytes(_SERIALIZER))
     return _result(state, changed=True)
 
 
@@ -564,53 +550,33 @@ def _write_channel(state: _State, manifest: ChannelManifest) -> None:
     target = TargetFile.from_data(channel_target(manifest.channel), data, ["sha256"])
     path = _target_file(state.repo, target)
     if not path.exists():
-        _replace_file(path, data)
+        _store(path, data)
     # Older channel documents stay: clients still holding the previous snapshot fetch them by hash.
     _add_target(state, target)
 
 
-def _stream(source: Path, out: BinaryIO | None) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    length = 0
-    with source.open("rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-            length += len(block)
-            if out is not None:
-                out.write(block)
-    return length, digest.hexdigest()
-
-
-def _copy_verified(source: Path, dest_dir: Path, name: str, size: int, sha256: str) -> None:
+def _copy_verified(source: Path, dest_dir: Path, name: str, expected: FileEntry) -> None:
     """Check `source` against the manifest, copying it to `<sha256>.<name>` in the same pass."""
-    dest = dest_dir / f"{sha256}.{name}"
+    dest = dest_dir / f"{expected.sha256}.{name}"
     dest_dir.mkdir(parents=True, exist_ok=True)
 
-    def check(length: int, digest: str) -> None:
-        if length != size or digest != sha256:
+    def check(found: FileEntry) -> None:
+        if found != expected:
             raise PublishError(
-                f"{source} does not match the release manifest: {length} bytes, sha256 {digest}; "
-                f"the manifest says {size} bytes, sha256 {sha256}",
+                f"{source} does not match the release manifest: {found.size} bytes, sha256 "
+                f"{found.sha256}; the manifest says {expected.size} bytes, sha256 "
+                f"{expected.sha256}",
                 hint="the release directory was changed after the build; rebuild it",
             )
 
     if dest.exists():
         # Named by its hash and checked when it was written: only the source needs checking.
-        check(*_stream(source, None))
+        check(hash_file(source))
         return
-    fd, temp = tempfile.mkstemp(dir=dest_dir, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            length, digest = _stream(source, out)
-            out.flush()
-            os.fsync(out.fileno())
-        check(length, digest)
-        os.chmod(temp, 0o644)
-        os.replace(temp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    # The copy is written from the very blocks that are hashed, and renamed into place only if
+    # they match: what is published is what was checked, even if the source changes meanwhile.
+    with atomic_writer(dest) as out:
+        check(hash_file(source, copy_to=out))
 
 
 def read_release(release_dir: Path) -> Manifest:
@@ -688,16 +654,14 @@ def publish(
             entry = manifest.files[name]
             path = f"{prefix}/{name}"
             _add_target(state, TargetFile(entry.size, {"sha256": entry.sha256}, path))
-            _copy_verified(
-                release_dir / name, repo / "targets" / prefix, name, entry.size, entry.sha256
-            )
+            _copy_verified(release_dir / name, repo / "targets" / prefix, name, entry)
             target_paths[name] = path
         manifest_data = (release_dir / "manifest.json").read_bytes()
         manifest_target = TargetFile.from_data(f"{prefix}/manifest.json", manifest_data, ["sha256"])
         _add_target(state, manifest_target)
         manifest_file = _target_file(repo, manifest_target)
         if not manifest_file.exists():
-            _replace_file(manifest_file, manifest_data)
+            _store(manifest_file, manifest_data)
         target_paths["manifest.json"] = manifest_target.path
 
         current = _read_channel(state, channel)
