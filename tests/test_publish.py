@@ -35,6 +35,12 @@ def files(directory: Path) -> dict[str, bytes]:
     }
 
 
+def flip_first_byte(path: Path) -> None:
+    # Inverted, not overwritten with a fixed byte: random content starts with that byte 1 in 256.
+    data = path.read_bytes()
+    path.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
+
+
 def test_init_keys_layout_and_modes(tmp_path: Path) -> None:
     keys_dir = tmp_path / "keys"
     pub.init_keys(keys_dir, root_threshold=2, root_keys=3, now=NOW)
@@ -158,8 +164,7 @@ def test_same_version_other_build_is_refused(tmp_path: Path, keys: Path) -> None
 
 def test_tampered_payload_is_refused_naming_the_file(tmp_path: Path, keys: Path) -> None:
     release = make_release(tmp_path / "out", "1.2.3")
-    with (release / "root.verity").open("r+b") as f:
-        f.write(b"X")
+    flip_first_byte(release / "root.verity")
     with pytest.raises(PublishError, match=r"root\.verity does not match the release manifest"):
         pub.publish(release, tmp_path / "repo", keys, "stable", now=NOW)
     assert not (tmp_path / "repo/metadata/timestamp.json").exists()
@@ -321,9 +326,7 @@ def test_a_payload_that_fails_its_check_is_not_left_in_the_repository(
     tmp_path: Path, keys: Path
 ) -> None:
     release = make_release(tmp_path / "out", "1.2.3")
-    uki = release / "uki.efi"
-    data = uki.read_bytes()
-    uki.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # a flip: never the byte already there
+    flip_first_byte(release / "uki.efi")
     repo = tmp_path / "repo"
     with pytest.raises(PublishError, match=r"uki\.efi does not match the release manifest"):
         pub.publish(release, repo, keys, "stable", now=NOW)
