@@ -2,8 +2,8 @@
 """Berth's one entry point: build images, boot them, run the tests.  ./build.py --help
 
 This file only bootstraps: it makes sure the Python environment in .venv exists and matches
-requirements.txt, then runs builder.cli inside it. Standard library only, so it runs on a fresh
-Debian machine's python3.
+requirements.txt, then runs the command line (cli/, parser and dispatch in cli/main.py) inside it.
+Standard library only, so it runs on a fresh Debian machine's python3.
 """
 
 from __future__ import annotations
@@ -50,6 +50,6 @@ if __name__ == "__main__":
         python = str(VENV / "bin/python")
         os.execv(python, [python, str(Path(__file__).resolve()), *sys.argv[1:]])
     sys.path.insert(0, str(REPO))
-    from builder.cli import main
+    from cli.main import main
 
     sys.exit(main(sys.argv[1:]))

@@ -17,3 +17,7 @@ class ConfigError(BuildError):
 
 class ToolMissing(BuildError):
     """A host tool is not installed; the hint names the Debian package that provides it."""
+
+
+class PublishError(BuildError):
+    """A release cannot be published, or the keys or repository are not in a usable state."""

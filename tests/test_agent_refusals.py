@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from builder import publish as pub
+from builder.publish import releases
 from tests.support.machine import FakeMachine, Site, make_agent, release_manifest
 from tests.support.misbehaving_server import MisbehavingServer, Misbehaviour
 from tests.support.servers import NginxServer
@@ -359,7 +360,8 @@ def test_a_payload_for_another_image_or_architecture(
     def for_this_machine(release_dir: Path) -> Manifest:
         return replace(real(release_dir), image="containerhost", arch="x86_64")
 
-    monkeypatch.setattr(pub, "read_release", for_this_machine)
+    # Where publish() looks it up: the module that defines both, not the package's re-export.
+    monkeypatch.setattr(releases, "read_release", for_this_machine)
     site.publish(release)
     refused(fake, make_agent(fake, site), ReleaseMismatchError, r"refused .*1\.1\.0.*: " + message)
 

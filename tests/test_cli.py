@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.cli import build_config, main, parser
 from builder.config import DEFAULT_FORMATS, OutputFormat
 from builder.publish import read_channel
+from cli.build import build_config
+from cli.main import main, parser
 from tests.support.releases import make_release
 
 

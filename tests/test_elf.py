@@ -30,7 +30,7 @@ MULTIARCH = "usr/lib/x86_64-linux-gnu"
 LOADER = "/lib64/ld-linux-x86-64.so.2"
 EM_AARCH64 = 183
 
-# gcc and the x86_64 loader are host requirements of `./build.py test` (builder/cli.py), so a
+# gcc and the x86_64 loader are host requirements of `./build.py test` (cli/test.py), so a
 # missing one is a failure here, not a skip.
 
 LIBBERTH_C = "int berth_value(void) { return 42; }\n"

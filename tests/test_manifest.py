@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import re
 from pathlib import Path
 from types import MappingProxyType
@@ -164,3 +166,12 @@ def test_hash_file_and_describe(tmp_path: Path) -> None:
         "a": entry,
         "b": FileEntry(0, hashlib.sha256(b"").hexdigest()),
     }
+
+
+def test_hash_file_copies_exactly_the_bytes_it_hashes(tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    (tmp_path / "uki.efi").write_bytes(data)
+    copy = io.BytesIO()
+    entry = hash_file(tmp_path / "uki.efi", chunk=1024, copy_to=copy)
+    assert entry == FileEntry(len(data), hashlib.sha256(data).hexdigest())
+    assert copy.getvalue() == data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import stat
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
 from builder import publish as pub
+from builder.lock import exclusive
 from builder.publish import PublishError
 from tests.support.releases import make_release, roothash_of
 from updater.release import channel as ch
@@ -31,6 +33,12 @@ def files(directory: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
     }
+
+
+def flip_first_byte(path: Path) -> None:
+    # Inverted, not overwritten with a fixed byte: random content starts with that byte 1 in 256.
+    data = path.read_bytes()
+    path.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
 
 
 def test_init_keys_layout_and_modes(tmp_path: Path) -> None:
@@ -156,8 +164,7 @@ def test_same_version_other_build_is_refused(tmp_path: Path, keys: Path) -> None
 
 def test_tampered_payload_is_refused_naming_the_file(tmp_path: Path, keys: Path) -> None:
     release = make_release(tmp_path / "out", "1.2.3")
-    with (release / "root.verity").open("r+b") as f:
-        f.write(b"X")
+    flip_first_byte(release / "root.verity")
     with pytest.raises(PublishError, match=r"root\.verity does not match the release manifest"):
         pub.publish(release, tmp_path / "repo", keys, "stable", now=NOW)
     assert not (tmp_path / "repo/metadata/timestamp.json").exists()
@@ -313,3 +320,35 @@ def test_rotate_root_key_is_signed_by_old_and_new(tmp_path: Path, keys: Path) ->
     old.verify_delegate(Root.type, new)
     new.verify_delegate(Root.type, new)
     assert new.signed.roles[Root.type].keyids != old.signed.roles[Root.type].keyids
+
+
+def test_a_payload_that_fails_its_check_is_not_left_in_the_repository(
+    tmp_path: Path, keys: Path
+) -> None:
+    release = make_release(tmp_path / "out", "1.2.3")
+    flip_first_byte(release / "uki.efi")
+    repo = tmp_path / "repo"
+    with pytest.raises(PublishError, match=r"uki\.efi does not match the release manifest"):
+        pub.publish(release, repo, keys, "stable", now=NOW)
+    # Neither the copy under its final name nor a temporary file: the check came before the rename.
+    assert not [p for p in repo.rglob("*") if "uki.efi" in p.name]
+
+
+def test_the_repository_lock_is_the_directory_so_nothing_extra_is_served(
+    tmp_path: Path, keys: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    results: list[pub.PublishResult] = []
+    release = make_release(tmp_path / "out", "1.2.3")
+    publisher = threading.Thread(
+        target=lambda: results.append(pub.publish(release, repo, keys, "stable", now=NOW))
+    )
+    with exclusive(repo):
+        publisher.start()
+        publisher.join(timeout=1.0)
+        assert publisher.is_alive() and not results  # waits for the lock's holder
+    publisher.join(timeout=30)
+    assert results and results[0].changed
+    assert "waiting for another publisher to finish" in capsys.readouterr().err
+    assert sorted(p.name for p in repo.iterdir()) == ["metadata", "targets"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from datetime import date
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from builder.counter import COUNTER_FILE, default_version
-from updater.release.version import Version
+from updater.release.version import Version, version_argument
 
 
 def test_parse_and_str_round_trip() -> None:
@@ -108,3 +109,11 @@ def test_default_version_refuses_corrupt_counter(tmp_path: Path, content: str) -
     with pytest.raises(ValueError, match=re.escape(COUNTER_FILE)):
         default_version(tmp_path, date(2025, 11, 22))
     assert (tmp_path / COUNTER_FILE).read_text() == content
+
+
+def test_version_argument_reports_what_a_version_looks_like() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--version", type=version_argument)
+    assert parser.parse_args(["--version", "1.10.0"]).version == Version(1, 10, 0)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'1\.2' is not MAJOR\.MINOR\.PATCH"):
+        version_argument("1.2")

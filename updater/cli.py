@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from updater.config import DEFAULT_GROUP, ConfigError, UpdateConfig, load_config
 from updater.errors import RefusedError, UpdateError
-from updater.release.version import Version
+from updater.release.version import version_argument
 from updater.update.machine import Machine
 
 if TYPE_CHECKING:
@@ -79,13 +79,6 @@ class _JournalFormatter(logging.Formatter):
         return f"<{priority}>{super().format(record)}"
 
 
-def _version(text: str) -> Version:
-    try:
-        return Version.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Berth's update agent.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the agent does")
@@ -95,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="look for an update in the signed channel")
     check.add_argument("--ignore-waves", action="store_true", help="do not wait for this wave")
     apply = sub.add_parser("apply", help="install an update into the inactive slot")
-    apply.add_argument("--version", type=_version, help="install this version")
+    apply.add_argument("--version", type=version_argument, help="install this version")
     apply.add_argument(
         "--allow-downgrade", action="store_true", help="allow --version older than the booted one"
     )

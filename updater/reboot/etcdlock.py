@@ -26,7 +26,7 @@ from typing import Any
 
 import requests
 
-from updater.reboot.semaphore import LockError, SemaphoreClient, Versioned
+from updater.reboot.semaphore import LockError, Versioned
 
 TIMEOUT = (5.0, 10.0)
 
@@ -126,12 +126,3 @@ class EtcdStore:
             return None
         responses = doc.get("responses") or [{}]
         return self._versioned(responses[0].get("response_range") or {})
-
-
-def etcd_semaphore(
-    endpoints: Sequence[str],
-    group: str,
-    default_slots: int = 1,
-    tls: TLSFiles | None = None,
-) -> SemaphoreClient:
-    return SemaphoreClient(EtcdStore(endpoints, tls), group, default_slots)

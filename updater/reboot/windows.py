@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta, tzinfo
 from pathlib import Path
@@ -215,7 +215,3 @@ def _days(raw: object) -> frozenset[int]:
             raise ValueError(f"key 'days': {item!r} is not a weekday (Mon..Sun or Monday..Sunday)")
         days.add(found[0])
     return frozenset(days)
-
-
-def describe(windows: Iterable[Window]) -> str:
-    return "; ".join(str(w) for w in windows)

@@ -297,10 +297,6 @@ def wave_start(release: Release, seed: int) -> datetime:
     raise ChannelError(f"{release.label}: no wave covers seed {seed}")
 
 
-def wave_open(release: Release, seed: int, now: datetime) -> bool:
-    return wave_start(release, seed) <= now
-
-
 @dataclass(frozen=True)
 class Skipped:
     version: Version

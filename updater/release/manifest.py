@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import BinaryIO
 
 from updater.release.version import Version
 
@@ -99,13 +100,20 @@ class Manifest:
         )
 
 
-def hash_file(path: Path, chunk: int = 1 << 20) -> FileEntry:
+def hash_file(path: Path, chunk: int = 1 << 20, *, copy_to: BinaryIO | None = None) -> FileEntry:
+    """The length and sha256 of `path`; with `copy_to`, each block is also written there.
+
+    One read serves both, so a copy made this way is exactly the bytes that were hashed, even if
+    `path` changes meanwhile.
+    """
     h = hashlib.sha256()
     size = 0
     with path.open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
             size += len(block)
+            if copy_to is not None:
+                copy_to.write(block)
     return FileEntry(size, h.hexdigest())
 
 

@@ -6,6 +6,7 @@ counter (the default version of a build) lives in builder/counter.py: a device n
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 
@@ -42,3 +43,15 @@ class Version:
 
     def __str__(self) -> str:
         return f"{self.major}.{self.minor}.{self.patch}"
+
+
+def version_argument(text: str) -> Version:
+    """`type=` for a command-line option that takes a version (./build.py and berth-update).
+
+    argparse reports an ArgumentTypeError's own message; a ValueError would become "invalid
+    version_argument value", without saying what a version looks like.
+    """
+    try:
+        return Version.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -1,0 +1,185 @@
+"""A release directory (`out/<image>/<version>/`) into the repository: its payload copied under
+its hash, checked against its manifest in the same pass, and the release added to a channel."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+
+from tuf.api.metadata import TargetFile
+
+from builder.errors import PublishError
+from builder.publish.channels import check_channel_name, load_channel, write_channel
+from builder.publish.keys import signing_time
+from builder.publish.repository import (
+    PublishResult,
+    State,
+    add_target,
+    change_targets,
+    store,
+    target_file,
+)
+from updater.files import atomic_writer
+from updater.release.channel import (
+    ChannelError,
+    Release,
+    check_waves,
+    default_waves,
+    immediate_waves,
+)
+from updater.release.manifest import PAYLOAD_FILES, FileEntry, Manifest, ManifestError, hash_file
+from updater.release.version import Version
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def read_release(release_dir: Path) -> Manifest:
+    """The release manifest of `out/<image>/<version>/`, checked for a complete payload."""
+    path = release_dir / "manifest.json"
+    try:
+        manifest = Manifest.from_json(path.read_text(encoding="utf-8"), str(path))
+    except FileNotFoundError:
+        raise PublishError(
+            f"{path} is missing", hint="publish a release directory written by ./build.py"
+        ) from None
+    except (ManifestError, UnicodeDecodeError) as e:
+        raise PublishError(str(e)) from None
+    for field_name, value in (("image", manifest.image), ("arch", manifest.arch)):
+        if not _NAME.fullmatch(value):
+            raise PublishError(f"{path}: field '{field_name}': {value!r} is not a plain name")
+    missing = [name for name in PAYLOAD_FILES if name not in manifest.files]
+    extra = sorted(set(manifest.files) - set(PAYLOAD_FILES))
+    if missing or extra:
+        raise PublishError(
+            f"{path}: field 'files': expected exactly {', '.join(PAYLOAD_FILES)}"
+            + (f"; missing {', '.join(missing)}" if missing else "")
+            + (f"; unexpected {', '.join(extra)}" if extra else "")
+        )
+    for name in PAYLOAD_FILES:
+        if not (release_dir / name).is_file():
+            raise PublishError(f"{release_dir / name} is missing (listed in {path})")
+    return manifest
+
+
+def _copy_verified(source: Path, dest_dir: Path, name: str, expected: FileEntry) -> None:
+    """Check `source` against the manifest, copying it to `<sha256>.<name>` in the same pass."""
+    dest = dest_dir / f"{expected.sha256}.{name}"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+
+    def check(found: FileEntry) -> None:
+        if found != expected:
+            raise PublishError(
+                f"{source} does not match the release manifest: {found.size} bytes, sha256 "
+                f"{found.sha256}; the manifest says {expected.size} bytes, sha256 "
+                f"{expected.sha256}",
+                hint="the release directory was changed after the build; rebuild it",
+            )
+
+    if dest.exists():
+        # Named by its hash and checked when it was written: only the source needs checking.
+        check(hash_file(source))
+        return
+    # The copy is written from the very blocks that are hashed, and renamed into place only if
+    # they match: what is published is what was checked, even if the source changes meanwhile.
+    with atomic_writer(dest) as out:
+        check(hash_file(source, copy_to=out))
+
+
+def publish(
+    release_dir: Path,
+    repo: Path,
+    keys_dir: Path,
+    channel: str,
+    *,
+    now: datetime | None = None,
+    waves: Mapping[int, datetime] | None = None,
+    immediate: bool = False,
+    max_version: Version | None = None,
+) -> PublishResult:
+    """Add a release's payload to the repository and the release to `channel`, then re-sign.
+
+    A new release gets `waves` (default: `updater.release.channel.default_waves(now)`;
+    `immediate` opens one wave for everyone now). Publishing a release that is already in the
+    channel keeps its waves and its pulled flag unless `waves` or `immediate` is given, so a
+    repeated publish changes nothing; when nothing changes, no metadata is re-signed and `changed`
+    is False. `max_version`, when given, sets the channel's pin (`set_max_version` also clears it).
+    """
+    check_channel_name(channel)
+    if waves is not None and immediate:
+        raise PublishError("give either waves or immediate, not both")
+    when = signing_time(now)
+    manifest = read_release(release_dir)
+    if waves is not None:
+        try:
+            waves = check_waves(waves)
+        except ChannelError as e:
+            raise PublishError(str(e)) from None
+    chosen = immediate_waves(when) if immediate else waves
+
+    def edit(state: State) -> None:
+        targets = _add_payload(state, release_dir, manifest)
+        _add_to_channel(state, channel, manifest, targets, chosen, when, max_version)
+
+    return change_targets(repo, keys_dir, when, edit)
+
+
+def _add_payload(state: State, release_dir: Path, manifest: Manifest) -> Mapping[str, str]:
+    """Copy the payload and the manifest into the repository as targets; file name -> target."""
+    prefix = f"{manifest.image}/{manifest.version}"
+    target_paths: dict[str, str] = {}
+    for name in PAYLOAD_FILES:
+        entry = manifest.files[name]
+        path = f"{prefix}/{name}"
+        add_target(state, TargetFile(entry.size, {"sha256": entry.sha256}, path))
+        _copy_verified(release_dir / name, state.repo / "targets" / prefix, name, entry)
+        target_paths[name] = path
+    manifest_data = (release_dir / "manifest.json").read_bytes()
+    manifest_target = TargetFile.from_data(f"{prefix}/manifest.json", manifest_data, ["sha256"])
+    add_target(state, manifest_target)
+    manifest_file = target_file(state.repo, manifest_target)
+    if not manifest_file.exists():
+        store(manifest_file, manifest_data)
+    target_paths["manifest.json"] = manifest_target.path
+    return MappingProxyType(target_paths)
+
+
+def _add_to_channel(
+    state: State,
+    channel: str,
+    manifest: Manifest,
+    targets: Mapping[str, str],
+    waves: Mapping[int, datetime] | None,
+    when: datetime,
+    max_version: Version | None,
+) -> None:
+    current = load_channel(state, channel)
+    existing = current.find(manifest.image, manifest.arch, manifest.version)
+    if existing is not None and existing.roothash != manifest.roothash:
+        raise PublishError(
+            f"{existing.label} is already in channel {channel} with root hash "
+            f"{existing.roothash}, this build has {manifest.roothash}",
+            hint="a published version is immutable: build and publish a new version",
+        )
+    if waves is not None:
+        new_waves = waves
+    elif existing is not None:
+        new_waves = existing.waves
+    else:
+        new_waves = default_waves(when)
+    release = Release(
+        image=manifest.image,
+        arch=manifest.arch,
+        version=manifest.version,
+        roothash=manifest.roothash,
+        targets=targets,
+        waves=new_waves,
+        pulled=existing.pulled if existing is not None else False,
+    )
+    updated = current.with_release(release)
+    if max_version is not None:
+        updated = replace(updated, max_version=max_version)
+    write_channel(state, updated)
