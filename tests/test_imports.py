@@ -154,3 +154,72 @@ def test_a_cycle_is_reported_with_the_imports_that_make_it() -> None:
     ]
     assert cycles(arrows, 1) == [[arrows[0], arrows[1]]]
     assert cycles(arrows, 2) == []
+
+
+# updater/'s rooms from the bottom up (docs/architecture.md): each may import only rooms of a
+# lower layer. provision/ stands beside the update packages and uses layer 0 alone.
+UPDATER_LAYERS: tuple[frozenset[str], ...] = tuple(
+    frozenset(layer)
+    for layer in (
+        {"updater.errors", "updater.files", "updater.run"},
+        {"updater.release"},
+        {"updater.disk"},
+        {"updater.reboot"},
+        {"updater.config"},
+        {"updater.update"},
+        {"updater.agent"},
+        {"updater.service"},
+        {"updater.cli", "updater.__main__", "updater.progress"},
+    )
+)
+PROVISION = "updater.provision"
+
+
+def updater_room(module: str) -> str | None:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "updater" and len(parts) > 1 else None
+
+
+def layer_violations(arrows: list[Arrow]) -> list[str]:
+    rank = {room: i for i, layer in enumerate(UPDATER_LAYERS) for room in layer}
+    top = len(UPDATER_LAYERS) - 1
+    wrong = []
+    for arrow in arrows:
+        source, target = updater_room(arrow.source), updater_room(arrow.target)
+        if source is None or target is None or source == target:
+            continue
+        if source == PROVISION:
+            allowed = rank.get(target) == 0
+        elif target == PROVISION:
+            allowed = False  # only berth-provision's own entry point runs it
+        elif source not in rank or target not in rank:
+            allowed = False  # a new room: give it its layer above first
+        else:
+            # The shared modules of layer 0 use each other (run raises errors' types), and so do
+            # the front end's at the top; between those, strictly downwards.
+            same = rank[source] == rank[target] in (0, top)
+            allowed = rank[target] < rank[source] or same
+        if not allowed:
+            wrong.append(str(arrow))
+    return wrong
+
+
+def test_updater_rooms_import_only_downwards() -> None:
+    wrong = layer_violations(import_graph(project_modules()))
+    assert not wrong, "\n".join(wrong)
+
+
+def test_an_upward_import_in_updater_is_named() -> None:
+    arrows = [
+        Arrow("updater.disk.slots", "updater.release.version", "updater/disk/slots.py:1"),
+        Arrow("updater.reboot.gate", "updater.config", "updater/reboot/gate.py:2"),
+        Arrow("updater.provision.apply", "updater.files", "updater/provision/apply.py:3"),
+        Arrow("updater.provision.apply", "updater.disk.gpt", "updater/provision/apply.py:4"),
+        Arrow("updater.cli", "updater.progress", "updater/cli.py:5"),
+        Arrow("updater.newroom.x", "updater.files", "updater/newroom/x.py:6"),
+    ]
+    assert layer_violations(arrows) == [
+        "updater/reboot/gate.py:2: updater.reboot.gate imports updater.config",
+        "updater/provision/apply.py:4: updater.provision.apply imports updater.disk.gpt",
+        "updater/newroom/x.py:6: updater.newroom.x imports updater.files",
+    ]
