@@ -764,21 +764,15 @@ class Agent:
         """One release file, checked against its signed length and hash on the way: into a slot
         partition (`into_slot`: resumable, O_DIRECT) or into a new file (the manifest, the
         UKI's temporary file on the ESP: small, nothing to resume)."""
-        opts = self.fetch_options
         fetch.stream_to(
             info.url,
             dest,
             offset,
             info.length,
             info.sha256,
+            options=self.fetch_options,
             session=session,
             state_path=self.machine.state_dir / f"download-{name}.json" if into_slot else None,
-            timeout=opts.timeout,
-            min_rate=opts.min_rate,
-            rate_window=opts.rate_window,
-            attempts=opts.attempts,
-            backoff=opts.backoff,
-            state_interval=opts.state_interval,
             progress=_bind(progress, name, info.length),
             direct=into_slot,
             blocks=blocks,

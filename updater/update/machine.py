@@ -59,7 +59,8 @@ class Machine:
 
 @dataclass(frozen=True)
 class FetchOptions:
-    """Download limits, passed to fetch.stream_to (tests shrink them)."""
+    """Download limits, passed whole to fetch.stream_to: the one place their defaults live (tests
+    shrink them)."""
 
     timeout: tuple[float, float] = (10.0, 30.0)
     min_rate: int = 4096
