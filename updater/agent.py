@@ -61,7 +61,6 @@ from typing import Any, BinaryIO
 
 import requests
 
-from updater import files
 from updater.config import Strategy, UpdateConfig
 from updater.disk import bootentries, gpt, slots, verity
 from updater.errors import (
@@ -86,7 +85,7 @@ from updater.release.channel import (
 from updater.release.manifest import Manifest, ManifestError
 from updater.release.version import Version
 from updater.update import fetch
-from updater.update.machine import REBOOT_REQUIRED_TEXT, FetchOptions, Machine
+from updater.update.machine import FetchOptions, Machine, write_reboot_required
 from updater.update.state import LastCheck, Pending, State, load_state, save_state, state_path
 from updater.update.trust import TargetInfo, TrustedRepository
 
@@ -644,17 +643,9 @@ class Agent:
             last_check=LastCheck(self._now(), f"{release.version} installed", True),
         )
         self._save(state)
-        self._write_reboot_required()
+        write_reboot_required(self.machine)
         log.info("installed %s into slot %s; a reboot starts it", release.version, target.name)
         return Applied(release.version, str(target.name), release.roothash, entry)
-
-    def _write_reboot_required(self) -> None:
-        path = self.machine.reboot_required
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            files.write_file_atomic(path, REBOOT_REQUIRED_TEXT.encode())
-        except OSError as e:
-            raise StorageError(f"cannot write {path}: {e}") from e
 
     # -- after a boot --------------------------------------------------------------------------
 
@@ -857,7 +848,7 @@ class Agent:
         renamed = bootentries.set_next_boot(self.machine.esp, previous)
         state = self._load().with_bad(booted.version, "rolled back by the operator", self._now())
         self._save(state)
-        self._write_reboot_required()
+        write_reboot_required(self.machine)
         return RolledBack(booted.version, previous, tuple((a.name, b.name) for a, b in renamed))
 
 

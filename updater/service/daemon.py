@@ -45,7 +45,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from updater import files
 from updater.config import (
     DEFAULT_PATH,
     MIN_INTERVAL,
@@ -61,7 +60,7 @@ from updater.service.gates import gate_for
 from updater.service.notice import WALL, count_sessions, reboot_message, warn_users
 from updater.service.notify import Notifier, NotifyError
 from updater.service.worker import run_in_child
-from updater.update.machine import REBOOT_REQUIRED_TEXT, FetchOptions, Machine
+from updater.update.machine import FetchOptions, Machine, write_reboot_required
 from updater.update.state import load_state, state_path
 
 if TYPE_CHECKING:  # imported at run time only in the worker child
@@ -240,12 +239,6 @@ class Daemon:
             log.info("%s is on trial: waiting for boot-complete before any update", result.booted)
         self.judged = not result.waiting
 
-    def _write_reboot_required(self) -> None:
-        path = self.machine.reboot_required
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            files.write_file_atomic(path, REBOOT_REQUIRED_TEXT.encode())
-
     def _verify_pending(self) -> str:
         return str(self._agent().verify_pending())
 
@@ -348,7 +341,7 @@ class Daemon:
         if update is None:
             return
         version, earlier = update
-        self._write_reboot_required()
+        write_reboot_required(self.machine)
         self._reboot_for(version, verify=earlier)
 
     def _next_delay(self) -> float:
