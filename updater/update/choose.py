@@ -4,6 +4,9 @@ should run, by its place in the rollout waves (the seed) or by the operator's ex
 Every refusal happens here before anything local is touched (bad signatures, expired or
 rolled-back metadata, no candidate, a downgrade without consent, another image or architecture);
 what a check found is recorded in the state file for `berth-update status`.
+
+These functions take the agent's state and return it changed; the caller saves it once. Only a
+check that ends here (a failed refresh, nothing to install) saves its own record before raising.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ log = logging.getLogger(__name__)
 def seed(ctx: Context, state: State) -> tuple[int, State]:
     """This machine's place in the waves (0-2047), and the state that remembers it.
 
-    From /etc/machine-id; without one, the seed the state remembers, or else a random one (the
-    caller saves it, so that the machine keeps that place).
+    From /etc/machine-id; without one, the seed the state remembers, or else a random one (which
+    the next check or apply saves, so that the machine keeps that place).
     """
     machine_id = ctx.machine.machine_id
     try:
@@ -63,29 +66,29 @@ def repository(ctx: Context) -> TrustedRepository:
     )
 
 
-def record(ctx: Context, result: str, ok: bool) -> None:
-    state = ctx.load_state()
-    ctx.save_state(replace(state, last_check=LastCheck(ctx.now(), result, ok)))
+def record(ctx: Context, state: State, result: str, ok: bool) -> State:
+    """`state` with what this check found; the caller saves it."""
+    return replace(state, last_check=LastCheck(ctx.now(), result, ok))
 
 
-def channel(ctx: Context, repo: TrustedRepository) -> ChannelManifest:
-    """Refresh the signed metadata, then this machine's channel; a failure is recorded."""
+def channel(ctx: Context, repo: TrustedRepository, state: State) -> ChannelManifest:
+    """Refresh the signed metadata, then this machine's channel. A failure ends the check: its
+    record (with `state`) is saved here, and the error raised."""
     try:
         repo.refresh()
         return repo.channel(ctx.config.channel)
     except UpdateError as e:
-        record(ctx, f"failed: {e}", ok=False)
+        ctx.save_state(record(ctx, state, f"failed: {e}", ok=False))
         raise
 
 
 def candidate(
-    ctx: Context, repo: TrustedRepository, booted: Booted, *, ignore_waves: bool
-) -> tuple[ChannelManifest, Selection]:
-    """Refresh, then the newest release this machine may take now (the daemon's choice)."""
-    state = ctx.load_state()
+    ctx: Context, repo: TrustedRepository, booted: Booted, state: State, *, ignore_waves: bool
+) -> tuple[ChannelManifest, Selection, State]:
+    """Refresh, then the newest release this machine may take now (the daemon's choice), and
+    `state` with this machine's seed."""
     value, state = seed(ctx, state)
-    ctx.save_state(state)
-    manifest = channel(ctx, repo)
+    manifest = channel(ctx, repo, state)
     selection = select_candidate(
         manifest,
         image=booted.image,
@@ -96,17 +99,20 @@ def candidate(
         bad=state.bad_versions,
         ignore_waves=ignore_waves,
     )
-    return manifest, selection
+    return manifest, selection, state
 
 
 def check(ctx: Context, *, ignore_waves: bool = False) -> Selection:
-    """Refresh the signed metadata and pick the release this machine should install now."""
+    """Refresh the signed metadata and pick the release this machine should install now; the
+    state file is read once and written once, with what the check found."""
     booted = ctx.booted()
-    _, selection = candidate(ctx, repository(ctx), booted, ignore_waves=ignore_waves)
+    repo = repository(ctx)
+    _, selection, state = candidate(ctx, repo, booted, ctx.load_state(), ignore_waves=ignore_waves)
     if selection.release is not None:
-        record(ctx, f"{selection.release.version} available", ok=True)
+        state = record(ctx, state, f"{selection.release.version} available", ok=True)
     else:
-        record(ctx, f"up to date ({booted.version})", ok=True)
+        state = record(ctx, state, f"up to date ({booted.version})", ok=True)
+    ctx.save_state(state)
     return selection
 
 
@@ -114,17 +120,22 @@ def select(
     ctx: Context,
     repo: TrustedRepository,
     booted: Booted,
+    state: State,
     version: Version | None,
     *,
     allow_downgrade: bool,
     ignore_waves: bool,
-) -> Release:
-    """The release apply installs: the candidate, or `version` when the operator names one."""
+) -> tuple[Release, State]:
+    """The release apply installs: the candidate, or `version` when the operator names one; and
+    `state` with the record of that choice, for apply to save with its first durable record.
+
+    A refusal for want of a candidate (or a failed refresh) saves its record and raises.
+    """
     if version is None:
-        manifest, selection = candidate(ctx, repo, booted, ignore_waves=ignore_waves)
+        manifest, selection, state = candidate(ctx, repo, booted, state, ignore_waves=ignore_waves)
         where = f"{booted.image} ({ctx.machine.arch}) in channel {manifest.channel}"
         if selection.release is None:
-            record(ctx, f"up to date ({booted.version})", ok=True)
+            ctx.save_state(record(ctx, state, f"up to date ({booted.version})", ok=True))
             skipped = "; ".join(selection.reasons)
             raise RefusedError(
                 f"refused to apply: no release newer than the booted {booted.version} to "
@@ -132,7 +143,7 @@ def select(
             )
     else:
         selection = select_version(
-            channel(ctx, repo),
+            channel(ctx, repo, state),
             version,
             image=booted.image,
             arch=ctx.machine.arch,
@@ -143,5 +154,4 @@ def select(
             reason = "; ".join(s.reason for s in selection.skipped)
             raise RefusedError(f"refused to install {version}: {reason}")
     release = selection.release
-    record(ctx, f"{release.version} selected for install", ok=True)
-    return release
+    return release, record(ctx, state, f"{release.version} selected for install", ok=True)

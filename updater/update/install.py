@@ -40,6 +40,23 @@ entry would boot before the running one (an update installed but not yet booted,
 by a newer one), that entry is removed before step 5. Otherwise a failed download would leave the
 boot loader's first choice pointing at a root that no longer exists.
 
+The state file is read once, at the start, and the value passed along; it is written when a
+durable record is needed, and only then:
+
+- Before step 5: the record of the choice (the seed, "<version> selected for install") and, when
+  the pending record names the slot about to become scratch, the state without it. That write
+  must be on disk before `prepare_slot`: after a crash in steps 5-10 no record may say that the
+  slot holds an installed update waiting for its reboot (the daemon would announce it, verify a
+  slot of garbage and mark a good release bad), and the agent's last word is what it was doing.
+- Step 11: the pending record and "<version> installed", after the rename of step 10, so that
+  the record never names an update the boot loader cannot see.
+- A refusal writes its record once, instead: in step 1 (a failed refresh, nothing to install)
+  choose.select saves it; in steps 2-4 apply saves the record of its choice.
+
+The ESP is listed once, in step 3; the entries removed before step 5 and in step 9 come from that
+listing, which only those removals changed. `staged_uki` looks once more in step 10, its own
+guard against replacing an entry of the new version.
+
 Runs on the device's Python with the standard library, python3-requests and python3-tuf.
 """
 
@@ -72,7 +89,7 @@ from updater.update import choose, fetch
 from updater.update.context import Booted, Context
 from updater.update.machine import write_reboot_required
 from updater.update.state import LastCheck, Pending
-from updater.update.trust import TargetInfo
+from updater.update.trust import TargetInfo, TrustedRepository
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +250,103 @@ def _check_esp_space(esp: Path, uki: TargetInfo, freed: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What steps 2-4 established: the signed files, the slot to write, the version it holds
+    (None when it holds none), and the ESP's entries as listed in step 3 (less any removed
+    before step 5)."""
+
+    infos: dict[str, TargetInfo]
+    target: slots.Slot
+    old: Version | None
+    entries: list[bootentries.Entry]
+
+
+def _plan(
+    ctx: Context,
+    repo: TrustedRepository,
+    release: Release,
+    booted: Booted,
+    session: requests.Session,
+) -> _Plan:
+    """Steps 2-4, and the one ESP change allowed before step 5."""
+    esp = ctx.machine.esp
+    # (2) signed target info, the release manifest, reachability of the payload
+    infos = {name: repo.target_info(release.targets[name]) for name in RELEASE_TARGETS}
+    manifest = _fetch_manifest(ctx, infos[_MANIFEST], release)
+    _check_release(ctx, release, manifest, infos, booted)
+    for name in (_DATA, _VERITY, _UKI):
+        _probe(ctx, session, name, infos[name])
+    pair = ctx.slot_pair()
+    current = slots.booted_slot(pair, booted.roothash)
+    target = slots.inactive_slot(pair, booted.roothash)
+    # (3) space
+    slots.check_space(target, {_DATA: infos[_DATA].length, _VERITY: infos[_VERITY].length})
+    entries = bootentries.list_entries(esp)
+    old = target.version if target.state is slots.SlotState.INSTALLED else None
+    leaving = [e for e in entries if e.version in {old, release.version}]
+    _check_esp_space(esp, infos[_UKI], sum(e.path.stat().st_size for e in leaving))
+    # (4) sanity: never the running root
+    if target.roothash == booted.roothash or target.name == current.name:
+        raise SlotError(
+            f"refused to install {release.version}: slot {target.name} is the booted one"
+        )
+    # An entry that boots before the running one must not outlive its root (see the module
+    # docstring); it is the only ESP change before the slot is written.
+    if old is not None and entries and entries[0].version == old:
+        bootentries.remove(esp, [e for e in entries if e.version == old])
+        entries = [e for e in entries if e.version != old]
+    return _Plan(infos, target, old, entries)
+
+
+def _write_slot(
+    ctx: Context,
+    target: slots.Slot,
+    infos: dict[str, TargetInfo],
+    roothash: str,
+    session: requests.Session,
+    progress: ProgressCallback | None,
+) -> None:
+    """Steps 6 and 7: the hash tree, then the root, streamed into the slot; the tree built from
+    the root's blocks must be the signed root hash's and the one just written."""
+    disk = ctx.machine.disk
+    where = f"slot {target.name}"
+    with slots.open_partition(disk, target.verity_number, target.verity) as (tree, tree_offset):
+        _stream(
+            ctx,
+            _VERITY,
+            infos[_VERITY],
+            tree,
+            tree_offset,
+            session=session,
+            progress=progress,
+            into_slot=True,
+        )
+        superblock = verity.read_superblock(tree.fileno(), tree_offset, where)
+        superblock.check(infos[_DATA].length, f"{where} ({_VERITY})")
+        blocks = verity.BlockHashes(superblock.salt)
+        with slots.open_partition(disk, target.data_number, target.data) as (data, data_offset):
+            _stream(
+                ctx,
+                _DATA,
+                infos[_DATA],
+                data,
+                data_offset,
+                session=session,
+                progress=progress,
+                into_slot=True,
+                blocks=blocks,
+            )
+        verity.check_tree(
+            tree.fileno(),
+            tree_offset,
+            superblock,
+            blocks.finish(f"{where} ({_DATA})"),
+            roothash,
+            where,
+        )
+
+
 def apply(
     ctx: Context,
     version: Version | None = None,
@@ -242,108 +356,54 @@ def apply(
     progress: ProgressCallback | None = None,
 ) -> Applied:
     """Install the selected (or the given) release into the inactive slot; see the module
-    docstring for the order of steps. Raises an UpdateError subclass on any refusal."""
+    docstring for the order of steps and for when the state file is written. Raises an
+    UpdateError subclass on any refusal."""
     booted = ctx.booted()
     repo = choose.repository(ctx)
     machine = ctx.machine
     esp = machine.esp
+    state = ctx.load_state()  # the one read: from here on the value is passed along
 
-    # (1) refresh and select
-    release = choose.select(
-        ctx, repo, booted, version, allow_downgrade=allow_downgrade, ignore_waves=ignore_waves
+    # (1) refresh and select; a refusal here saves its own record
+    release, state = choose.select(
+        ctx,
+        repo,
+        booted,
+        state,
+        version,
+        allow_downgrade=allow_downgrade,
+        ignore_waves=ignore_waves,
     )
-    # (2) signed target info, the release manifest, reachability of the payload
-    infos = {name: repo.target_info(release.targets[name]) for name in RELEASE_TARGETS}
-    manifest = _fetch_manifest(ctx, infos[_MANIFEST], release)
-    _check_release(ctx, release, manifest, infos, booted)
     with requests.Session() as session:
         session.headers["User-Agent"] = "berth-update"
-        for name in (_DATA, _VERITY, _UKI):
-            _probe(ctx, session, name, infos[name])
-
+        try:
+            plan = _plan(ctx, repo, release, booted, session)  # (2)-(4)
+        except BaseException:
+            ctx.save_state(state)  # refused before the slot is touched: the choice's record
+            raise
+        target = plan.target
+        if state.pending is not None and state.pending.slot == str(target.name):
+            state = replace(state, pending=None)
+        ctx.save_state(state)  # durable before (5): see the module docstring
+        # (5) the slot becomes scratch
         with machine.disk.open("r+b") as disk:
-            pair = slots.read_slots(disk)
-            current = slots.booted_slot(pair, booted.roothash)
-            target = slots.inactive_slot(pair, booted.roothash)
-            # (3) space
-            slots.check_space(target, {_DATA: infos[_DATA].length, _VERITY: infos[_VERITY].length})
-            entries = bootentries.list_entries(esp)
-            old = target.version if target.state is slots.SlotState.INSTALLED else None
-            leaving = [e for e in entries if e.version in {old, release.version}]
-            _check_esp_space(esp, infos[_UKI], sum(e.path.stat().st_size for e in leaving))
-            # (4) sanity: never the running root
-            if target.roothash == booted.roothash or target.name == current.name:
-                raise SlotError(
-                    f"refused to install {release.version}: slot {target.name} is the booted one"
-                )
-            # An entry that boots before the running one must not outlive its root (see the
-            # module docstring); it is the only ESP change before the slot is written.
-            if old is not None and entries and entries[0].version == old:
-                bootentries.remove_entries(esp, old)
-            state = ctx.load_state()
-            if state.pending is not None and state.pending.slot == str(target.name):
-                ctx.save_state(replace(state, pending=None))
-            # (5) the slot becomes scratch
             target = slots.prepare_slot(disk, target, booted=booted.roothash)
-
         # (6) stream the hash tree, then the root, into the slot; (7) check the tree
-        where = f"slot {target.name}"
-        with slots.open_partition(machine.disk, target.verity_number, target.verity) as (
-            tree,
-            tree_offset,
-        ):
-            _stream(
-                ctx,
-                _VERITY,
-                infos[_VERITY],
-                tree,
-                tree_offset,
-                session=session,
-                progress=progress,
-                into_slot=True,
-            )
-            superblock = verity.read_superblock(tree.fileno(), tree_offset, where)
-            superblock.check(infos[_DATA].length, f"{where} ({_VERITY})")
-            blocks = verity.BlockHashes(superblock.salt)
-            with slots.open_partition(machine.disk, target.data_number, target.data) as (
-                data,
-                data_offset,
-            ):
-                _stream(
-                    ctx,
-                    _DATA,
-                    infos[_DATA],
-                    data,
-                    data_offset,
-                    session=session,
-                    progress=progress,
-                    into_slot=True,
-                    blocks=blocks,
-                )
-            verity.check_tree(
-                tree.fileno(),
-                tree_offset,
-                superblock,
-                blocks.finish(f"{where} ({_DATA})"),
-                release.roothash,
-                where,
-            )
+        _write_slot(ctx, target, plan.infos, release.roothash, session, progress)
         # (8) name the slot (gpt writes and fsyncs both table copies)
         with machine.disk.open("r+b") as disk:
             target = slots.commit_slot(disk, target, release.version, release.roothash)
-        # (9) entries whose root is gone, or that would clash with the new one
-        for stale in {old, release.version} - {None}:
-            assert stale is not None
-            bootentries.remove_entries(esp, stale)
+        # (9) entries whose root is gone, or that would clash with the new one: from the listing
+        # of step 3, which only this apply changed since
+        stale = {plan.old, release.version}
+        bootentries.remove(esp, [e for e in plan.entries if e.version in stale])
         # (10) the UKI: temporary name, fsync, rename with a boot counter (the last step)
-        uki = infos[_UKI]
         with bootentries.staged_uki(esp, release.version) as out:
-            _stream(ctx, _UKI, uki, out, 0, session=session, progress=progress)
+            _stream(ctx, _UKI, plan.infos[_UKI], out, 0, session=session, progress=progress)
     entry = bootentries.entry_dir(esp) / bootentries.entry_name(
         release.version, bootentries.DEFAULT_TRIES
     )
     # (11) remember, and tell whoever reboots
-    state = ctx.load_state()
     if version is not None:
         state = state.without_bad(release.version)  # an explicit request lifts the mark
     state = replace(
