@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from builder import publish as pub
-from tests.machine import FakeMachine, Site, make_agent, release_manifest
+from tests.machine import MACHINE_ID, FakeMachine, Site, make_agent, release_manifest
 from updater import files
 from updater.agent import AfterBoot, Agent, SlotRole
 from updater.cli import main
@@ -19,6 +19,7 @@ from updater.config import UpdateConfig
 from updater.disk import bootentries, gpt, slots
 from updater.disk.slots import SlotState
 from updater.errors import RefusedError, UpdateError
+from updater.release.channel import machine_seed
 from updater.release.version import Version
 from updater.update import state as state_file
 from updater.update.state import load_state, state_path
@@ -103,6 +104,32 @@ def test_status_fields(site: Site, fake: FakeMachine) -> None:
         "state": "booted",
     }
     assert doc["seed"] == status.seed
+
+
+def test_status_reads_and_never_writes(site: Site, fake: FakeMachine) -> None:
+    def tree() -> dict[str, bytes | None]:
+        return {
+            str(p.relative_to(fake.var)): p.read_bytes() if p.is_file() else None
+            for p in sorted(fake.var.rglob("*"))
+        }
+
+    agent = make_agent(fake, site)
+    before = tree()
+    assert agent.status().seed == machine_seed(MACHINE_ID)  # shown, not saved
+    assert tree() == before
+    # A saved seed that the machine id no longer gives (the id was replaced since).
+    site.publish(site.release("1.1.0"))
+    agent.check()
+    other = "0123456789abcdef0123456789abcdef"
+    fake.machine_id.write_text(other + "\n")
+    before = tree()
+    assert agent.status().seed == machine_seed(other)
+    assert tree() == before
+    # A corrupt state file stays where it is for the next check to move aside.
+    state_path(fake.var).write_text("{not json")
+    before = tree()
+    assert agent.status().last_check is None
+    assert tree() == before
 
 
 def reboot_into_new(fake: FakeMachine, release: Path) -> None:

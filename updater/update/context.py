@@ -67,6 +67,10 @@ class Context:
         """The state file, or a fresh state (a corrupt file is moved aside)."""
         return load_state(self.state_path, self.now())
 
+    def read_state(self) -> State:
+        """The state file for a reader that never writes: a corrupt file is left where it is."""
+        return load_state(self.state_path, set_aside=False)
+
     def save_state(self, state: State) -> None:
         save_state(self.state_path, state)
 

@@ -1,16 +1,21 @@
 """What `berth-update status` shows: what this machine runs, what each slot holds, what the agent
-last did. No network."""
+last did. No network, and no writes: an operator runs status while the daemon works, and a
+status that saved what it had read could put back a state from before the daemon's last save
+(a pending record lost, a bad mark undone).
+
+So the seed is computed, never saved (the next check saves it), and a corrupt state file is read
+as an empty state and left for the next check or apply to move aside. A machine without a usable
+/etc/machine-id and without a saved seed shows a seed drawn for this call only.
+"""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
 from updater.config import Strategy
 from updater.disk import bootentries, slots
-from updater.errors import StorageError
 from updater.update import choose
 from updater.update.context import Context
 
@@ -61,13 +66,10 @@ class Status:
 
 
 def read_status(ctx: Context) -> Status:
-    """What this machine runs, what each slot holds, what the agent last did."""
-    state = ctx.load_state()
+    """What this machine runs, what each slot holds, what the agent last did; reads only."""
+    state = ctx.read_state()
     booted = ctx.booted()
-    seed, seeded = choose.seed(ctx, state)
-    if seeded != state:
-        with contextlib.suppress(StorageError):
-            ctx.save_state(seeded)
+    seed, _ = choose.seed(ctx, state)
     slot_list = []
     for slot in ctx.slot_pair():
         version = slot.version
