@@ -61,6 +61,10 @@ class Agent:
         """What this machine runs, what each slot holds, what the agent last did. No network."""
         return status.read_status(self._context)
 
+    def pending(self) -> Version | None:
+        """The installed version waiting for a reboot (the state file; no network)."""
+        return status.pending(self._context)
+
     def check(self, *, ignore_waves: bool = False) -> Selection:
         """Refresh the signed metadata and pick the release this machine should install now."""
         return choose.check(self._context, ignore_waves=ignore_waves)

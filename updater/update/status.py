@@ -16,6 +16,7 @@ from typing import Any
 
 from updater.config import Strategy
 from updater.disk import bootentries, slots
+from updater.release.version import Version
 from updater.update import choose
 from updater.update.context import Context
 
@@ -117,3 +118,9 @@ def read_status(ctx: Context) -> Status:
         rollback_note=note,
         boot_entries=tuple(e.name for e in bootentries.list_entries(ctx.machine.esp)),
     )
+
+
+def pending(ctx: Context) -> Version | None:
+    """The installed version waiting for a reboot, as the state file says; reads only."""
+    record = ctx.read_state().pending
+    return None if record is None else record.version
