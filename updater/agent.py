@@ -3,7 +3,8 @@
 A small facade over one update's life (updater/update): `check` chooses a release (choose.py),
 `apply` installs it and `verify_pending` checks it again before its reboot (install.py, whose
 docstring is the safety argument), `after_boot`, `reject_trial` and `rollback` judge a boot
-(judge.py), and `status` reads what all of them left behind without writing (status.py).
+(judge.py), and `status` and `pending` read what all of them left behind without writing
+(status.py).
 
 Importing this module loads requests and python-tuf: the resident daemon uses it only in its
 worker child (see service/worker.py).

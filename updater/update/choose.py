@@ -53,6 +53,7 @@ def seed(ctx: Context, state: State) -> tuple[int, State]:
 
 
 def repository(ctx: Context) -> TrustedRepository:
+    """The TUF client of the configured repository; RefusedError when none is configured."""
     if not ctx.config.url:
         raise RefusedError(
             "no update repository is configured: set url in the [update] table of "

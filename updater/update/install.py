@@ -46,8 +46,9 @@ durable record is needed, and only then:
 - Before step 5: the record of the choice (the seed, "<version> selected for install") and, when
   the pending record names the slot about to become scratch, the state without it. That write
   must be on disk before `prepare_slot`: after a crash in steps 5-10 no record may say that the
-  slot holds an installed update waiting for its reboot (the daemon would announce it, verify a
-  slot of garbage and mark a good release bad), and the agent's last word is what it was doing.
+  slot holds an update waiting for its reboot (the daemon would announce it again, and its check
+  before that reboot would mark the version bad for bytes that were never its own), and the
+  agent's last word is what it was doing.
 - Step 11: the pending record and "<version> installed", after the rename of step 10, so that
   the record never names an update the boot loader cannot see.
 - A refusal writes its record once, instead: in step 1 (a failed refresh, nothing to install)
