@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from builder import publish as pub
-from tests.support.machine import FakeMachine, Site, make_agent, release_manifest
+from tests.support.machine import MACHINE_ID, FakeMachine, Site, make_agent, release_manifest
+from updater import files
 from updater.agent import AfterBoot, Agent, SlotRole
 from updater.cli import main
 from updater.config import UpdateConfig
 from updater.disk import bootentries, gpt, slots
 from updater.disk.slots import SlotState
 from updater.errors import RefusedError, UpdateError
+from updater.release.channel import machine_seed
 from updater.release.version import Version
+from updater.update import state as state_file
 from updater.update.state import load_state, state_path
 
 V1, V2 = Version(1, 0, 0), Version(1, 1, 0)
@@ -100,6 +104,32 @@ def test_status_fields(site: Site, fake: FakeMachine) -> None:
         "state": "booted",
     }
     assert doc["seed"] == status.seed
+
+
+def test_status_reads_and_never_writes(site: Site, fake: FakeMachine) -> None:
+    def tree() -> dict[str, bytes | None]:
+        return {
+            str(p.relative_to(fake.var)): p.read_bytes() if p.is_file() else None
+            for p in sorted(fake.var.rglob("*"))
+        }
+
+    agent = make_agent(fake, site)
+    before = tree()
+    assert agent.status().seed == machine_seed(MACHINE_ID)  # shown, not saved
+    assert tree() == before
+    # A saved seed that the machine id no longer gives (the id was replaced since).
+    site.publish(site.release("1.1.0"))
+    agent.check()
+    other = "0123456789abcdef0123456789abcdef"
+    fake.machine_id.write_text(other + "\n")
+    before = tree()
+    assert agent.status().seed == machine_seed(other)
+    assert tree() == before
+    # A corrupt state file stays where it is for the next check to move aside.
+    state_path(fake.var).write_text("{not json")
+    before = tree()
+    assert agent.status().last_check is None
+    assert tree() == before
 
 
 def reboot_into_new(fake: FakeMachine, release: Path) -> None:
@@ -258,6 +288,49 @@ def test_a_second_apply_replaces_a_pending_update(site: Site, fake: FakeMachine)
     assert fake.boot_order() == ("berth_1.2.0+3.efi", "berth_1.0.0.efi")
     _a, b = fake.slots()
     assert b.version == Version(1, 2, 0)
+
+
+def test_apply_reads_the_state_once_and_lists_the_esp_once(
+    site: Site, fake: FakeMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pending 1.1.0 in slot B, first in the boot order, replaced by 1.2.0: the pending record
+    # goes before the slot becomes scratch, and 1.1.0's entry before step 5, both from one listing.
+    site.publish(site.release("1.1.0"))
+    make_agent(fake, site).apply()
+    site.publish(site.release("1.2.0"))
+    path = state_path(fake.var)
+    reads: list[Path] = []
+    writes: list[tuple[str, str | None]] = []  # (last check, pending) of each save
+    listed_by: list[str] = []
+    read_text, save, list_entries = (
+        Path.read_text,
+        files.write_file_atomic,
+        bootentries.list_entries,
+    )
+
+    def read(self: Path, encoding: str | None = None, errors: str | None = None) -> str:
+        if self == path:
+            reads.append(self)
+        return read_text(self, encoding, errors)
+
+    def write(where: Path, data: bytes, *, mode: int = 0o644) -> None:
+        doc = json.loads(data)
+        writes.append((doc["last_check"]["result"], (doc["pending"] or {}).get("version")))
+        save(where, data, mode=mode)
+
+    def listing(esp: Path) -> list[bootentries.Entry]:
+        listed_by.append(sys._getframe(1).f_globals["__name__"])
+        return list_entries(esp)
+
+    monkeypatch.setattr(Path, "read_text", read)
+    monkeypatch.setattr(state_file, "write_file_atomic", write)
+    monkeypatch.setattr(bootentries, "list_entries", listing)
+    assert make_agent(fake, site).apply().version == Version(1, 2, 0)
+    assert len(reads) == 1
+    assert writes == [("1.2.0 selected for install", None), ("1.2.0 installed", "1.2.0")]
+    # The second listing is staged_uki's own guard against replacing an entry of 1.2.0.
+    assert listed_by == ["updater.update.install", "updater.disk.bootentries"]
+    assert fake.boot_order() == ("berth_1.2.0+3.efi", "berth_1.0.0.efi")
 
 
 def test_interrupted_download_resumes_with_range(site: Site, fake: FakeMachine) -> None:

@@ -3,22 +3,32 @@ fake sleep (the loop never waits), an injected reboot and a real sd_notify datag
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qemu.vm import free_port
-from tests.support.daemon import INTERVAL, Harness
+from tests.support.daemon import INTERVAL, PATHS, Harness
 from tests.support.machine import FakeMachine, Site, make_agent, release_manifest
 from updater.config import Strategy
 from updater.disk import slots
+from updater.errors import UpdateError
 from updater.release.version import Version
+from updater.service.daemon import (
+    TRANSITIONS,
+    DaemonState,
+    IllegalTransition,
+    Phase,
+)
 from updater.service.notify import Notifier, socket_address
+from updater.service.worker import run_in_child
 from updater.update.state import load_state, state_path
 
 
@@ -85,7 +95,9 @@ def test_immediate_installs_and_reboots(
 ) -> None:
     site.publish(site.release("1.1.0"))
     harness.notify = str(listener.path)
-    harness.daemon().run(iterations=1)
+    daemon = harness.daemon()
+    daemon.run(iterations=1)
+    assert daemon.path == PATHS["immediate"]
     assert fake.boot_order() == ("berth_1.1.0+3.efi", "berth_1.0.0.efi")
     assert harness.reboots == 1
     assert (fake.run / "reboot-required").exists()
@@ -118,6 +130,7 @@ def test_off_installs_once_and_only_announces(
     daemon.run(iterations=2)
     assert payload_gets(site) == gets
     assert harness.reboots == 0 and (fake.run / "reboot-required").exists()
+    assert daemon.path == PATHS["off"]
 
 
 def test_jitter_spreads_the_interval(harness: Harness, site: Site) -> None:
@@ -126,6 +139,7 @@ def test_jitter_spreads_the_interval(harness: Harness, site: Site) -> None:
     low.run(iterations=1)
     high.run(iterations=1)
     assert harness.slept == [pytest.approx(0.9 * INTERVAL), pytest.approx(1.1 * INTERVAL, rel=1e-5)]
+    assert low.path == high.path == PATHS["up to date"]
 
 
 def test_backs_off_while_the_repository_is_down_then_recovers(
@@ -138,14 +152,15 @@ def test_backs_off_while_the_repository_is_down_then_recovers(
         daemon.run(iterations=5)
     # 1 min doubling, capped at the interval (600 s); the loop survived every failure.
     assert harness.slept == [60.0, 120.0, 240.0, 480.0, 600.0]
-    assert daemon.failures == 5
+    assert daemon.state == DaemonState(Phase.BACKOFF, failures=5, resume=Phase.CHECKING)
     assert "update failed (5 in a row)" in caplog.text
     # The operator fixes the URL: the next iteration (config reloaded) installs and resets.
     harness.paths.override.write_text(f'[update]\nurl = "{site.url}"\n')
     daemon.run(iterations=1)
-    assert daemon.failures == 0 and harness.reboots == 1
+    assert daemon.state.failures == 0 and harness.reboots == 1
     assert fake.boot_order()[0] == "berth_1.1.0+3.efi"
     assert harness.slept[-1] == pytest.approx(INTERVAL)
+    assert daemon.path == PATHS["repository down"]
 
 
 def test_keeps_the_last_good_config_when_the_override_breaks(
@@ -162,7 +177,8 @@ def test_keeps_the_last_good_config_when_the_override_breaks(
     assert daemon.config.strategy is Strategy.OFF
     assert "key 'update.strategy'" in caplog.text and "keeping the last good" in caplog.text
     assert harness.reboots == 0  # still "off": the broken file did not switch to the default
-    assert daemon.failures == 0
+    assert daemon.state.failures == 0
+    assert daemon.path == PATHS["last good config"]
 
 
 def test_broken_override_at_start_uses_the_image_defaults(harness: Harness) -> None:
@@ -188,6 +204,7 @@ def test_nothing_is_installed_while_the_booted_version_is_on_trial(
     daemon.run(iterations=1)
     assert fake.boot_order() == ("berth_1.2.0+3.efi", "berth_1.1.0.efi")
     assert harness.reboots == 1
+    assert daemon.path == PATHS["on trial"]
 
 
 def test_notify_reaches_an_abstract_socket() -> None:
@@ -225,3 +242,105 @@ def test_a_pending_slot_that_changed_after_install_never_boots(
     # Marked bad: later iterations neither reinstall nor reboot into it.
     daemon.run(iterations=1)
     assert harness.reboots == 0 and fake.boot_order() == ("berth_1.0.0.efi",)
+    assert daemon.path == PATHS["slot changed"]
+
+
+def test_without_a_repository_the_slot_goes_back_and_nothing_is_checked(
+    harness: Harness, site: Site, fake: FakeMachine, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.defaults("")
+    daemon = harness.daemon()
+    with caplog.at_level(logging.INFO, logger="updater.service.daemon"):
+        daemon.run(iterations=2)
+    assert caplog.text.count("no update repository configured") == 2
+    assert harness.slept == [pytest.approx(INTERVAL)] * 2
+    # The operator names a repository: a new gate gives back its slot, then the check installs.
+    site.publish(site.release("1.1.0"))
+    harness.paths.override.write_text(f'[update]\nurl = "{site.url}"\n')
+    daemon.run(iterations=1)
+    assert harness.reboots == 1 and fake.boot_order()[0] == "berth_1.1.0+3.efi"
+    assert daemon.path == PATHS["no repository"]
+
+
+def test_a_boot_that_cannot_be_judged_is_judged_again(
+    harness: Harness, site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.publish(site.release("1.0.0"))  # the booted version: up to date once judged
+    calls = 0
+
+    def flaky(work: Callable[[], Any]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:  # the judgement at start and the one of the first iteration
+            raise UpdateError("cannot list boot entries in /boot/EFI/Linux: I/O error")
+        return run_in_child(work)
+
+    daemon = harness.daemon(worker=flaky)
+    with caplog.at_level(logging.ERROR, logger="updater.service.daemon"):
+        daemon.run(iterations=3)
+    assert "cannot judge this boot: cannot list boot entries" in caplog.text
+    assert "update failed (1 in a row): cannot list boot entries" in caplog.text
+    assert harness.slept == [60.0, pytest.approx(INTERVAL), pytest.approx(INTERVAL)]
+    assert daemon.state == DaemonState(Phase.IDLE)
+    assert daemon.path == PATHS["judging fails"]
+
+
+def test_a_failed_download_is_checked_for_again_after_a_backoff(
+    harness: Harness, site: Site, fake: FakeMachine
+) -> None:
+    release = site.release("1.1.0")
+    site.publish(release)
+    payload = site.payload(release, "root.erofs")
+    held = payload.with_name(payload.name + ".held")
+    payload.rename(held)  # the mirror lost a file: apply refuses before writing anything
+    daemon = harness.daemon()
+    daemon.run(iterations=1)
+    assert daemon.state == DaemonState(Phase.BACKOFF, failures=1, resume=Phase.CHECKING)
+    assert harness.reboots == 0 and fake.boot_order() == ("berth_1.0.0.efi",)
+    held.rename(payload)
+    daemon.run(iterations=1)
+    assert harness.reboots == 1 and fake.boot_order()[0] == "berth_1.1.0+3.efi"
+    assert harness.slept == [60.0, pytest.approx(INTERVAL)]
+    assert daemon.path == PATHS["download fails"]
+
+
+def test_a_failed_reboot_gives_the_slot_back_and_tries_again(
+    harness: Harness, site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.publish(site.release("1.1.0"))
+    attempts = 0
+
+    def reboot() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise UpdateError("cannot reboot with systemctl reboot: Transaction is destructive")
+
+    daemon = harness.daemon(reboot=reboot)
+    with caplog.at_level(logging.ERROR, logger="updater.service.daemon"):
+        daemon.run(iterations=1)
+    assert "update failed (1 in a row): cannot reboot" in caplog.text
+    assert daemon.state == DaemonState(Phase.BACKOFF, failures=1, resume=Phase.RELEASING)
+    # Installed already: the next iteration verifies the slot again and reboots.
+    daemon.run(iterations=1)
+    assert attempts == 2 and harness.slept == [60.0, pytest.approx(INTERVAL)]
+    assert daemon.path == PATHS["reboot fails"]
+
+
+def test_an_illegal_transition_is_a_bug_and_raises(harness: Harness) -> None:
+    daemon = harness.daemon()
+    with pytest.raises(IllegalTransition, match="cannot go from starting to rebooting"):
+        daemon._enter(Phase.REBOOTING, version="1.1.0")
+    assert daemon.state == DaemonState() and daemon.path == [Phase.STARTING]
+    # Nor is a state whose data does not fit its phase.
+    with pytest.raises(ValueError, match="only BACKOFF has one"):
+        DaemonState(Phase.IDLE, resume=Phase.CHECKING)
+    with pytest.raises(ValueError, match="version is None"):
+        DaemonState(Phase.INSTALLING)
+
+
+def test_every_allowed_transition_is_taken_by_a_scenario() -> None:
+    assert set(TRANSITIONS) == set(Phase)
+    allowed = {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
+    taken = {pair for p in PATHS.values() for pair in itertools.pairwise(p)}
+    assert taken == allowed

@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,14 @@ from updater.errors import (
     VerificationError,
 )
 from updater.update import fetch
+from updater.update.machine import FetchOptions
 
 CONTENT = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: not a multiple of any chunk
 SHA256 = hashlib.sha256(CONTENT).hexdigest()
 OFFSET = 3 * 4096 + 17
 FILL = b"\xaa"
 KiB = 1024
+LIMITS = {f.name for f in fields(FetchOptions)}
 
 
 PATH = "/root.erofs"
@@ -57,12 +60,21 @@ def dest(tmp_path: Path) -> Path:
 
 
 def download(server: MisbehavingServer, dest: Path, **options: object) -> None:
-    options.setdefault("backoff", 0.0)
-    options.setdefault("timeout", (2.0, 2.0))
+    """stream_to with the download limits (FetchOptions fields) and its other keywords mixed."""
+    limits: dict[str, object] = {"backoff": 0.0, "timeout": (2.0, 2.0)}
+    limits.update({k: options.pop(k) for k in LIMITS if k in options})
     sha256 = str(options.pop("sha256", SHA256))
     length = int(options.pop("length", len(CONTENT)))  # type: ignore[call-overload]
     with dest.open("r+b") as f:
-        fetch.stream_to(url(server), f, OFFSET, length, sha256, **options)  # type: ignore[arg-type]
+        fetch.stream_to(
+            url(server),
+            f,
+            OFFSET,
+            length,
+            sha256,
+            options=FetchOptions(**limits),  # type: ignore[arg-type]
+            **options,  # type: ignore[arg-type]
+        )
 
 
 def assert_written(dest: Path, content: bytes = CONTENT) -> None:

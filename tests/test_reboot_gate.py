@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import INTERVAL, Harness
+from tests.support.daemon import INTERVAL, PATHS, Harness
 from tests.support.etcd import EtcdServer
 from tests.support.machine import MACHINE_ID, FakeMachine, Site, release_manifest
 from updater.reboot.etcdlock import EtcdStore
@@ -22,6 +22,7 @@ from updater.reboot.lockd import LockServer
 from updater.reboot.semaphore import Semaphore, SemaphoreClient
 from updater.release.identity import lock_id
 from updater.release.version import Version
+from updater.service.daemon import DaemonState, Phase
 
 ME = lock_id(MACHINE_ID)
 
@@ -53,6 +54,7 @@ def test_window_waits_for_the_opening_then_reboots(
     daemon.run(iterations=1)  # the fake sleep moved the clock into the window
     assert harness.reboots == 1
     assert harness.slept[-1] == pytest.approx(INTERVAL)
+    assert daemon.path == PATHS["window"]
 
 
 @pytest.fixture
@@ -80,7 +82,8 @@ def test_fleet_lock_through_berth_lockd(
     daemon = harness.daemon()
     daemon.run(iterations=1)
     assert sem.show()[0] == Semaphore(1, ())  # released at start: the boot is judged
-    assert daemon.steady
+    # Given back: the next try starts from the check (which the empty repository failed).
+    assert daemon.state == DaemonState(Phase.BACKOFF, failures=1, resume=Phase.CHECKING)
 
     # Another machine holds the only slot: the update is installed but the reboot waits.
     assert sem.acquire("other").ok
@@ -98,16 +101,18 @@ def test_fleet_lock_through_berth_lockd(
     daemon.run(iterations=1)
     assert harness.reboots == 1
     assert sem.show()[0].holders == (ME,)
+    assert daemon.path == PATHS["fleet-lock"]
 
     # It boots the new version on trial: the slot stays held until the version is blessed.
     new = next(e for e in fake.boot_order() if e.startswith("berth_1.1.0"))
     fake.boot(Version(1, 1, 0), release_manifest(first).roothash)
     after = harness.daemon()
     after.run(iterations=1)
-    assert not after.judged and sem.show()[0].holders == (ME,)
+    assert after.state == DaemonState(Phase.ON_TRIAL) and sem.show()[0].holders == (ME,)
     (fake.entry_dir / new).rename(fake.entry_dir / "berth_1.1.0.efi")  # systemd-bless-boot
     after.run(iterations=1)
-    assert after.judged and sem.show()[0].holders == ()
+    assert after.state == DaemonState(Phase.IDLE) and sem.show()[0].holders == ()
+    assert after.path == PATHS["fleet-lock, after the reboot"]
 
 
 def test_etcd_lock_takes_a_slot_directly(
@@ -120,8 +125,9 @@ def test_etcd_lock_takes_a_slot_directly(
         extra=f'[etcd_lock]\nendpoints = ["{etcd.url}"]\ngroup = "{group}"\nslots = 2\n',
     )
     site.publish(site.release("1.1.0"))
-    harness.daemon().run(iterations=1)
-    assert harness.reboots == 1
+    first = harness.daemon()
+    first.run(iterations=1)
+    assert harness.reboots == 1 and first.path == PATHS["immediate"]
     sem = SemaphoreClient(EtcdStore([etcd.url]), group)
     assert sem.show() == (Semaphore(2, (ME,)), True)  # created with the configured slot count
 
@@ -131,7 +137,8 @@ def test_etcd_lock_takes_a_slot_directly(
     with caplog.at_level(logging.ERROR, logger="updater.service.daemon"):
         daemon.run(iterations=1)
     assert "etcd_lock.ca_file: /nonexistent/ca.pem does not exist" in caplog.text
-    assert daemon.failures == 1
+    assert daemon.path == PATHS["etcd-lock without its CA file"]
+    assert daemon.state == DaemonState(Phase.BACKOFF, failures=1, resume=Phase.RELEASING)
 
 
 def test_logged_in_users_are_warned_and_given_the_delay(
@@ -144,8 +151,9 @@ def test_logged_in_users_are_warned_and_given_the_delay(
     wall.write_text(f"#!/bin/sh\ncat > {heard}\n")
     wall.chmod(0o755)
     site.publish(site.release("1.1.0"))
-    harness.daemon(sessions=lambda: 1, wall=[str(wall)]).run(iterations=1)
-    assert harness.reboots == 1
+    warned = harness.daemon(sessions=lambda: 1, wall=[str(wall)])
+    warned.run(iterations=1)
+    assert harness.reboots == 1 and warned.path == PATHS["immediate"]
     assert harness.slept[0] == 120  # the warning delay, before the reboot
     assert "reboot this machine in 2 minute(s) to start version 1.1.0" in heard.read_text()
     # Nobody logged in: no wall, no wait.

@@ -14,11 +14,89 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.machine import FakeMachine, Site
-from updater.service.daemon import ConfigPaths, Daemon, initial_config
+from updater.service.daemon import ConfigPaths, Daemon, DaemonState, Phase, initial_config
 from updater.service.notify import Notifier
 from updater.update.machine import FetchOptions
 
 INTERVAL = 600.0
+
+
+class Recorded(Daemon):
+    """A daemon that keeps the phases it went through (`path`), to hold each scenario to its
+    path through the state machine and the table to what the scenarios take."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.path = [self.state.phase]
+
+    def _transition(self, new: DaemonState) -> None:
+        super()._transition(new)
+        self.path.append(new.phase)
+
+
+def path(*parts: str) -> list[Phase]:
+    """A path through the state machine from phase names: the start, then each iteration."""
+    return [Phase[name] for part in parts for name in part.split()]
+
+
+START = "STARTING JUDGING JUDGED"
+INSTALL_AND_REBOOT = "RELEASING CHECKING INSTALLING REBOOTING JUDGED"
+# Every scenario's path; together they take every transition the table allows.
+PATHS = {
+    "immediate": path(START, INSTALL_AND_REBOOT),
+    "off": path(START, "RELEASING CHECKING INSTALLING WAITING", *["CHECKING WAITING"] * 2),
+    "up to date": path(START, "RELEASING CHECKING IDLE"),
+    "repository down": path(
+        START,
+        "RELEASING CHECKING BACKOFF",
+        *["CHECKING BACKOFF"] * 4,
+        "BACKOFF " + INSTALL_AND_REBOOT,  # the new url: a new gate, whose slot goes back first
+    ),
+    "last good config": path(START, "RELEASING CHECKING BACKOFF", "CHECKING INSTALLING WAITING"),
+    "on trial": path(
+        "STARTING JUDGING ON_TRIAL",
+        *["JUDGING ON_TRIAL"] * 2,
+        "JUDGING " + INSTALL_AND_REBOOT,
+    ),
+    "slot changed": path(
+        START,
+        "RELEASING CHECKING INSTALLING WAITING",
+        "JUDGED RELEASING CHECKING VERIFYING RELEASING BACKOFF",
+        "CHECKING IDLE",
+    ),
+    "no repository": path(START, "RELEASING IDLE", "IDLE", "JUDGED " + INSTALL_AND_REBOOT),
+    "judging fails": path(
+        "STARTING JUDGING STARTING",
+        "JUDGING BACKOFF",
+        "JUDGING RELEASING CHECKING IDLE",
+        "CHECKING IDLE",
+    ),
+    "download fails": path(
+        START,
+        "RELEASING CHECKING INSTALLING BACKOFF",
+        "CHECKING INSTALLING REBOOTING JUDGED",
+    ),
+    "reboot fails": path(
+        START,
+        "RELEASING CHECKING INSTALLING REBOOTING BACKOFF",
+        "RELEASING CHECKING VERIFYING REBOOTING JUDGED",
+    ),
+    # tests/test_reboot_gate.py
+    "window": path(
+        START, "RELEASING CHECKING INSTALLING WAITING", "CHECKING VERIFYING REBOOTING JUDGED"
+    ),
+    "fleet-lock": path(
+        START,
+        "RELEASING CHECKING BACKOFF",  # the repository is still empty
+        "CHECKING INSTALLING WAITING",
+        "CHECKING WAITING",
+        "CHECKING VERIFYING REBOOTING JUDGED",
+    ),
+    "fleet-lock, after the reboot": path(
+        "STARTING JUDGING ON_TRIAL", "JUDGING ON_TRIAL", "JUDGING RELEASING CHECKING IDLE"
+    ),
+    "etcd-lock without its CA file": path(START, "RELEASING BACKOFF"),
+}
 
 
 class Harness:
@@ -49,7 +127,7 @@ class Harness:
     def reboot(self) -> None:
         self.reboots += 1
 
-    def daemon(self, jitter: float = 0.5, **overrides: Any) -> Daemon:
+    def daemon(self, jitter: float = 0.5, **overrides: Any) -> Recorded:
         """A daemon living in the harness's world; `overrides` replace its keyword arguments."""
         options: dict[str, Any] = {
             "paths": self.paths,
@@ -63,6 +141,6 @@ class Harness:
             "sessions": lambda: 0,
             **overrides,
         }
-        return Daemon(
+        return Recorded(
             self.fake.machine(self.site.keys / "root.json"), initial_config(self.paths), **options
         )

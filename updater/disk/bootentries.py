@@ -232,14 +232,23 @@ def mark_bad(esp: Path, version: Version) -> list[Path]:
 
 def remove_entries(esp: Path, version: Version) -> list[Path]:
     """Delete `version`'s entries (before its slot is overwritten: its root is about to go)."""
+    return remove(esp, [e for e in list_entries(esp) if e.version == version])
+
+
+def remove(esp: Path, entries: Collection[Entry]) -> list[Path]:
+    """Delete these entries, from a listing the caller already has; return the paths removed.
+
+    An entry already gone is not an error: the listing may be older than the last rename.
+    """
     removed = []
-    for entry in list_entries(esp):
-        if entry.version == version:
-            try:
-                entry.path.unlink()
-            except OSError as e:
-                raise BootEntryError(f"removing boot entry {entry.name} failed: {e}") from e
-            removed.append(entry.path)
+    for entry in entries:
+        try:
+            entry.path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise BootEntryError(f"removing boot entry {entry.name} failed: {e}") from e
+        removed.append(entry.path)
     if removed:
         fsync_dir(entry_dir(esp))
     return removed

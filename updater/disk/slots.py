@@ -19,12 +19,13 @@ Runs on the device: standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -400,3 +401,20 @@ def partition_path(
         if marker.is_file() and marker.read_text().strip() == str(number):
             return dev / child.name
     raise SlotError(f"{disk} has no partition {number} known to the kernel")
+
+
+@contextlib.contextmanager
+def open_partition(
+    disk: Path, number: int, partition: gpt.Partition
+) -> Iterator[tuple[BinaryIO, int]]:
+    """A partition opened for writing, and the offset its first byte has in that file.
+
+    On a device the kernel's partition node (offset 0): writes cannot stray outside it. On a disk
+    image file (tests, images prepared offline) the whole file at the partition's offset.
+    """
+    if stat.S_ISBLK(disk.stat().st_mode):
+        with partition_path(disk, number).open("r+b") as f:
+            yield f, 0
+    else:
+        with disk.open("r+b") as f:
+            yield f, partition.offset_bytes()

@@ -14,9 +14,10 @@ Decisions that matter:
   overwriting it before the running version is blessed would leave nothing to fall back to.
 - A version already installed and pending is not downloaded again on every check; the daemon
   only re-announces it (/run/reboot-required, and a reboot again with `immediate`).
-- The work (judging the boot, checking, downloading, installing) runs in a forked child
+- The work (judging the boot, checking, installing, verifying) runs in forked children
   (worker.py): requests, python-tuf and cryptography are imported there and never in the
-  resident process, which stays small while it idles between checks.
+  resident process, which stays small while it idles between checks. The daemon learns what the
+  state file says (the pending update) from the agent in the child, never by reading it itself.
 - UpdateError (network, refusals, verification, storage), OSError and requests' errors (raised
   in the child, reported back as UpdateError) are logged and retried later; anything else is a
   bug and ends the process (systemd restarts it).
@@ -30,6 +31,32 @@ Decisions that matter:
   succeeds, as with Zincati: a slot that is never given back blocks the fleet.
 - Before rebooting, logged-in users are warned (wall) and get `reboot_delay` (service.notice).
 
+The loop is a state machine (Zincati's update agent is the model): one `Phase` says what the
+daemon does, `DaemonState` carries what goes with it (the failures in a row, where a retry
+starts, the update and the gate's answer), and every change goes through `Daemon._transition`,
+which refuses one that `TRANSITIONS` does not list: that would be a bug, and the process ends.
+An iteration starts from a resting phase and ends in one:
+
+    STARTING   -> JUDGING                        run() judges the boot before the first iteration
+    JUDGING    -> ON_TRIAL | JUDGED | RELEASING  on trial; judged at start; judged in an iteration
+               |  STARTING | BACKOFF             that failed at start (judged again at once); later
+    ON_TRIAL   -> JUDGING                        judged again every iteration, a minute apart
+    JUDGED     -> RELEASING                      a slot held from before goes back first
+    RELEASING  -> CHECKING | IDLE | BACKOFF      IDLE: no repository configured
+    CHECKING   -> IDLE | INSTALLING | BACKOFF    up to date; a newer release; the check failed
+               |  WAITING | VERIFYING            installed earlier: the gate says not yet, or yes
+    INSTALLING -> WAITING | REBOOTING | BACKOFF  the gate says not yet, or yes
+    VERIFYING  -> REBOOTING | RELEASING          the slot changed: its reboot slot goes back, and
+                                                 the iteration ends in BACKOFF
+    REBOOTING  -> JUDGED | BACKOFF               the reboot is queued: systemd stops the service
+    WAITING    -> CHECKING | JUDGED              the next check; JUDGED: the configuration
+    IDLE       -> CHECKING | JUDGED | IDLE       changed, so the new gate's slot goes back first;
+                                                 IDLE: still no repository
+    BACKOFF    -> JUDGING | RELEASING | CHECKING the retry starts where the failure stopped
+               |  BACKOFF                        the configuration changed: RELEASING first
+
+Each phase's STATUS= line (`systemctl status berth-update`) comes from the state.
+
 One log line per event on stderr; journald stores it with the unit's name.
 """
 
@@ -39,12 +66,13 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from updater import files, run
+from updater import run
 from updater.config import (
     DEFAULT_PATH,
     MIN_INTERVAL,
@@ -56,12 +84,12 @@ from updater.config import (
 )
 from updater.errors import CommandError, UpdateError
 from updater.reboot.gate import RebootGate
+from updater.release.version import Version
 from updater.service.gates import gate_for
 from updater.service.notice import WALL, count_sessions, reboot_message, warn_users
 from updater.service.notify import Notifier, NotifyError
 from updater.service.worker import run_in_child
-from updater.update.machine import REBOOT_REQUIRED_TEXT, FetchOptions, Machine
-from updater.update.state import load_state, state_path
+from updater.update.machine import FetchOptions, Machine, write_reboot_required
 
 if TYPE_CHECKING:  # imported at run time only in the worker child
     from updater.agent import Agent
@@ -103,6 +131,124 @@ class Judgement:
     blessed: str | None
     pruned: tuple[str, ...]
     waiting: bool
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the worker's check found, as plain data (see Judgement): the candidate, the releases
+    skipped and why, and the update installed and waiting for a reboot (the state file's, read
+    by the agent)."""
+
+    candidate: str | None
+    skipped: tuple[str, ...]
+    pending: str | None
+
+
+class Phase(StrEnum):
+    """What the daemon does; a resting phase is what it sleeps in until the next iteration."""
+
+    STARTING = "starting"  # the boot is not judged yet (at start, or that judgement failed)
+    JUDGING = "judging"  # the worker judges the boot (what after-boot does)
+    ON_TRIAL = "on trial"  # resting: the booted version waits for its blessing
+    JUDGED = "judged"  # resting: judged, and a reboot slot may still be held: give it back
+    RELEASING = "releasing"  # giving the strategy's reboot slot back (FleetLock steady-state)
+    CHECKING = "checking"  # the worker refreshes the channel and picks a candidate
+    INSTALLING = "installing"  # the worker writes the candidate into the inactive slot
+    VERIFYING = "verifying"  # the gate allowed the reboot: the pending slot is checked again
+    REBOOTING = "rebooting"  # the gate allowed it: users are warned, then the reboot command
+    WAITING = "waiting"  # resting: an update is installed and the gate said not yet
+    IDLE = "idle"  # resting: up to date, or no repository configured
+    BACKOFF = "backoff"  # resting: the iteration failed; the next one starts from `resume`
+
+
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.STARTING: frozenset({Phase.JUDGING}),
+    Phase.JUDGING: frozenset(
+        {Phase.ON_TRIAL, Phase.JUDGED, Phase.RELEASING, Phase.STARTING, Phase.BACKOFF}
+    ),
+    Phase.ON_TRIAL: frozenset({Phase.JUDGING}),
+    Phase.JUDGED: frozenset({Phase.RELEASING}),
+    Phase.RELEASING: frozenset({Phase.CHECKING, Phase.IDLE, Phase.BACKOFF}),
+    Phase.CHECKING: frozenset(
+        {Phase.IDLE, Phase.INSTALLING, Phase.WAITING, Phase.VERIFYING, Phase.BACKOFF}
+    ),
+    Phase.INSTALLING: frozenset({Phase.WAITING, Phase.REBOOTING, Phase.BACKOFF}),
+    Phase.VERIFYING: frozenset({Phase.REBOOTING, Phase.RELEASING}),
+    Phase.REBOOTING: frozenset({Phase.JUDGED, Phase.BACKOFF}),
+    Phase.WAITING: frozenset({Phase.CHECKING, Phase.JUDGED}),
+    Phase.IDLE: frozenset({Phase.CHECKING, Phase.JUDGED, Phase.IDLE}),
+    Phase.BACKOFF: frozenset({Phase.JUDGING, Phase.RELEASING, Phase.CHECKING, Phase.BACKOFF}),
+}
+RESTING = frozenset({Phase.ON_TRIAL, Phase.JUDGED, Phase.WAITING, Phase.IDLE, Phase.BACKOFF})
+# The first phase of the iteration after each resting phase (after BACKOFF: its `resume`;
+# after STARTING: the judgement at start failed).
+_NEXT = {
+    Phase.STARTING: Phase.JUDGING,
+    Phase.ON_TRIAL: Phase.JUDGING,
+    Phase.JUDGED: Phase.RELEASING,
+    Phase.WAITING: Phase.CHECKING,
+    Phase.IDLE: Phase.CHECKING,
+}
+# Where the next iteration starts after one that failed in this phase: a reboot slot the
+# machine may hold goes back first; an update installed (or a slot refused) before the failure
+# is found again by the next check.
+_RESUME = {
+    Phase.JUDGING: Phase.JUDGING,
+    Phase.RELEASING: Phase.RELEASING,
+    Phase.CHECKING: Phase.CHECKING,
+    Phase.INSTALLING: Phase.CHECKING,
+    Phase.REBOOTING: Phase.RELEASING,
+}
+_WITH_VERSION = frozenset({Phase.INSTALLING, Phase.VERIFYING, Phase.REBOOTING, Phase.WAITING})
+
+
+class IllegalTransition(RuntimeError):
+    """The daemon tried a change of phase its table does not have: a bug, not an update error."""
+
+
+@dataclass(frozen=True)
+class DaemonState:
+    """A phase and the data that goes with it; every change is a new value, through
+    Daemon._transition."""
+
+    phase: Phase = Phase.STARTING
+    failures: int = 0  # failed iterations in a row: counted into BACKOFF, kept through the retry
+    resume: Phase | None = None  # BACKOFF: the phase the next iteration starts from
+    version: str | None = None  # INSTALLING, VERIFYING, REBOOTING, WAITING: the update
+    reason: str = ""  # WAITING: why the gate said not yet
+    retry_after: float | None = None  # WAITING: seconds until asking the gate again is worth it
+
+    def __post_init__(self) -> None:
+        if (self.phase is Phase.BACKOFF) != (self.resume is not None):
+            raise ValueError(f"{self.phase}: resume is {self.resume} (only BACKOFF has one)")
+        if (self.phase in _WITH_VERSION) != (self.version is not None):
+            raise ValueError(f"{self.phase}: version is {self.version}")
+
+    def announcement(self) -> str | None:
+        """The STATUS= line on entering this phase (None: the one before still says it)."""
+        if self.phase is Phase.CHECKING:
+            return "checking for updates"
+        if self.phase is Phase.INSTALLING:
+            return f"downloading {self.version}"
+        if self.phase is Phase.WAITING:
+            return f"installed {self.version}, waiting for a reboot: {self.reason}"
+        if self.phase is Phase.VERIFYING:
+            return f"verifying {self.version} before the reboot"
+        if self.phase is Phase.REBOOTING:
+            return f"installed {self.version}, rebooting"
+        return None
+
+    def resting(self, when: str) -> str:
+        """The STATUS= line while the daemon sleeps in this phase until `when` (HH:MM:SS)."""
+        if self.phase is Phase.BACKOFF:
+            return f"retrying at {when} after {self.failures} failure(s)"
+        if self.phase is Phase.ON_TRIAL:
+            return f"on trial, judging the boot again at {when}"
+        if self.phase is Phase.WAITING and self.retry_after is not None:
+            return f"update installed, asking for a reboot again at {when}"
+        # IDLE, JUDGED (a reboot queued, or a new gate), and WAITING on a gate that has no
+        # better time than the next check (strategy off): the next thing is the check.
+        return f"idle, next check at {when}"
 
 
 @dataclass(frozen=True)
@@ -152,15 +298,53 @@ class Daemon:
         self._fetch_options = fetch_options
         self.backoff_start = backoff_start
         self._work = worker
-        self.failures = 0  # consecutive failed iterations
-        self.judged = False  # the boot is judged and not on trial: updates may be installed
+        self.state = DaemonState()
         self.delays: list[float] = []  # every sleep, for the tests and the curious
         self._gate_factory = gate_factory or (lambda c: gate_for(c, machine.machine_id))
         self._gate: RebootGate | None = None  # built on first use: it may need the network
-        self.steady = False  # the gate was released since the boot was judged
-        self.retry_after: float | None = None  # the gate asked to be asked again sooner
         self._sessions = sessions
         self._wall = wall
+
+    # -- the state machine ---------------------------------------------------------------------
+
+    def _transition(self, new: DaemonState) -> None:
+        """The one place the state changes; a change TRANSITIONS does not list is a bug."""
+        old = self.state.phase
+        if new.phase not in TRANSITIONS[old]:
+            raise IllegalTransition(f"the daemon cannot go from {old} to {new.phase}")
+        self.state = new
+        log.debug("%s -> %s", old, new.phase)
+        text = new.announcement()
+        if text is not None:
+            self._status(text)
+
+    def _enter(
+        self,
+        phase: Phase,
+        *,
+        version: str | None = None,
+        reason: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        # A resting phase other than BACKOFF ends an iteration that went well: the count of
+        # failures in a row starts again.
+        failures = 0 if phase in RESTING else self.state.failures
+        self._transition(
+            DaemonState(
+                phase, failures=failures, version=version, reason=reason, retry_after=retry_after
+            )
+        )
+
+    def _back_off(self, error: BaseException, resume: Phase | None = None) -> None:
+        """The iteration failed: log it and rest in BACKOFF, to start again from `resume` (by
+        default where the failure leaves things, see _RESUME)."""
+        phase = self.state.phase
+        where = resume or _RESUME.get(phase)
+        if where is None:
+            raise IllegalTransition(f"the daemon failed in {phase}, which no retry starts from")
+        failures = self.state.failures + 1
+        log.error("update failed (%d in a row): %s", failures, error)
+        self._transition(DaemonState(Phase.BACKOFF, failures=failures, resume=where))
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -190,14 +374,19 @@ class Daemon:
         return self._gate
 
     def _retire_gate(self) -> None:
-        """The strategy's settings changed: give back what the old gate holds, best effort."""
+        """The strategy's settings changed: give back what the old gate holds, best effort, and
+        have the new one give back what it may hold (another strategy's slot) before a check."""
         if self._gate is not None:
             try:
                 self._gate.release()
             except RECOVERABLE as e:
                 log.warning("cannot release the reboot slot of the previous strategy: %s", e)
         self._gate = None
-        self.steady = False
+        state = self.state
+        if state.phase in (Phase.IDLE, Phase.WAITING):
+            self._enter(Phase.JUDGED)
+        elif state.phase is Phase.BACKOFF and state.resume is Phase.CHECKING:
+            self._transition(replace(state, resume=Phase.RELEASING))
 
     def _reload(self) -> None:
         config, error = reload_config(
@@ -219,69 +408,16 @@ class Daemon:
             self._retire_gate()
         self.config = config
 
-    def _judge(self) -> Judgement:
-        result = self._agent().after_boot()
-        return Judgement(
-            booted=str(result.booted),
-            reasons=tuple(result.reasons),
-            blessed=None if result.blessed is None else str(result.blessed),
-            pruned=tuple(result.pruned),
-            waiting=result.waiting,
-        )
+    def _progress(self, version: str) -> Callable[[str, int, int], None]:
+        last = [-1]
 
-    def _after_boot(self) -> None:
-        result: Judgement = self._work(self._judge)
-        for reason in result.reasons:
-            log.warning("%s", reason)
-        if result.blessed is not None:
-            log.info("%s booted fine and is now the current version", result.blessed)
-        for name in result.pruned:
-            log.info("pruned the old boot entry %s", name)
-        if result.waiting:
-            log.info("%s is on trial: waiting for boot-complete before any update", result.booted)
-        self.judged = not result.waiting
+        def report(name: str, done: int, total: int) -> None:
+            percent = done * 100 // total if total else 100
+            if percent // 10 != last[0]:  # STATUS at most every 10%: it is a datagram each
+                last[0] = percent // 10
+                self._status(f"downloading {version}: {name} {percent}%")
 
-    def _write_reboot_required(self) -> None:
-        path = self.machine.reboot_required
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            files.write_file_atomic(path, REBOOT_REQUIRED_TEXT.encode())
-
-    def _verify_pending(self) -> str:
-        return str(self._agent().verify_pending())
-
-    def _reboot_for(self, version: str, *, verify: bool = False) -> None:
-        decision = self.gate.acquire(datetime.fromtimestamp(self._clock(), UTC))
-        if not decision.allowed:
-            self.retry_after = decision.retry_after
-            self._status(f"installed {version}, waiting for a reboot: {decision.reason}")
-            log.info(
-                "installed %s; not rebooting now (%s); %s tells kured or an operator",
-                version,
-                decision.reason,
-                self.machine.reboot_required,
-            )
-            return
-        self.steady = False  # from here on this machine may hold a slot until it is blessed
-        if verify:
-            # Installed in an earlier iteration (or boot): check the slot again right before
-            # the reboot that would start it. A refusal gives the slot back.
-            self._status(f"verifying {version} before the reboot")
-            try:
-                self._work(self._verify_pending)
-            except BaseException:
-                self.gate.release()
-                self.steady = True
-                raise
-        self._status(f"installed {version}, rebooting")
-        log.info(
-            "installed %s; rebooting (strategy %s: %s)",
-            version,
-            self.config.strategy,
-            decision.reason,
-        )
-        self._warn_and_wait(version)
-        self._reboot()
+        return report
 
     def _warn_and_wait(self, version: str) -> None:
         delay = self.config.reboot_delay
@@ -298,106 +434,188 @@ class Daemon:
         )
         self._sleep(delay)
 
-    def _progress(self, version: str) -> Callable[[str, int, int], None]:
-        last = [-1]
+    # -- work in the worker child --------------------------------------------------------------
 
-        def report(name: str, done: int, total: int) -> None:
-            percent = done * 100 // total if total else 100
-            if percent // 10 != last[0]:  # STATUS at most every 10%: it is a datagram each
-                last[0] = percent // 10
-                self._status(f"downloading {version}: {name} {percent}%")
+    def _judgement(self) -> Judgement:
+        result = self._agent().after_boot()
+        return Judgement(
+            booted=str(result.booted),
+            reasons=tuple(result.reasons),
+            blessed=None if result.blessed is None else str(result.blessed),
+            pruned=tuple(result.pruned),
+            waiting=result.waiting,
+        )
 
-        return report
+    def _check(self) -> Checked:
+        agent = self._agent()
+        selection = agent.check()
+        pending = agent.pending()
+        return Checked(
+            candidate=None if selection.release is None else str(selection.release.version),
+            skipped=tuple(selection.reasons),
+            pending=None if pending is None else str(pending),
+        )
+
+    def _install(self, version: str) -> str:
+        return str(self._agent().apply(progress=self._progress(version)).version)
+
+    def _verify_pending(self) -> str:
+        return str(self._agent().verify_pending())
+
+    # -- the phases of an iteration ------------------------------------------------------------
+
+    def _judge(self) -> bool:
+        """JUDGING: judge the boot in the worker; False while the booted version is on trial."""
+        self._enter(Phase.JUDGING)
+        result: Judgement = self._work(self._judgement)
+        for reason in result.reasons:
+            log.warning("%s", reason)
+        if result.blessed is not None:
+            log.info("%s booted fine and is now the current version", result.blessed)
+        for name in result.pruned:
+            log.info("pruned the old boot entry %s", name)
+        if result.waiting:
+            log.info("%s is on trial: waiting for boot-complete before any update", result.booted)
+            self._enter(Phase.ON_TRIAL)
+            return False
+        return True
+
+    def _release(self) -> None:
+        """RELEASING: give back a reboot slot held from before this boot (FleetLock
+        steady-state). Nothing is checked or installed until that succeeds."""
+        self._enter(Phase.RELEASING)
+        self.gate.release()
+
+    def _update(self) -> None:
+        """CHECKING, then INSTALLING a newer release, then the reboot per the strategy."""
+        if not self.config.url:
+            log.info("no update repository configured; set url in /etc/berth/update.toml")
+            self._enter(Phase.IDLE)
+            return
+        self._enter(Phase.CHECKING)
+        checked: Checked = self._work(self._check)
+        for reason in checked.skipped:
+            log.info("skipped %s", reason)
+        if checked.candidate is None:
+            log.info("up to date")
+            self._enter(Phase.IDLE)
+            return
+        candidate = Version.parse(checked.candidate)
+        pending = None if checked.pending is None else Version.parse(checked.pending)
+        if pending is not None and pending >= candidate:
+            # Installed in an earlier iteration (or boot): announced again, not downloaded.
+            log.info("%s is installed and waiting for a reboot", pending)
+            version, earlier = str(pending), True
+        else:
+            log.info("installing %s", candidate)
+            self._enter(Phase.INSTALLING, version=str(candidate))
+            version = self._work(lambda: self._install(str(candidate)))
+            earlier = False  # verified by apply moments ago
+        write_reboot_required(self.machine)
+        self._reboot_for(version, verify=earlier)
+
+    def _reboot_for(self, version: str, *, verify: bool) -> None:
+        """WAITING when the gate says not yet; else VERIFYING (an update installed earlier),
+        then REBOOTING."""
+        decision = self.gate.acquire(datetime.fromtimestamp(self._clock(), UTC))
+        if not decision.allowed:
+            self._enter(
+                Phase.WAITING,
+                version=version,
+                reason=decision.reason,
+                retry_after=decision.retry_after,
+            )
+            log.info(
+                "installed %s; not rebooting now (%s); %s tells kured or an operator",
+                version,
+                decision.reason,
+                self.machine.reboot_required,
+            )
+            return
+        # From here on this machine may hold a reboot slot until the new version is blessed.
+        if verify:
+            # Check the slot again right before the reboot that would start it. A refusal
+            # gives the slot back.
+            self._enter(Phase.VERIFYING, version=version)
+            try:
+                self._work(self._verify_pending)
+            except BaseException as e:
+                self._release()  # if this fails, the next iteration gives it back
+                if not isinstance(e, RECOVERABLE):
+                    raise
+                self._back_off(e, resume=Phase.CHECKING)
+                return
+        self._enter(Phase.REBOOTING, version=version)
+        log.info(
+            "installed %s; rebooting (strategy %s: %s)",
+            version,
+            self.config.strategy,
+            decision.reason,
+        )
+        self._warn_and_wait(version)
+        self._reboot()
+        # systemctl reboot returns once the reboot is queued; systemd then stops this service.
+        # Until it does, the slot taken for the reboot counts as held.
+        self._enter(Phase.JUDGED)
 
     # -- one iteration -------------------------------------------------------------------------
 
-    def _update(self) -> tuple[str, bool] | None:
-        """In the worker: check, and install a newer release. The version to reboot into, and
-        whether it was installed earlier (and must be verified again before that reboot)."""
-        agent = self._agent()
-        self._status("checking for updates")
-        selection = agent.check()
-        for reason in selection.reasons:
-            log.info("skipped %s", reason)
-        release = selection.release
-        if release is None:
-            log.info("up to date")
-            return None
-        pending = load_state(state_path(self.machine.var)).pending
-        if pending is not None and pending.version >= release.version:
-            log.info("%s is installed and waiting for a reboot", pending.version)
-            return str(pending.version), True
-        log.info("installing %s", release.version)
-        self._status(f"downloading {release.version}")
-        applied = agent.apply(progress=self._progress(str(release.version)))
-        return str(applied.version), False  # verified by apply moments ago
-
     def step(self) -> None:
-        """Judge the boot if undecided, then check, apply and reboot. Raises on errors."""
-        if not self.judged:
-            self._after_boot()
-            if not self.judged:
+        """One iteration, from a resting phase to the next: judge the boot while it is on trial,
+        give back the reboot slot once it is judged, check, install and reboot. Raises on errors
+        (run backs off)."""
+        state = self.state
+        start = state.resume if state.phase is Phase.BACKOFF else _NEXT[state.phase]
+        if start is Phase.JUDGING:
+            if not self._judge():
                 return
-        if not self.steady:
-            # Give back a reboot slot held from before this boot (FleetLock steady-state).
-            self.gate.release()
-            self.steady = True
-        if not self.config.url:
-            log.info("no update repository configured; set url in /etc/berth/update.toml")
-            return
-        update: tuple[str, bool] | None = self._work(self._update)
-        if update is None:
-            return
-        version, earlier = update
-        self._write_reboot_required()
-        self._reboot_for(version, verify=earlier)
+            start = Phase.RELEASING
+        if start is Phase.RELEASING:
+            self._release()
+        self._update()
 
     def _next_delay(self) -> float:
-        if self.failures:
-            return min(self.backoff_start * 2.0 ** (self.failures - 1), self.config.interval)
-        if not self.judged:
+        state = self.state
+        if state.phase is Phase.BACKOFF:
+            return min(self.backoff_start * 2.0 ** (state.failures - 1), self.config.interval)
+        if state.phase is Phase.ON_TRIAL:
             # On trial: the blessing comes minutes after boot; look again soon.
             return min(self.backoff_start, self.config.interval)
         delay = self.config.interval * (1 + JITTER * (2 * self._jitter() - 1))
-        if self.retry_after is not None:
-            delay = min(delay, self.retry_after)
+        if state.phase is Phase.WAITING and state.retry_after is not None:
+            delay = min(delay, state.retry_after)
         return delay
 
     def run(self, iterations: int | None = None) -> None:
-        """The service's main loop; `iterations` bounds it for tests (None: forever)."""
-        log.info(
-            "starting: channel %s from %s, strategy %s, every %.0f s",
-            self.config.channel,
-            self.config.url or "(no repository)",
-            self.config.strategy,
-            self.config.interval,
-        )
-        try:
-            self._after_boot()
-        except RECOVERABLE as e:
-            log.error("cannot judge this boot: %s", e)
-        self._notify(ready="1", status="started")
+        """The service's main loop; `iterations` bounds it for tests (None: forever). A second
+        call goes on from where the first stopped."""
+        if self.state.phase is Phase.STARTING:
+            log.info(
+                "starting: channel %s from %s, strategy %s, every %.0f s",
+                self.config.channel,
+                self.config.url or "(no repository)",
+                self.config.strategy,
+                self.config.interval,
+            )
+            try:
+                if self._judge():
+                    self._enter(Phase.JUDGED)
+            except RECOVERABLE as e:
+                log.error("cannot judge this boot: %s", e)
+                self._enter(Phase.STARTING)  # the first iteration judges again
+            self._notify(ready="1", status="started")
         done = 0
         while iterations is None or done < iterations:
             done += 1
             self._reload()
-            self.retry_after = None
             try:
                 self.step()
             except RECOVERABLE as e:
-                self.failures += 1
-                log.error("update failed (%d in a row): %s", self.failures, e)
-            else:
-                self.failures = 0
+                self._back_off(e)
+            if self.state.phase not in RESTING:
+                raise IllegalTransition(f"an iteration ended in {self.state.phase}")
             delay = self._next_delay()
             when = datetime.fromtimestamp(self._clock() + delay).strftime("%H:%M:%S")
-            if self.failures:
-                self._status(f"retrying at {when} after {self.failures} failure(s)")
-            elif not self.judged:
-                self._status(f"on trial, judging the boot again at {when}")
-            elif self.retry_after is not None:
-                self._status(f"update installed, asking for a reboot again at {when}")
-            else:
-                self._status(f"idle, next check at {when}")
+            self._status(self.state.resting(when))
             self.delays.append(delay)
             self._sleep(delay)

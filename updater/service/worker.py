@@ -3,9 +3,10 @@
 Why: the daemon idles for an hour between checks, and the work it does once an hour pulls in
 requests, urllib3, python-tuf and cryptography (plus whatever the TLS and TUF code allocates).
 Done in the daemon's own process, that memory stays resident for good (CPython rarely returns it).
-Done in a child, the resident daemon holds only its loop, its configuration and the state file
-(see machine.py, config.py, state.py: none of them imports the heavy modules), and a leak or a
-crash in the heavy code ends with the child.
+Done in a child, the resident daemon holds only its loop, its configuration and its state
+machine (see machine.py, config.py: neither imports the heavy modules; what the agent's state
+file says comes back from a child too), and a leak or a crash in the heavy code ends with the
+child.
 
 The child inherits everything (the machine, the configuration, logging to the journal, the
 $NOTIFY_SOCKET; the unit sets NotifyAccess=all) and sends back one pickled message on a pipe:

@@ -45,6 +45,7 @@ from updater.errors import (
     VerificationError,
 )
 from updater.files import write_file_atomic
+from updater.update.machine import FetchOptions
 
 log = logging.getLogger(__name__)
 
@@ -564,39 +565,38 @@ def stream_to(
     length: int,
     sha256: str,
     *,
+    options: FetchOptions | None = None,
     session: requests.Session | None = None,
     state_path: Path | None = None,
     resume: bool = True,
-    timeout: tuple[float, float] = (10.0, 30.0),
-    min_rate: int = 4096,
-    rate_window: float = 30.0,
     chunk: int = MiB,
-    attempts: int = 5,
-    backoff: float = 1.0,
-    state_interval: int = 16 * MiB,
     progress: Callable[[int], None] | None = None,
     direct: bool = False,
     blocks: BlockHashes | None = None,
 ) -> None:
     """Download `url` into `dest` at `offset`; its `length` bytes must hash to `sha256`.
 
-    `dest` is an open block device or file (read-write, for resuming). With `state_path`, the
-    bytes written so far are recorded there (at most every `state_interval` bytes, after an
-    fsync of `dest`), and a later call with `resume` reads them back, hashes them again and asks
-    the server only for the rest (HTTP Range). Transient failures (connection reset, timeout,
-    5xx, slow retrieval) are retried within this call up to `attempts` times, resuming each time,
-    with exponential backoff from `backoff` seconds. `timeout` is (connect, read) in seconds;
-    `min_rate` bytes/s averaged over `rate_window` seconds defends against slow retrieval (0 turns
-    the check off). `progress` is called with the number of bytes done. With `direct`, whole
-    aligned blocks are written with O_DIRECT where the destination allows it (a slot partition):
-    no copy of the payload passes through the page cache, where it would push out the running
-    containers' files. `blocks` (fresh, or reset) is fed the same bytes in order, including any
-    read back to resume, on a thread of its own.
+    `options` are the limits (FetchOptions, whose defaults are the device's). `dest` is an open
+    block device or file (read-write, for resuming). With `state_path`, the bytes written so far
+    are recorded there (at most every `options.state_interval` bytes, after an fsync of `dest`),
+    and a later call with `resume` reads them back, hashes them again and asks the server only
+    for the rest (HTTP Range). Transient failures (connection reset, timeout, 5xx, slow
+    retrieval) are retried within this call up to `options.attempts` times, resuming each time,
+    with exponential backoff from `options.backoff` seconds. `options.timeout` is (connect, read)
+    in seconds; `options.min_rate` bytes/s averaged over `options.rate_window` seconds defends
+    against slow retrieval (0 turns the check off). `chunk` is the most read from the socket at
+    once. `progress` is called with the number of bytes done. With `direct`, whole aligned blocks
+    are written with O_DIRECT where the destination allows it (a slot partition): no copy of the
+    payload passes through the page cache, where it would push out the running containers'
+    files. `blocks` (fresh, or reset) is fed the same bytes in order, including any read back to
+    resume, on a thread of its own.
 
     Raises DownloadError (or SlowRetrievalError) when the transfer fails, LengthMismatchError
     for endless or short data, VerificationError when the bytes written do not hash to `sha256`:
     then the destination holds garbage and the state file is removed, so the next call starts over.
     """
+    opts = options or FetchOptions()
+    attempts = opts.attempts
     sha256 = sha256.lower()
     if not _HEX64.fullmatch(sha256):
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
@@ -625,7 +625,9 @@ def stream_to(
 
     own_session = session is None
     client = requests.Session() if session is None else session
-    knobs = _Knobs(timeout, min_rate, rate_window, chunk, state_interval, save, progress)
+    knobs = _Knobs(
+        opts.timeout, opts.min_rate, opts.rate_window, chunk, opts.state_interval, save, progress
+    )
     pools = _Pools.start()
     target = _Destination.open(url, fd, direct)
     try:
@@ -638,7 +640,7 @@ def stream_to(
                 save()
                 if attempt >= attempts:
                     raise transient.error from transient.__cause__
-                delay = min(backoff * 2 ** (attempt - 1), 60.0)
+                delay = min(opts.backoff * 2 ** (attempt - 1), 60.0)
                 log.warning(
                     "%s (attempt %d of %d); retrying in %.1f s",
                     transient.error,

@@ -11,7 +11,9 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from updater import files
 from updater.disk import bootentries, slots
+from updater.errors import StorageError
 
 MiB = 1 << 20
 REBOOT_REQUIRED_TEXT = "*** System restart required ***\n"
@@ -59,7 +61,8 @@ class Machine:
 
 @dataclass(frozen=True)
 class FetchOptions:
-    """Download limits, passed to fetch.stream_to (tests shrink them)."""
+    """Download limits, passed whole to fetch.stream_to: the one place their defaults live (tests
+    shrink them)."""
 
     timeout: tuple[float, float] = (10.0, 30.0)
     min_rate: int = 4096
@@ -67,3 +70,20 @@ class FetchOptions:
     attempts: int = 5
     backoff: float = 1.0
     state_interval: int = 16 * MiB
+
+
+def write_reboot_required(machine: Machine) -> None:
+    """Say that a reboot would start an installed version: `/run/reboot-required`, which kured and
+    operators watch, and which the daemon writes again when it re-announces a pending update.
+
+    A file already there is left alone: only its existence is the message, and the agent writes
+    it right before the daemon would.
+    """
+    path = machine.reboot_required
+    if path.exists():
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_file_atomic(path, REBOOT_REQUIRED_TEXT.encode())
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e}") from e

@@ -154,8 +154,9 @@ def state_path(var: Path) -> Path:
     return var / "lib/berth/state.json"
 
 
-def load_state(path: Path, now: datetime | None = None) -> State:
-    """The saved state, or a fresh one when there is none or it is unusable (moved aside)."""
+def load_state(path: Path, now: datetime | None = None, *, set_aside: bool = True) -> State:
+    """The saved state, or a fresh one when there is none or it is unusable: moved aside, so that
+    the next save does not bury it, unless `set_aside` is false (a reader that must not write)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -166,6 +167,9 @@ def load_state(path: Path, now: datetime | None = None) -> State:
     try:
         return State.from_json(text)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
+        if not set_aside:
+            log.warning("%s is corrupt (%s); reading it as an empty state", path, e)
+            return State()
         stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
         aside = path.with_name(f"{path.name}.corrupt-{stamp}")
         try:

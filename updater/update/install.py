@@ -1,0 +1,450 @@
+"""Installing a release into the inactive slot, and checking it again before its reboot.
+
+`apply` works in this order, and the order is the safety argument:
+
+ 1. TUF refresh and selection. Bad signatures, expired or rolled-back metadata, mixed repository
+    states, no candidate, a downgrade without `allow_downgrade`, another image or architecture:
+    all refused here, before anything local is touched.
+ 2. Signed length and hash of every release file (root.erofs, root.verity, uki.efi and the
+    release's manifest.json), then manifest.json itself (tiny: fetched through the same checked
+    stream into a temporary file) which must agree with the channel entry (image, arch, version,
+    roothash) and with the TUF targets (sizes and hashes). Each payload URL is then probed with a
+    HEAD request, so that an unreachable mirror (404, 500, reset) or a file whose declared length
+    differs from the signed length is refused while the disk is still untouched.
+ 3. Space: each payload file must fit its partition of the inactive slot, and the UKI the ESP.
+ 4. Sanity: the slot to overwrite must not be the booted one (its root hash is on the running
+    kernel's command line).
+ 5. `prepare_slot`: random UUIDs and `_writing` labels, before the first payload byte. From here
+    on no UKI can boot that slot, old or new.
+ 6. root.verity, then root.erofs, are streamed straight into the slot's partitions while
+    hashing (resumable with HTTP Range; progress in <var>/lib/berth/download-<name>.json). Each
+    block of root.erofs is also hashed as dm-verity does, with the salt of root.verity's
+    superblock.
+ 7. The hash tree built from those block hashes must have the release's root hash and equal the
+    tree written in step 6 (disk/verity.py): the whole slot verified without reading it back.
+ 8. `commit_slot`: UUIDs from the root hash, version labels (both table copies fsynced).
+ 9. The ESP entry of the version that used to live in that slot goes: its root is gone.
+10. uki.efi is streamed into a hidden temporary file on the ESP, fsynced, and renamed to
+    `berth_<version>+3.efi`. That rename is the last step: until it happens the boot loader sees
+    nothing new, so a failure anywhere before leaves the machine booting what it booted.
+11. The state records the pending version; /run/reboot-required tells kured (and the daemon's
+    strategy) that a reboot would start it.
+
+So a refusal in steps 1-4 leaves the disk, the ESP and the boot order byte-identical; a failure in
+steps 5-7 leaves the booted slot, its partition entries, the ESP and the boot order untouched and
+the inactive slot labelled `_writing` (scratch that nothing boots); docs/updates.md says the same
+for operators ("What a failed update leaves behind").
+
+One exception to "the ESP is untouched until step 9": when the inactive slot holds a version whose
+entry would boot before the running one (an update installed but not yet booted, being replaced
+by a newer one), that entry is removed before step 5. Otherwise a failed download would leave the
+boot loader's first choice pointing at a root that no longer exists.
+
+The state file is read once, at the start, and the value passed along; it is written when a
+durable record is needed, and only then:
+
+- Before step 5: the record of the choice (the seed, "<version> selected for install") and, when
+  the pending record names the slot about to become scratch, the state without it. That write
+  must be on disk before `prepare_slot`: after a crash in steps 5-10 no record may say that the
+  slot holds an update waiting for its reboot (the daemon would announce it again, and its check
+  before that reboot would mark the version bad for bytes that were never its own), and the
+  agent's last word is what it was doing.
+- Step 11: the pending record and "<version> installed", after the rename of step 10, so that
+  the record never names an update the boot loader cannot see.
+- A refusal writes its record once, instead: in step 1 (a failed refresh, nothing to install)
+  choose.select saves it; in steps 2-4 apply saves the record of its choice.
+
+The ESP is listed once, in step 3; the entries removed before step 5 and in step 9 come from that
+listing, which only those removals changed. `staged_uki` looks once more in step 10, its own
+guard against replacing an entry of the new version.
+
+Runs on the device's Python with the standard library, python3-requests and python3-tuf.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
+
+import requests
+
+from updater.disk import bootentries, slots, verity
+from updater.errors import (
+    DownloadError,
+    LengthMismatchError,
+    RefusedError,
+    ReleaseMismatchError,
+    SlotError,
+    StorageError,
+    VerificationError,
+)
+from updater.release.channel import RELEASE_TARGETS, Release
+from updater.release.manifest import Manifest, ManifestError
+from updater.release.version import Version
+from updater.update import choose, fetch
+from updater.update.context import Booted, Context
+from updater.update.machine import write_reboot_required
+from updater.update.state import LastCheck, Pending
+from updater.update.trust import TargetInfo, TrustedRepository
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+# The release manifest is a few hundred bytes; a signed length far beyond that is a broken release.
+_MANIFEST_LIMIT = MiB
+_DATA, _VERITY, _UKI, _MANIFEST = slots.DATA_FILE, slots.VERITY_FILE, "uki.efi", "manifest.json"
+
+# (file name, bytes done, bytes total); called as each payload file streams in.
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Applied:
+    version: Version
+    slot: str
+    roothash: str
+    entry: Path
+
+
+def _bind(progress: ProgressCallback | None, name: str, total: int) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    report = progress
+
+    def call(done: int) -> None:
+        report(name, done, total)
+
+    return call
+
+
+def _stream(
+    ctx: Context,
+    name: str,
+    info: TargetInfo,
+    dest: BinaryIO,
+    offset: int,
+    *,
+    session: requests.Session | None = None,
+    progress: ProgressCallback | None = None,
+    into_slot: bool = False,
+    blocks: verity.BlockHashes | None = None,
+) -> None:
+    """One release file, checked against its signed length and hash on the way: into a slot
+    partition (`into_slot`: resumable, O_DIRECT) or into a new file (the manifest, the UKI's
+    temporary file on the ESP: small, nothing to resume)."""
+    fetch.stream_to(
+        info.url,
+        dest,
+        offset,
+        info.length,
+        info.sha256,
+        options=ctx.fetch_options,
+        session=session,
+        state_path=ctx.machine.state_dir / f"download-{name}.json" if into_slot else None,
+        progress=_bind(progress, name, info.length),
+        direct=into_slot,
+        blocks=blocks,
+    )
+
+
+def _fetch_manifest(ctx: Context, info: TargetInfo, release: Release) -> Manifest:
+    if info.length > _MANIFEST_LIMIT:
+        raise ReleaseMismatchError(
+            f"refused {release.label}: its signed manifest.json is {info.length} bytes, "
+            f"more than a release manifest can be ({_MANIFEST_LIMIT})"
+        )
+    with tempfile.TemporaryFile() as f:
+        _stream(ctx, _MANIFEST, info, f, 0)
+        f.seek(0)
+        text = f.read().decode("utf-8", errors="replace")
+    try:
+        return Manifest.from_json(text, f"{release.label} manifest.json")
+    except ManifestError as e:
+        raise ReleaseMismatchError(f"refused {release.label}: {e}") from None
+
+
+def _check_release(
+    ctx: Context,
+    release: Release,
+    manifest: Manifest,
+    infos: dict[str, TargetInfo],
+    booted: Booted,
+) -> None:
+    what = f"refused {release.label}"
+    for field_name, have, want in (
+        ("image", manifest.image, booted.image),
+        ("architecture", manifest.arch, ctx.machine.arch),
+    ):
+        if have != want:
+            raise ReleaseMismatchError(
+                f"{what}: its manifest.json is for {field_name} {have!r}, this machine runs "
+                f"{want!r}"
+            )
+    for field_name, got, channel_says in (
+        ("image", manifest.image, release.image),
+        ("architecture", manifest.arch, release.arch),
+        ("version", str(manifest.version), str(release.version)),
+        ("root hash", manifest.roothash, release.roothash),
+    ):
+        if got != channel_says:
+            raise ReleaseMismatchError(
+                f"{what}: its manifest.json says {field_name} {got}, the channel says "
+                f"{channel_says}"
+            )
+    for name in (_DATA, _VERITY, _UKI):
+        entry = manifest.files.get(name)
+        info = infos[name]
+        if entry is None:
+            raise ReleaseMismatchError(f"{what}: its manifest.json does not list {name}")
+        if (entry.size, entry.sha256) != (info.length, info.sha256):
+            raise ReleaseMismatchError(
+                f"{what}: {name} is {info.length} bytes with sha256 {info.sha256} in the "
+                f"signed targets, but {entry.size} bytes with sha256 {entry.sha256} in its "
+                "manifest.json"
+            )
+
+
+def _probe(ctx: Context, session: requests.Session, name: str, info: TargetInfo) -> None:
+    """Refuse a payload URL that is unreachable or declares another length, before writing."""
+    url = info.url
+    try:
+        response = session.head(
+            url,
+            timeout=ctx.fetch_options.timeout,
+            allow_redirects=True,
+            headers={"Accept-Encoding": "identity"},
+        )
+    except requests.RequestException as e:
+        raise DownloadError(
+            f"refused {url}: cannot reach {name} before writing anything: {e}", url=url
+        ) from e
+    with response:
+        if response.status_code != 200:
+            raise DownloadError(
+                f"refused {url}: {name} answers HTTP {response.status_code} "
+                f"{response.reason or ''}".rstrip(),
+                url=url,
+                status=response.status_code,
+            )
+        declared = response.headers.get("Content-Length")
+        if declared is not None and declared.strip() != str(info.length):
+            raise LengthMismatchError(
+                f"refused {url}: the server declares {name} as {declared.strip()} bytes, the "
+                f"signed metadata says {info.length} (target length differs)"
+            )
+
+
+def _check_esp_space(esp: Path, uki: TargetInfo, freed: int) -> None:
+    try:
+        free = shutil.disk_usage(esp).free
+    except OSError as e:
+        raise StorageError(f"cannot measure free space on the ESP: {e}") from e
+    if uki.length > free + freed:
+        raise SlotError(
+            f"refused: uki.efi is {uki.length} bytes but the ESP {esp} has "
+            f"{free + freed} bytes free"
+        )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What steps 2-4 established: the signed files, the slot to write, the version it holds
+    (None when it holds none), and the ESP's entries as listed in step 3 (less any removed
+    before step 5)."""
+
+    infos: dict[str, TargetInfo]
+    target: slots.Slot
+    old: Version | None
+    entries: list[bootentries.Entry]
+
+
+def _plan(
+    ctx: Context,
+    repo: TrustedRepository,
+    release: Release,
+    booted: Booted,
+    session: requests.Session,
+) -> _Plan:
+    """Steps 2-4, and the one ESP change allowed before step 5."""
+    esp = ctx.machine.esp
+    # (2) signed target info, the release manifest, reachability of the payload
+    infos = {name: repo.target_info(release.targets[name]) for name in RELEASE_TARGETS}
+    manifest = _fetch_manifest(ctx, infos[_MANIFEST], release)
+    _check_release(ctx, release, manifest, infos, booted)
+    for name in (_DATA, _VERITY, _UKI):
+        _probe(ctx, session, name, infos[name])
+    pair = ctx.slot_pair()
+    current = slots.booted_slot(pair, booted.roothash)
+    target = slots.inactive_slot(pair, booted.roothash)
+    # (3) space
+    slots.check_space(target, {_DATA: infos[_DATA].length, _VERITY: infos[_VERITY].length})
+    entries = bootentries.list_entries(esp)
+    old = target.version if target.state is slots.SlotState.INSTALLED else None
+    leaving = [e for e in entries if e.version in {old, release.version}]
+    _check_esp_space(esp, infos[_UKI], sum(e.path.stat().st_size for e in leaving))
+    # (4) sanity: never the running root
+    if target.roothash == booted.roothash or target.name == current.name:
+        raise SlotError(
+            f"refused to install {release.version}: slot {target.name} is the booted one"
+        )
+    # An entry that boots before the running one must not outlive its root (see the module
+    # docstring); it is the only ESP change before the slot is written.
+    if old is not None and entries and entries[0].version == old:
+        bootentries.remove(esp, [e for e in entries if e.version == old])
+        entries = [e for e in entries if e.version != old]
+    return _Plan(infos, target, old, entries)
+
+
+def _write_slot(
+    ctx: Context,
+    target: slots.Slot,
+    infos: dict[str, TargetInfo],
+    roothash: str,
+    session: requests.Session,
+    progress: ProgressCallback | None,
+) -> None:
+    """Steps 6 and 7: the hash tree, then the root, streamed into the slot; the tree built from
+    the root's blocks must be the signed root hash's and the one just written."""
+    disk = ctx.machine.disk
+    where = f"slot {target.name}"
+    with slots.open_partition(disk, target.verity_number, target.verity) as (tree, tree_offset):
+        _stream(
+            ctx,
+            _VERITY,
+            infos[_VERITY],
+            tree,
+            tree_offset,
+            session=session,
+            progress=progress,
+            into_slot=True,
+        )
+        superblock = verity.read_superblock(tree.fileno(), tree_offset, where)
+        superblock.check(infos[_DATA].length, f"{where} ({_VERITY})")
+        blocks = verity.BlockHashes(superblock.salt)
+        with slots.open_partition(disk, target.data_number, target.data) as (data, data_offset):
+            _stream(
+                ctx,
+                _DATA,
+                infos[_DATA],
+                data,
+                data_offset,
+                session=session,
+                progress=progress,
+                into_slot=True,
+                blocks=blocks,
+            )
+        verity.check_tree(
+            tree.fileno(),
+            tree_offset,
+            superblock,
+            blocks.finish(f"{where} ({_DATA})"),
+            roothash,
+            where,
+        )
+
+
+def apply(
+    ctx: Context,
+    version: Version | None = None,
+    *,
+    allow_downgrade: bool = False,
+    ignore_waves: bool = False,
+    progress: ProgressCallback | None = None,
+) -> Applied:
+    """Install the selected (or the given) release into the inactive slot; see the module
+    docstring for the order of steps and for when the state file is written. Raises an
+    UpdateError subclass on any refusal."""
+    booted = ctx.booted()
+    repo = choose.repository(ctx)
+    machine = ctx.machine
+    esp = machine.esp
+    state = ctx.load_state()  # the one read: from here on the value is passed along
+
+    # (1) refresh and select; a refusal here saves its own record
+    release, state = choose.select(
+        ctx,
+        repo,
+        booted,
+        state,
+        version,
+        allow_downgrade=allow_downgrade,
+        ignore_waves=ignore_waves,
+    )
+    with requests.Session() as session:
+        session.headers["User-Agent"] = "berth-update"
+        try:
+            plan = _plan(ctx, repo, release, booted, session)  # (2)-(4)
+        except BaseException:
+            ctx.save_state(state)  # refused before the slot is touched: the choice's record
+            raise
+        target = plan.target
+        if state.pending is not None and state.pending.slot == str(target.name):
+            state = replace(state, pending=None)
+        ctx.save_state(state)  # durable before (5): see the module docstring
+        # (5) the slot becomes scratch
+        with machine.disk.open("r+b") as disk:
+            target = slots.prepare_slot(disk, target, booted=booted.roothash)
+        # (6) stream the hash tree, then the root, into the slot; (7) check the tree
+        _write_slot(ctx, target, plan.infos, release.roothash, session, progress)
+        # (8) name the slot (gpt writes and fsyncs both table copies)
+        with machine.disk.open("r+b") as disk:
+            target = slots.commit_slot(disk, target, release.version, release.roothash)
+        # (9) entries whose root is gone, or that would clash with the new one: from the listing
+        # of step 3, which only this apply changed since
+        stale = {plan.old, release.version}
+        bootentries.remove(esp, [e for e in plan.entries if e.version in stale])
+        # (10) the UKI: temporary name, fsync, rename with a boot counter (the last step)
+        with bootentries.staged_uki(esp, release.version) as out:
+            _stream(ctx, _UKI, plan.infos[_UKI], out, 0, session=session, progress=progress)
+    entry = bootentries.entry_dir(esp) / bootentries.entry_name(
+        release.version, bootentries.DEFAULT_TRIES
+    )
+    # (11) remember, and tell whoever reboots
+    if version is not None:
+        state = state.without_bad(release.version)  # an explicit request lifts the mark
+    state = replace(
+        state,
+        pending=Pending(
+            release.version, str(target.name), release.roothash, ctx.now(), ctx.boot_id()
+        ),
+        last_check=LastCheck(ctx.now(), f"{release.version} installed", True),
+    )
+    ctx.save_state(state)
+    write_reboot_required(machine)
+    log.info("installed %s into slot %s; a reboot starts it", release.version, target.name)
+    return Applied(release.version, str(target.name), release.roothash, entry)
+
+
+def verify_pending(ctx: Context) -> Version:
+    """Re-verify the pending slot against its signed root hash before rebooting into it.
+
+    Bytes that changed after the install (a failing disk, a tampering process) must not get as
+    far as the boot loader. On a mismatch the version's boot entries are removed and it is
+    marked bad, and the VerificationError says why; the running system is untouched.
+    """
+    state = ctx.load_state()
+    pending = state.pending
+    if pending is None:
+        raise RefusedError("nothing is pending: there is no installed update to verify")
+    slot = next((s for s in ctx.slot_pair() if str(s.name) == pending.slot), None)
+    if slot is None:
+        raise SlotError(f"the pending {pending.version} names slot {pending.slot}, which is gone")
+    try:
+        with ctx.machine.disk.open("rb") as disk:
+            size = slots.verity_data_size(disk, slot)
+        slots.verify_slot(ctx.machine.disk, slot, pending.roothash, size)
+    except VerificationError as e:
+        bootentries.remove_entries(ctx.machine.esp, pending.version)
+        reason = (
+            f"refused to boot {pending.version}: slot {slot.name} changed after it was "
+            f"installed ({e})"
+        )
+        state = replace(state.with_bad(pending.version, reason, ctx.now()), pending=None)
+        ctx.save_state(state)
+        raise VerificationError(reason) from e
+    return pending.version

@@ -1,0 +1,126 @@
+"""What `berth-update status` shows: what this machine runs, what each slot holds, what the agent
+last did. No network, and no writes: an operator runs status while the daemon works, and a
+status that saved what it had read could put back a state from before the daemon's last save
+(a pending record lost, a bad mark undone).
+
+So the seed is computed, never saved (the next check saves it), and a corrupt state file is read
+as an empty state and left for the next check or apply to move aside. A machine without a usable
+/etc/machine-id and without a saved seed shows a seed drawn for this call only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+from updater.config import Strategy
+from updater.disk import bootentries, slots
+from updater.release.version import Version
+from updater.update import choose
+from updater.update.context import Context
+
+
+class SlotRole(StrEnum):
+    BOOTED = "booted"  # the running root
+    PREVIOUS = "previous"  # an installed version to go back to
+    PENDING = "pending"  # installed, boots at the next reboot
+    BAD = "bad"  # installed but failed (or rejected) on this machine
+    EMPTY = "empty"  # never written
+    WRITING = "writing"  # an update was interrupted: scratch
+    UNKNOWN = "unknown"  # labels Berth does not write: scratch
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    name: str
+    version: str | None
+    roothash: str | None
+    state: SlotRole
+
+
+@dataclass(frozen=True)
+class Status:
+    image: str
+    arch: str
+    booted_version: str
+    slots: tuple[SlotStatus, ...]
+    channel: str
+    url: str
+    strategy: Strategy
+    interval: float
+    seed: int
+    last_check: str | None  # RFC 3339
+    last_result: str | None
+    pending: str | None
+    bad: tuple[str, ...]  # "1.3.0: rolled back from 1.3.0: boot did not complete"
+    rollback_note: str | None
+    boot_entries: tuple[str, ...]  # ESP entries in boot order
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["slots"] = [{**asdict(s), "state": str(s.state)} for s in self.slots]
+        doc["strategy"] = str(self.strategy)
+        doc["bad"] = list(self.bad)
+        doc["boot_entries"] = list(self.boot_entries)
+        return doc
+
+
+def read_status(ctx: Context) -> Status:
+    """What this machine runs, what each slot holds, what the agent last did; reads only."""
+    state = ctx.read_state()
+    booted = ctx.booted()
+    seed, _ = choose.seed(ctx, state)
+    slot_list = []
+    for slot in ctx.slot_pair():
+        version = slot.version
+        if slot.roothash == booted.roothash:
+            role = SlotRole.BOOTED
+        elif slot.state is slots.SlotState.EMPTY:
+            role = SlotRole.EMPTY
+        elif slot.state is slots.SlotState.WRITING:
+            role = SlotRole.WRITING
+        elif version is None:
+            role = SlotRole.UNKNOWN
+        elif version in state.bad_versions:
+            role = SlotRole.BAD
+        elif state.pending is not None and state.pending.version == version:
+            role = SlotRole.PENDING
+        else:
+            role = SlotRole.PREVIOUS
+        installed = slot.state is slots.SlotState.INSTALLED
+        slot_list.append(
+            SlotStatus(
+                str(slot.name),
+                None if version is None else str(version),
+                slot.roothash if installed else None,
+                role,
+            )
+        )
+    rolled = [b for b in state.bad if b.reason.startswith("rolled back")]
+    note = max(rolled, key=lambda b: b.since).reason if rolled else None
+    check = state.last_check
+    config = ctx.config
+    return Status(
+        image=booted.image,
+        arch=ctx.machine.arch,
+        booted_version=str(booted.version),
+        slots=tuple(slot_list),
+        channel=config.channel,
+        url=config.url,
+        strategy=config.strategy,
+        interval=config.interval,
+        seed=seed,
+        last_check=None if check is None else check.time.isoformat(timespec="seconds"),
+        last_result=None if check is None else check.result,
+        pending=None if state.pending is None else str(state.pending.version),
+        bad=tuple(f"{b.version}: {b.reason}" for b in state.bad),
+        rollback_note=note,
+        boot_entries=tuple(e.name for e in bootentries.list_entries(ctx.machine.esp)),
+    )
+
+
+def pending(ctx: Context) -> Version | None:
+    """The installed version waiting for a reboot, as the state file says; reads only."""
+    record = ctx.read_state().pending
+    return None if record is None else record.version
