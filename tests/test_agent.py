@@ -302,16 +302,16 @@ def test_apply_reads_the_state_once_and_lists_the_esp_once(
     reads: list[Path] = []
     writes: list[tuple[str, str | None]] = []  # (last check, pending) of each save
     listed_by: list[str] = []
-    read_text, save, list_entries = (
-        Path.read_text,
+    read_bytes, save, list_entries = (
+        Path.read_bytes,
         files.write_file_atomic,
         bootentries.list_entries,
     )
 
-    def read(self: Path, encoding: str | None = None, errors: str | None = None) -> str:
+    def read(self: Path) -> bytes:
         if self == path:
             reads.append(self)
-        return read_text(self, encoding, errors)
+        return read_bytes(self)
 
     def write(where: Path, data: bytes, *, mode: int = 0o644) -> None:
         doc = json.loads(data)
@@ -322,7 +322,7 @@ def test_apply_reads_the_state_once_and_lists_the_esp_once(
         listed_by.append(sys._getframe(1).f_globals["__name__"])
         return list_entries(esp)
 
-    monkeypatch.setattr(Path, "read_text", read)
+    monkeypatch.setattr(Path, "read_bytes", read)
     monkeypatch.setattr(state_file, "write_file_atomic", write)
     monkeypatch.setattr(bootentries, "list_entries", listing)
     assert make_agent(fake, site).apply().version == Version(1, 2, 0)

@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from updater.errors import UpdateError
+from updater.release.document import json_object
 from updater.release.identity import app_specific_id
 from updater.release.manifest import PAYLOAD_FILES
 from updater.release.version import Version
@@ -131,12 +132,7 @@ def parse_time(text: str) -> datetime:
 
 def parse(text: str, source: str) -> ChannelManifest:
     """Parse a channel manifest; `source` names where it came from in error messages."""
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ChannelError(f"{source}: not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise ChannelError(f"{source}: expected a JSON object at the top level")
+    doc = json_object(text, source, ChannelError)
     _no_unknown(doc, {"channel", "max_version", "releases"}, source)
 
     channel = doc.get("channel")

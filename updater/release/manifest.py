@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO
 
+from updater.release.document import json_object
 from updater.release.version import Version
 
 # The release payload: what the agent writes into a slot and onto the ESP.
@@ -53,12 +54,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, source: str = "manifest.json") -> Manifest:
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{source}: not valid JSON: {e}") from None
-        if not isinstance(doc, dict):
-            raise ManifestError(f"{source}: expected a JSON object at the top level")
+        doc = json_object(text, source, ManifestError)
 
         def text_field(key: str) -> str:
             value = doc.get(key)

@@ -45,6 +45,7 @@ from updater.errors import (
     VerificationError,
 )
 from updater.files import write_file_atomic
+from updater.release.document import json_object
 from updater.update.machine import FetchOptions
 
 log = logging.getLogger(__name__)
@@ -330,12 +331,11 @@ def _load_state(path: Path, sha256: str, length: int, offset: int) -> int:
     (the bytes it points at are hashed again).
     """
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json_object(path.read_bytes(), str(path), ValueError)
     except (OSError, ValueError):
         return 0
     if (
-        not isinstance(doc, dict)
-        or doc.get("format") != _STATE_FORMAT
+        doc.get("format") != _STATE_FORMAT
         or doc.get("sha256") != sha256
         or doc.get("length") != length
         or doc.get("offset") != offset

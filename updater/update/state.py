@@ -21,6 +21,7 @@ from typing import Any
 
 from updater.errors import StorageError
 from updater.files import write_file_atomic
+from updater.release.document import json_object
 from updater.release.version import Version
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,10 @@ class State:
         return json.dumps(doc, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> State:
+    def from_json(cls, text: str | bytes) -> State:
         """Parse; any deviation raises ValueError (load_state turns that into a fresh start)."""
-        doc = json.loads(text)
-        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+        doc = json_object(text, "the agent's state", ValueError)
+        if doc.get("format") != _FORMAT:
             raise ValueError(f"expected an object with format {_FORMAT}")
         check = doc.get("last_check")
         pending = doc.get("pending")
@@ -158,7 +159,8 @@ def load_state(path: Path, now: datetime | None = None, *, set_aside: bool = Tru
     """The saved state, or a fresh one when there is none or it is unusable: moved aside, so that
     the next save does not bury it, unless `set_aside` is false (a reader that must not write)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # Bytes: a state file that is not UTF-8 is corrupt like any other (below), not a crash.
+        text = path.read_bytes()
     except FileNotFoundError:
         return State()
     except OSError as e:
