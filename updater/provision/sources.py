@@ -30,7 +30,6 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import gzip
 import json
 import logging
 import shutil
@@ -45,7 +44,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from updater.provision import http
-from updater.provision.plan import ProvisionError, field_error
+from updater.provision.plan import NotGzip, ProvisionError, field_error, gunzip
 
 log = logging.getLogger(__name__)
 
@@ -660,9 +659,9 @@ def decode_guestinfo(value: bytes, encoding: str, source: str) -> bytes:
             return _decode_base64(value, source)
         case "gzip+base64" | "gz+base64" | "gz+b64":
             try:
-                return gzip.decompress(_decode_base64(value, source))
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
-                raise ProvisionError(f"{source}: not gzip data: {e}") from None
+                return gunzip(_decode_base64(value, source), source, f"{encoding} value")
+            except NotGzip as e:
+                raise ProvisionError(f"{source}: not gzip data: {e.reason}") from None
         case _:
             raise ProvisionError(
                 f"{source}.encoding: unknown encoding {encoding!r}; expected '', base64 or "
