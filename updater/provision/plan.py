@@ -204,6 +204,11 @@ class Plan:
     notes: tuple[str, ...] = field(default=())  # things worth telling the operator on the console
 
 
+def in_writable_roots(path: str) -> bool:
+    """Whether a normalised absolute path is one of WRITABLE_ROOTS or under one."""
+    return any(path == r or path.startswith(r + "/") for r in WRITABLE_ROOTS)
+
+
 def check_path(source: str, where: str, path: object) -> str:
     """An absolute, normalised path under WRITABLE_ROOTS (no `..`, no `//`, no trailing `/`)."""
     if not isinstance(path, str) or not path.startswith("/"):
@@ -211,7 +216,7 @@ def check_path(source: str, where: str, path: object) -> str:
     parts = path.split("/")[1:]
     if any(p in ("", ".", "..") for p in parts) or "\0" in path:
         raise field_error(source, where, "a normalised absolute path (no '.', '..' or '//')", path)
-    if not any(path == r or path.startswith(r + "/") for r in WRITABLE_ROOTS):
+    if not in_writable_roots(path):
         raise field_error(
             source,
             where,
