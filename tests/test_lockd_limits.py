@@ -213,8 +213,11 @@ def test_the_longest_id_and_group_are_accepted(server: LockServer) -> None:
 def test_every_writer_of_the_semaphore_keeps_the_same_id_rules() -> None:
     with pytest.raises(LockError, match="expected printable characters only"):
         SemaphoreClient(MemoryStore(), "default").acquire("m\n")
-    with pytest.raises(LockError, match="expected at most 253 bytes"):
-        FleetLockClient("http://lockd.invalid/", "default", "x" * 254)
+    with pytest.raises(LockError, match="expected at most 253 bytes") as info:
+        FleetLockClient("http://lockd.invalid/", "default", "x" * 10_000)
+    assert str(info.value) == (
+        f"FleetLock id {'x' * 64!r}...: expected at most 253 bytes (UTF-8), not 10000"
+    )
     with pytest.raises(LockError, match="expected a non-empty string"):
         FleetLockClient("http://lockd.invalid/", "default", "")
 

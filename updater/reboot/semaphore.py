@@ -85,6 +85,14 @@ def holder_problem(holder: object) -> str | None:
     return None
 
 
+def check_holder(holder: str, what: str = "holder id") -> None:
+    """Raise LockError, showing the id escaped and cut short, unless `holder_problem` is None."""
+    problem = holder_problem(holder)
+    if problem is not None:
+        shown = repr(holder[:64]) + ("..." if len(holder) > 64 else "")
+        raise LockError(f"{what} {shown}: expected {problem}")
+
+
 def semaphore_key(group: str) -> str:
     if not GROUP_NAME.fullmatch(group):
         raise ValueError(f"group {group!r}: expected letters, digits, '.' or '-'")
@@ -184,9 +192,7 @@ class SemaphoreClient:
     def acquire(self, holder: str) -> Outcome:
         """Take a slot for `holder`; `ok` is True when it holds one (already held counts)."""
 
-        problem = holder_problem(holder)
-        if problem is not None:
-            raise LockError(f"holder id {holder!r}: expected {problem}")
+        check_holder(holder)
 
         def lock(s: Semaphore) -> tuple[Semaphore, bool]:
             if holder in s.holders:
