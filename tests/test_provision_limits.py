@@ -23,6 +23,7 @@ from updater.provision.cloudconfig import parse_user_data
 from updater.provision.ignition import parse_ignition
 from updater.provision.plan import (
     MAX_DECOMPRESSED,
+    MAX_GZIP_MEMBERS,
     MiB,
     ProvisionError,
     gunzip,
@@ -209,6 +210,18 @@ def test_members_padding_and_empty_data_as_gzip_reads_them() -> None:
     members = gzip.compress(b"one ") + gzip.compress(b"two") + bytes(16)
     assert gunzip(members, SOURCE, "f") == gzip.decompress(members) == b"one two"
     assert gunzip(b"", SOURCE, "f") == gzip.decompress(b"") == b""
+    many = gzip.compress(b"x") * MAX_GZIP_MEMBERS
+    assert gunzip(many, SOURCE, "f") == b"x" * MAX_GZIP_MEMBERS
+
+
+def test_a_stream_of_empty_members_is_refused_at_once() -> None:
+    # 16 MiB of empty members inflate to nothing, but each costs a copy of the rest: the gzip
+    # module takes a quarter of an hour over them.
+    empty = gzip.compress(b"")
+    start = time.monotonic()
+    message = refusal(lambda: gunzip(empty * (16 * MiB // len(empty)), SOURCE, "f"))
+    assert time.monotonic() - start < 2
+    assert message == f"{SOURCE}: f: expected gzip data (more than 64 concatenated gzip members)"
 
 
 @pytest.mark.parametrize(

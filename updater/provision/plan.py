@@ -24,6 +24,8 @@ MiB = 1 << 20
 # of a few MiB could ask for gigabytes; 64 MiB is far beyond any config or file in /etc, and small
 # enough that the plan, which is held in memory before anything is written, stays in memory.
 MAX_DECOMPRESSED = 64 * MiB
+# Concatenated gzip members in one stream (`cat a.gz b.gz`): a few in practice.
+MAX_GZIP_MEMBERS = 64
 # All the file contents of one plan together: many files just under the cap are as bad as one bomb.
 MAX_PLAN_CONTENTS = 128 * MiB
 
@@ -90,10 +92,16 @@ def _inflate(data: bytes, limit: int) -> bytes | None:
     rest = data
     if rest and not rest.startswith(b"\x1f\x8b"):
         raise ValueError("no gzip header")
+    members = 0
     # No data is no members, as for gzip.decompress; zero bytes after a member are padding.
     while rest := rest.lstrip(b"\0"):
         if not rest.startswith(b"\x1f\x8b"):
             raise ValueError("data after the end of the gzip stream that is not gzip")
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            # Each member costs a copy of what follows it: 16 MiB of empty members (20 bytes
+            # each) would take gzip.decompress a quarter of an hour and produce nothing.
+            raise ValueError(f"more than {MAX_GZIP_MEMBERS} concatenated gzip members")
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing, CRC and size checked
         pending = rest
         while True:
