@@ -34,11 +34,9 @@ from elftools.elf.structs import ELFStructs
 
 from builder.errors import BuildError
 from builder.log import complete_step
+from updater.files import host_readlink, resolve_in_root
 
 ELF_MAGIC = b"\x7fELF"
-
-# Linux gives up after 40 links in one lookup (MAXSYMLINKS); a loop in the tree must not hang us.
-MAX_SYMLINKS = 40
 
 # Pseudo-filesystems are mount points in a running system; in a tree they are empty or host
 # leftovers and never part of the image.
@@ -316,43 +314,20 @@ def _read_elf(f: io.BufferedReader, ident: bytes) -> ElfInfo:
     )
 
 
-def _components(path: str) -> list[str]:
-    """Path components in reverse, ready to be popped in order."""
-    return [c for c in reversed(path.split("/")) if c and c != "."]
-
-
 def _resolve(
     path: str,
     readlink: Callable[[str], str | None],
     links: list[str] | None = None,
     follow: bool = True,
 ) -> str:
-    pending = _components(path)
-    current = ""
-    budget = MAX_SYMLINKS
-    while pending:
-        part = pending.pop()
-        if part == "..":
-            # The tree root is its own parent, as / is under chroot.
-            current = current.rpartition("/")[0]
-            continue
-        candidate = f"{current}/{part}"
-        if not pending and not follow:
-            current = candidate
-            break
-        target = readlink(candidate)
-        if target is None:
-            current = candidate
-            continue
-        budget -= 1
-        if budget < 0:
-            raise BuildError(f"{path}: too many levels of symbolic links in the image tree")
-        if links is not None and current:
-            links.append(candidate)
-        if target.startswith("/"):
-            current = ""
-        pending.extend(_components(target))
-    return current or "/"
+    try:
+        found = resolve_in_root(path, readlink, follow=follow)
+    except OSError:
+        raise BuildError(f"{path}: too many levels of symbolic links in the image tree") from None
+    if links is not None:
+        # Top-level links (/lib -> usr/lib) are the tree's layout, not a dependency of the path.
+        links.extend(link for link, _ in found.links if link.rpartition("/")[0])
+    return found.path
 
 
 def tree_path(tree: Path, path: str) -> Path:
@@ -360,15 +335,7 @@ def tree_path(tree: Path, path: str) -> Path:
 
     The result may not exist; no component of it below `tree` is a symlink.
     """
-    root = os.fspath(tree).rstrip("/")
-
-    def readlink(candidate: str) -> str | None:
-        try:
-            return os.readlink(root + candidate)
-        except OSError:
-            return None
-
-    return Path(root + _resolve(path, readlink))
+    return Path(os.fspath(tree).rstrip("/") + _resolve(path, host_readlink(tree)))
 
 
 class Resolver:

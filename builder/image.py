@@ -26,6 +26,8 @@ ARCH = "x86_64"
 # Host tools a build needs (see builder/run.py for their packages).
 BUILD_TOOLS = ("mmdebstrap", "mkfs.vfat", "mcopy", "mmd", "qemu-img", "zstd", "dpkg-deb")
 BUILD_FILES = ("/usr/share/keyrings/debian-archive-keyring.gpg",)
+# Directories the running system mounts over (STATE, the ESP, the initrd's switch-root target).
+MOUNT_POINTS = ("/boot", "/root", "/home", "/var", "/sysroot")
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,20 @@ def _hardlink_copy(source: Path, dest: Path) -> None:
     shutil.copytree(source, dest, symlinks=True, copy_function=os.link)
 
 
-def _write_package_list(packages: tuple[tuple[str, str, str], ...], path: Path) -> None:
-    lines = "".join(f"{name}\t{version}\t{arch}\n" for name, version, arch in packages)
-    overlay.replace_file(path, lines.encode())
+def _package_list(packages: tuple[tuple[str, str, str], ...]) -> bytes:
+    return "".join(f"{name}\t{version}\t{arch}\n" for name, version, arch in packages).encode()
+
+
+def _make_mount_points(tree: Path) -> None:
+    for mountpoint in MOUNT_POINTS:
+        path = overlay.host_path(tree, mountpoint, "the image's mount points")
+        if path.is_symlink():
+            raise BuildError(
+                f"{mountpoint} is a mount point of the running system, but the image tree has a "
+                f"symbolic link there (to {os.readlink(path)}); expected a directory",
+                hint="remove the link from the overlay or extra tree that installs it",
+            )
+        path.mkdir(exist_ok=True)
 
 
 def _spdx(config: ImageConfig, version: Version, packages: tuple[tuple[str, str, str], ...]) -> str:
@@ -162,7 +175,7 @@ def _build_image(
     with complete_step("Preparing the image tree"):
         _hardlink_copy(root.path, tree)
         release = os_release(config, version)
-        overlay.replace_file(tree / "usr/lib/os-release", release.encode())
+        overlay.install_file(tree, "/usr/lib/os-release", release.encode())
         variables = {
             "image": config,
             "name": config.name,
@@ -180,13 +193,13 @@ def _build_image(
         for extra in extra_trees:
             overlay.apply_overlay(extra, tree, variables)
         overlay.install_agent(repo / "updater", tree)
-        # The only trust anchor for updates, inside the verity-protected /usr.
+        # The only trust anchor for updates, inside the verity-protected /usr. Written through
+        # host_path, as everything after the overlays: a link they left must not lead out.
         anchor = trust_anchor(keys_dir or repo / "keys")
-        overlay.replace_file(tree / "usr/share/berth/tuf/root.json", anchor)
-        overlay.replace_file(tree / "usr/lib/berth/update.toml", update_defaults(config).encode())
-        _write_package_list(root.packages, tree / "usr/share/berth/packages.txt")
-        for mountpoint in ("boot", "root", "home", "var", "sysroot"):
-            (tree / mountpoint).mkdir(exist_ok=True)
+        overlay.install_file(tree, "/usr/share/berth/tuf/root.json", anchor)
+        overlay.install_file(tree, "/usr/lib/berth/update.toml", update_defaults(config).encode())
+        overlay.install_file(tree, "/usr/share/berth/packages.txt", _package_list(root.packages))
+        _make_mount_points(tree)
 
     with complete_step("Checking every ELF file (pyelftools)"):
         problems = elf.lint_tree(tree)
@@ -252,7 +265,7 @@ def _build_image(
     appliance = formats.Appliance(config.name, str(version), config.description)
     outputs = formats.write_formats(staging / "disk.raw", config.formats, appliance)
     with complete_step("Writing the manifest and package list"):
-        _write_package_list(root.packages, staging / "packages.txt")
+        overlay.replace_file(staging / "packages.txt", _package_list(root.packages))
         (staging / "sbom.spdx.json").write_text(_spdx(config, version, root.packages))
         (staging / "cmdline.txt").write_text(cmdline + "\n")
         payload = {

@@ -7,12 +7,20 @@ the overlay's `.modes` file says otherwise, one line per path: `/etc/foo 0600 ro
 
 The tree is a hard-linked copy of the cached root tree, so a file is always replaced (unlink, then
 create), never written in place: writing in place would change the cache too.
+
+The build runs as root, and the tree is full of absolute symlinks (`/var/run -> /run`) that name
+the tree's own files but the host's to the kernel. So every path written into the tree goes
+through `host_path`, which follows links the way the tree itself will (`updater.files`), and
+nothing an overlay or an extra tree holds may lead out of it: a `..` that climbs above the root,
+in a `.modes` path or in a link, is refused with the file, the line and what was expected.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +29,7 @@ from typing import Any
 import jinja2
 
 from builder.errors import ConfigError
+from updater.files import host_readlink, resolve_in_root
 
 MODES_FILE = ".modes"
 
@@ -30,6 +39,35 @@ class ModeEntry:
     mode: int
     user: str
     group: str
+    where: str = ""  # "<overlay>/.modes:<line>", for messages
+
+
+def host_path(tree: Path, path: str, where: str, *, follow: bool = False) -> Path:
+    """The host path of image path `path`, its links followed inside `tree`.
+
+    Absolute link targets start again at the tree's root, so the result is always inside `tree`
+    and no directory of it is a link. With `follow` false a link as the last component is the
+    result itself (to replace or chown it); with `follow` true it is followed too. A `..` that
+    would climb above the root, in `path` or in a link on the way, is a ConfigError naming `where`:
+    the kernel would stop it at the root, but nothing an overlay means goes there.
+    """
+    try:
+        found = resolve_in_root(path, host_readlink(tree), follow=follow)
+    except OSError:
+        raise ConfigError(
+            f"{where}: {path}: too many levels of symbolic links in the image tree"
+        ) from None
+    if found.escape is not None:
+        raise ConfigError(
+            f"{where}: {path}: expected a path inside the image tree, but {found.escape} "
+            "climbs above its root"
+        )
+    return Path(os.fspath(tree).rstrip("/") + found.path)
+
+
+def install_file(tree: Path, path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to image path `path` in `tree`, as a new inode (see `replace_file`)."""
+    replace_file(host_path(tree, path, path), data, mode)
 
 
 def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -49,9 +87,16 @@ def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
 def _read_modes(overlay: Path) -> dict[str, ModeEntry]:
     file = overlay / MODES_FILE
     entries: dict[str, ModeEntry] = {}
-    if not file.exists():
+    if not file.exists() and not file.is_symlink():
         return entries
-    for number, raw in enumerate(file.read_text().splitlines(), start=1):
+    if file.is_symlink() or not file.is_file():
+        # Reading through a link would read (and quote in errors) a file of the build host's.
+        raise ConfigError(f"{file}: expected a regular file, not a symbolic link or other kind")
+    try:
+        text = file.read_bytes().decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file}: expected UTF-8 text (byte {e.start} is not)") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -62,13 +107,25 @@ def _read_modes(overlay: Path) -> dict[str, ModeEntry]:
                 f"{where}: expected '/path MODE USER GROUP' (e.g. '/etc/x 0600 root root'), "
                 f"got {raw!r}"
             )
+        path = words[0].rstrip("/") or "/"
+        parts = path.split("/")[1:] if path != "/" else []
+        if any(part in ("", ".", "..") for part in parts):
+            raise ConfigError(
+                f"{where}: expected a normalised absolute path inside the image (no '.', '..' "
+                f"or '//'), got {words[0]!r}"
+            )
         try:
             mode = int(words[1], 8)
         except ValueError:
             raise ConfigError(f"{where}: mode {words[1]!r} is not an octal number") from None
         if mode > 0o7777:
             raise ConfigError(f"{where}: mode {words[1]!r} is out of range")
-        entries[words[0].rstrip("/")] = ModeEntry(mode, words[2], words[3])
+        if path in entries:
+            raise ConfigError(
+                f"{where}: expected each path once, but {path} is already given on line "
+                f"{entries[path].where.rpartition(':')[2]}"
+            )
+        entries[path] = ModeEntry(mode, words[2], words[3], where)
     return entries
 
 
@@ -76,9 +133,11 @@ def _tree_ids(tree: Path, user: str, group: str, where: str) -> tuple[int, int]:
     """Look up user and group in the image's own passwd/group files, never the host's."""
 
     def lookup(file: str, name: str) -> int | None:
-        for line in (tree / "etc" / file).read_text().splitlines():
+        # Followed inside the tree: an absolute link to /etc/passwd must not read the host's.
+        table = host_path(tree, f"/etc/{file}", where, follow=True)
+        for line in table.read_text(errors="replace").splitlines():
             fields = line.split(":")
-            if fields[0] == name and len(fields) > 2:
+            if fields[0] == name and len(fields) > 2 and fields[2].isdigit():
                 return int(fields[2])
         return None
 
@@ -121,9 +180,11 @@ def apply_overlay(overlay: Path, tree: Path, variables: Mapping[str, Any]) -> li
         if source.is_file() and not source.is_symlink() and name.endswith(".j2"):
             name = name.removesuffix(".j2")
             rendered = render_template(source, variables).encode()
-        target = tree / name
         abs_path = "/" + name
-        if source.is_symlink():
+        target = host_path(tree, abs_path, str(source))
+        kind = source.lstat().st_mode
+        if stat.S_ISLNK(kind):
+            _check_link(tree, source, abs_path)
             if target.is_symlink() or target.is_file():
                 target.unlink()
             elif target.is_dir():
@@ -131,21 +192,33 @@ def apply_overlay(overlay: Path, tree: Path, variables: Mapping[str, Any]) -> li
             target.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(os.readlink(source), target)
             os.lchown(target, 0, 0)
-        elif source.is_dir():
-            if target.is_symlink() or (target.exists() and not target.is_dir()):
+        elif stat.S_ISDIR(kind):
+            if target.is_symlink():
+                raise ConfigError(
+                    f"{source}: is a directory, but {abs_path} in the image is not: it is a "
+                    f"symbolic link to {os.readlink(target)}; expected a directory there (put "
+                    "the files under the link's target instead)"
+                )
+            if target.exists() and not target.is_dir():
                 raise ConfigError(f"{source}: is a directory, but {abs_path} in the image is not")
             target.mkdir(parents=True, exist_ok=True)
             os.chmod(target, 0o755)
             os.chown(target, 0, 0)
-        else:
+        elif stat.S_ISREG(kind):
             data = rendered if rendered is not None else source.read_bytes()
             mode = 0o755 if os.access(source, os.X_OK) else 0o644
             replace_file(target, data, mode)
             os.chown(target, 0, 0)
+        else:
+            # Reading a FIFO blocks forever and a device can be endless: neither is a file.
+            raise ConfigError(
+                f"{source}: expected a regular file, a directory or a symbolic link, not a "
+                f"{_kind(kind)}"
+            )
         installed.append(abs_path)
     for path, entry in modes.items():
-        target = tree / path.lstrip("/")
         where = f"{overlay / MODES_FILE}: {path}"
+        target = host_path(tree, path, entry.where)
         if not target.exists() and not target.is_symlink():
             raise ConfigError(f"{where}: no such file in the image after applying the overlay")
         uid, gid = _tree_ids(tree, entry.user, entry.group, where)
@@ -155,10 +228,38 @@ def apply_overlay(overlay: Path, tree: Path, variables: Mapping[str, Any]) -> li
     return installed
 
 
+def _check_link(tree: Path, source: Path, path: str) -> None:
+    """Refuse a link whose target, read from where it will be in the image, leads out of it.
+
+    An absolute target names the image's own file and stays inside; a relative one with more
+    `..` than it has directories above it would, on the build host, name something outside.
+    """
+    target = os.readlink(source)
+    host_path(
+        tree,
+        posixpath.join(posixpath.dirname(path), target),
+        f"{source}: a symbolic link to {target}",
+        follow=True,
+    )
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "named pipe"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
 def install_agent(updater_dir: Path, tree: Path) -> None:
     """Install the update agent's Python package and its units, commands and data into /usr."""
-    package = tree / "usr/lib/python3/dist-packages/updater"
-    if package.exists():
+    where = "installing the update agent"
+    package = host_path(tree, "/usr/lib/python3/dist-packages/updater", where)
+    if package.is_symlink():
+        package.unlink()
+    elif package.exists():
         shutil.rmtree(package)
     package.mkdir(parents=True)
     for source in sorted(updater_dir.rglob("*.py")):
@@ -169,8 +270,8 @@ def install_agent(updater_dir: Path, tree: Path) -> None:
     units = updater_dir / "units"
     if units.is_dir():
         for unit in sorted(units.iterdir()):
-            replace_file(tree / "usr/lib/systemd/system" / unit.name, unit.read_bytes(), 0o644)
+            install_file(tree, f"/usr/lib/systemd/system/{unit.name}", unit.read_bytes(), 0o644)
     commands = updater_dir / "bin"
     if commands.is_dir():
         for command in sorted(commands.iterdir()):
-            replace_file(tree / "usr/bin" / command.name, command.read_bytes(), 0o755)
+            install_file(tree, f"/usr/bin/{command.name}", command.read_bytes(), 0o755)

@@ -22,11 +22,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from builder.errors import BuildError
+from builder.overlay import host_path
 from builder.run import find_tool, run
 
 # Path of the store inside the image; overlays/containerhost/usr/share/containers/storage.conf.j2
 # receives it as the template variable `preload_store`.
 STORE = "/usr/lib/containers/storage"
+
+# What _SCRIPT mounts over inside the tree.
+_MOUNT_POINTS = ("/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp")
 
 # What podman keeps in a graph root besides images and layers: its own database and the state of
 # containers and volumes. A read-only image store has no use for them.
@@ -82,8 +86,19 @@ def preload_images(tree: Path, archives: Sequence[Path], scratch: Path) -> list[
             "the image definition lists images to preload, but the image has no podman",
             hint="preload needs podman in `packages` (containerhost has it)",
         )
-    store = tree / STORE.lstrip("/")
-    if store.exists():
+    where = "preloading container images"
+    # The script mounts over these by their host paths: a link there would aim the mounts (and
+    # the mkdir before them) at the build host instead of the tree.
+    for point in _MOUNT_POINTS:
+        if host_path(tree, point, where, follow=True) != tree / point.lstrip("/"):
+            raise BuildError(
+                f"{where}: {point} must be a directory in the image tree, not a symbolic link "
+                "or under one"
+            )
+    store = host_path(tree, STORE, where)
+    if store.is_symlink():
+        store.unlink()
+    elif store.exists():
         shutil.rmtree(store)
     store.mkdir(parents=True)
     if scratch.exists():

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from builder.errors import ConfigError
-from builder.overlay import apply_overlay, install_agent, render_template, replace_file
+from builder.overlay import (
+    apply_overlay,
+    host_path,
+    install_agent,
+    install_file,
+    render_template,
+    replace_file,
+)
 
 
 @pytest.fixture
@@ -253,3 +262,186 @@ def test_install_agent(tmp_path: Path, tree: Path) -> None:
     assert unit.read_text() == "[Unit]\n"
     command = tree / "usr/bin/berth-update"
     assert stat.S_IMODE(command.stat().st_mode) == 0o755
+
+
+# Escapes from the tree: the build runs as root, so nothing an overlay, an extra tree or a later
+# stage writes may land outside the tree, whatever links the tree holds.
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Path:
+    """A directory of the build host outside the tree, with a file nothing may touch."""
+    directory = tmp_path / "host"
+    directory.mkdir()
+    (directory / "victim").write_text("host file\n")
+    os.chmod(directory / "victim", 0o644)
+    return directory
+
+
+def untouched(host: Path) -> bool:
+    victim = host / "victim"
+    return (
+        sorted(p.name for p in host.iterdir()) == ["victim"]
+        and victim.read_text() == "host file\n"
+        and stat.S_IMODE(victim.stat().st_mode) == 0o644
+    )
+
+
+@pytest.mark.parametrize(
+    "path", ["/etc/../../host/victim", "/etc/./passwd", "/etc//passwd", "/../etc/passwd"]
+)
+def test_modes_paths_must_be_normalised(overlay: Path, tree: Path, host: Path, path: str) -> None:
+    modes = put(overlay, ".modes", f"# header\n{path} 0777 root root\n")
+    with pytest.raises(ConfigError) as info:
+        apply_overlay(overlay, tree, {})
+    assert str(info.value) == (
+        f"{modes}:2: expected a normalised absolute path inside the image (no '.', '..' or "
+        f"'//'), got {path!r}"
+    )
+    assert untouched(host)
+
+
+def test_modes_through_a_link_that_climbs_out_is_refused(
+    overlay: Path, tree: Path, host: Path
+) -> None:
+    # From /etc, one `..` reaches the image's root; the rest would climb out on the build host.
+    (tree / "etc/evil").symlink_to("../../host")
+    modes = put(overlay, ".modes", "/etc/evil/victim 0777 root root\n")
+    with pytest.raises(ConfigError) as info:
+        apply_overlay(overlay, tree, {})
+    assert str(info.value) == (
+        f"{modes}:1: /etc/evil/victim: expected a path inside the image tree, but "
+        "/etc/evil -> ../../host climbs above its root"
+    )
+    assert untouched(host)
+
+
+def test_modes_through_an_absolute_link_stays_in_the_tree(
+    overlay: Path, tree: Path, host: Path
+) -> None:
+    # An absolute link names the image's own path: /<host> inside the tree, not the host's.
+    (tree / "etc/abs").symlink_to(host)
+    put(overlay, ".modes", "/etc/abs/victim 0600 berth berth\n")
+    with pytest.raises(ConfigError, match="/etc/abs/victim: no such file in the image"):
+        apply_overlay(overlay, tree, {})
+    inside = tree / str(host).lstrip("/") / "victim"
+    inside.parent.mkdir(parents=True)
+    inside.write_text("the image's\n")
+    apply_overlay(overlay, tree, {})
+    assert (stat.S_IMODE(inside.stat().st_mode), inside.stat().st_uid) == (0o600, 4242)
+    assert untouched(host)
+
+
+def test_modes_file_must_be_a_file_of_the_overlay(overlay: Path, tree: Path, host: Path) -> None:
+    # Read through a link, .modes would quote a host file in its errors.
+    (overlay / ".modes").symlink_to(host / "victim")
+    with pytest.raises(ConfigError, match="expected a regular file, not a symbolic link"):
+        apply_overlay(overlay, tree, {})
+    (overlay / ".modes").unlink()
+    (overlay / ".modes").write_bytes(b"/etc/passwd 0644 root root # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"\.modes: expected UTF-8 text \(byte 32 is not\)"):
+        apply_overlay(overlay, tree, {})
+
+
+def test_modes_path_given_twice_names_both_lines(overlay: Path, tree: Path) -> None:
+    modes = put(overlay, ".modes", "/etc/passwd 0644 root root\n\n/etc/passwd/ 0600 root root\n")
+    with pytest.raises(ConfigError) as info:
+        apply_overlay(overlay, tree, {})
+    assert str(info.value) == (
+        f"{modes}:3: expected each path once, but /etc/passwd is already given on line 1"
+    )
+
+
+def test_modes_owners_are_read_from_the_tree_through_its_own_links(
+    overlay: Path, tree: Path
+) -> None:
+    # An absolute link to /etc/passwd-like files must not make the build read the host's.
+    real = tree / "usr/share/base/passwd"
+    real.parent.mkdir(parents=True)
+    (tree / "etc/passwd").rename(real)
+    (tree / "etc/passwd").symlink_to("/usr/share/base/passwd")
+    put(overlay, "etc/secret", "s\n")
+    put(overlay, ".modes", "/etc/secret 0600 berth root\n")
+    apply_overlay(overlay, tree, {})
+    assert (tree / "etc/secret").stat().st_uid == 4242
+
+
+def test_overlay_links_that_climb_out_are_refused(overlay: Path, tree: Path) -> None:
+    (overlay / "etc").mkdir()
+    (overlay / "etc/fine").symlink_to("../usr/lib/os-release")
+    (overlay / "etc/absolute").symlink_to("/usr/lib/os-release")  # the image's own
+    apply_overlay(overlay, tree, {})
+    (overlay / "etc/out").symlink_to("../../../host/victim")
+    with pytest.raises(ConfigError) as info:
+        apply_overlay(overlay, tree, {})
+    assert str(info.value) == (
+        f"{overlay / 'etc/out'}: a symbolic link to ../../../host/victim: /etc/../../../host/"
+        "victim: expected a path inside the image tree, but the path climbs above its root"
+    )
+    assert not (tree / "etc/out").is_symlink()
+
+
+def test_extra_tree_under_an_image_link_pointing_outside_is_refused(
+    overlay: Path, tree: Path, host: Path
+) -> None:
+    (tree / "var").mkdir()
+    (tree / "var/run").symlink_to(host)  # as Debian's /var/run -> /run, but to the host's eye
+    put(overlay, "var/run/victim", "overwritten\n")
+    with pytest.raises(ConfigError) as info:
+        apply_overlay(overlay, tree, {})
+    assert str(info.value) == (
+        f"{overlay / 'var/run'}: is a directory, but /var/run in the image is not: it is a "
+        f"symbolic link to {host}; expected a directory there (put the files under the link's "
+        "target instead)"
+    )
+    assert untouched(host)
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [(os.mkfifo, "named pipe"), (lambda p: socket.socket(socket.AF_UNIX).bind(str(p)), "socket")],
+)
+def test_extra_tree_special_files_are_refused(
+    overlay: Path, tree: Path, make: Callable[[Path], object], kind: str
+) -> None:
+    # Reading a named pipe would hang the build; a device could be endless.
+    (overlay / "etc").mkdir()
+    make(overlay / "etc/special")
+    with pytest.raises(ConfigError) as info:
+        apply_overlay(overlay, tree, {})
+    assert str(info.value) == (
+        f"{overlay / 'etc/special'}: expected a regular file, a directory or a symbolic link, "
+        f"not a {kind}"
+    )
+
+
+def test_later_writes_follow_links_an_extra_tree_left_inside_the_tree(
+    tmp_path: Path, overlay: Path, tree: Path, host: Path
+) -> None:
+    # An extra tree may make /usr/share/berth or /usr/lib/python3 an absolute link: what the
+    # build writes there afterwards lands where the image will see it, never on the host.
+    (overlay / "usr/share").mkdir(parents=True)
+    (overlay / "usr/share/berth").symlink_to(host)
+    (overlay / "usr/lib").mkdir(parents=True)
+    (overlay / "usr/lib/python3").symlink_to(host)
+    apply_overlay(overlay, tree, {})
+    install_file(tree, "/usr/share/berth/tuf/root.json", b"{}")
+    updater = tmp_path / "updater"
+    put(updater, "__init__.py", "")
+    install_agent(updater, tree)
+    inside = tree / str(host).lstrip("/")
+    assert (inside / "tuf/root.json").read_bytes() == b"{}"
+    assert (inside / "dist-packages/updater/__init__.py").exists()
+    assert untouched(host)
+
+
+def test_host_path_resolves_inside_the_tree(tree: Path) -> None:
+    (tree / "usr/lib").mkdir(parents=True)
+    (tree / "lib").symlink_to("usr/lib")
+    (tree / "etc/alt").symlink_to("/lib")
+    assert host_path(tree, "/etc/alt/x", "here") == tree / "usr/lib/x"
+    assert host_path(tree, "/etc/alt", "here") == tree / "etc/alt"  # the link itself
+    assert host_path(tree, "/etc/alt", "here", follow=True) == tree / "usr/lib"
+    (tree / "etc/loop").symlink_to("loop")
+    with pytest.raises(ConfigError, match="here: /etc/loop/x: too many levels of symbolic links"):
+        host_path(tree, "/etc/loop/x", "here")

@@ -83,3 +83,41 @@ def test_preload_needs_podman_in_the_image(tmp_path: Path) -> None:
     with pytest.raises(BuildError) as info:
         preload_images(tmp_path / "tree", [tmp_path / "web.tar"], tmp_path / "scratch")
     assert "no podman" in str(info.value)
+
+
+@pytest.mark.parametrize("point", ["tmp", "run", "var/tmp"])
+def test_preload_refuses_mount_points_that_are_links(tmp_path: Path, point: str) -> None:
+    # The loading script mounts over these by their host paths: a link would aim it at the host.
+    tree = tmp_path / "tree"
+    (tree / "usr/bin").mkdir(parents=True)
+    (tree / "usr/bin/podman").write_text("")
+    (tree / "var").mkdir()
+    (tree / point).symlink_to("/elsewhere")
+    with pytest.raises(BuildError) as info:
+        preload_images(tree, [tmp_path / "web.tar"], tmp_path / "scratch")
+    assert str(info.value) == (
+        f"preloading container images: /{point} must be a directory in the image tree, not a "
+        "symbolic link or under one"
+    )
+    assert not (tmp_path / "scratch").exists()
+
+
+def test_preload_replaces_a_linked_store_inside_the_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An extra tree that made the store an absolute link must not have the host's removed.
+    def no_podman_run(*args: object, **kwargs: object) -> None:
+        raise BuildError("stopped before loading")
+
+    monkeypatch.setattr("builder.preload.run", no_podman_run)
+    tree = tmp_path / "tree"
+    (tree / "usr/bin").mkdir(parents=True)
+    (tree / "usr/bin/podman").write_text("")
+    precious = tmp_path / "host-storage"
+    (precious / "keep").mkdir(parents=True)
+    (tree / "usr/lib/containers").mkdir(parents=True)
+    (tree / "usr/lib/containers/storage").symlink_to(precious)
+    with pytest.raises(BuildError, match="stopped before loading"):
+        preload_images(tree, [tmp_path / "web.tar"], tmp_path / "scratch")
+    assert (precious / "keep").is_dir()
+    assert (tree / "usr/lib/containers/storage").is_dir()

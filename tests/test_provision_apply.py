@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from updater.provision.__main__ import check
 from updater.provision.apply import apply_plan, run_commands
 from updater.provision.plan import (
     Command,
@@ -290,3 +292,190 @@ def test_commands_and_script_run_in_order_and_a_failure_names_the_entry(root: Pa
         )
         run_commands(plan(commands=commands), root)
     assert out.read_text() == "one\ntwo\nthree\n"
+
+
+# -- the writable roots, after links: nothing is written outside /etc, /var, /home and /root ------
+
+OUTSIDE = (
+    "expected a path that stays under /etc, /var, /home, /root once symbolic links on this "
+    "machine are followed, but"
+)
+
+
+def refused(root: Path, broken: Plan) -> str:
+    """The refusal of `broken`, checking that it changed nothing under `root`."""
+    before = snapshot(root)
+    with pytest.raises(ProvisionError) as info:
+        apply_plan(broken, root)
+    assert snapshot(root) == before
+    return str(info.value)
+
+
+@pytest.fixture
+def linked(root: Path) -> Path:
+    """Links a real machine has: /var/run to /run, and some into the read-only /usr."""
+    (root / "usr/lib/app").mkdir(parents=True)
+    (root / "run").mkdir()
+    (root / "var/run").symlink_to("/run")  # as on Debian
+    (root / "etc/app").symlink_to("/usr/lib/app")
+    (root / "etc/up").symlink_to("../../../../usr/lib")  # climbs above / and stops there
+    (root / "etc/data").symlink_to("/var/lib/data")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        (
+            plan(files=(File("/etc/app/app.conf", b"x"),)),
+            "file /etc/app/app.conf: {} /etc/app/app.conf leads to /usr/lib/app/app.conf through "
+            "/etc/app -> /usr/lib/app",
+        ),
+        (
+            plan(files=(File("/var/run/app.pid", b"1"),)),
+            "file /var/run/app.pid: {} /var/run/app.pid leads to /run/app.pid through "
+            "/var/run -> /run",
+        ),
+        (
+            plan(files=(File("/etc/up/x", b"x"),)),
+            "file /etc/up/x: {} /etc/up/x leads to /usr/lib/x through /etc/up -> "
+            "../../../../usr/lib",
+        ),
+        (
+            plan(directories=(Directory("/etc/app", 0o777),)),  # chmod through the link
+            "directory /etc/app: {} /etc/app leads to /usr/lib/app through /etc/app -> "
+            "/usr/lib/app",
+        ),
+        (
+            plan(directories=(Directory("/var/run/app"),)),
+            "directory /var/run/app: {} /var/run/app leads to /run/app through /var/run -> /run",
+        ),
+        (
+            plan(links=(Link("/var/run/link", "x"),)),
+            "link /var/run/link: {} /var/run/link leads to /run/link through /var/run -> /run",
+        ),
+        (
+            plan(links=(Link("/etc/hard", "/etc/app/lib.so", hard=True),)),
+            "link /etc/hard target: {} /etc/app/lib.so leads to /usr/lib/app/lib.so through "
+            "/etc/app -> /usr/lib/app",
+        ),
+        (
+            # The plan's own link counts as if made already.
+            plan(links=(Link("/etc/new", "/usr/share/new"),), files=(File("/etc/new/x", b"x"),)),
+            "file /etc/new/x: {} /etc/new/x leads to /usr/share/new/x through /etc/new -> "
+            "/usr/share/new",
+        ),
+        (
+            plan(units=(Unit("app.service", "[Service]\n", dropins=(Dropin("a.conf", ""),)),)),
+            "unit app.service: {} /etc/systemd/system/app.service.d/a.conf leads to "
+            "/usr/lib/app.d/a.conf through /etc/systemd/system/app.service.d -> /usr/lib/app.d",
+        ),
+    ],
+)
+def test_a_path_that_leads_outside_the_writable_roots_is_refused(
+    linked: Path, broken: Plan, message: str
+) -> None:
+    (linked / "usr/lib/app/lib.so").write_text("image\n")
+    (linked / "usr/lib/app.d").mkdir()
+    (linked / "etc/systemd/system/app.service.d").symlink_to("/usr/lib/app.d")
+    # Something valid staged first, so that a refusal also proves the rollback.
+    whole = Plan(
+        source=broken.source,
+        format=broken.format,
+        directories=broken.directories,
+        files=(File("/etc/first", b"first"), *broken.files),
+        links=broken.links,
+        units=broken.units,
+    )
+    assert refused(linked, whole) == "test.ign: " + message.format(OUTSIDE)
+    assert not (linked / "usr/lib/app/app.conf").exists()
+    assert list((linked / "run").iterdir()) == []
+
+
+def test_links_inside_the_writable_roots_are_followed_there(linked: Path) -> None:
+    apply_plan(
+        plan(
+            directories=(Directory("/var/lib/data"),),
+            files=(File("/etc/data/state", b"through a link of the machine"),),
+            # A file under a link of the same plan goes where the link will lead. Before, the
+            # file made /etc/conf.d a directory: the link was refused as "exists", or with
+            # overwrite its rename failed after the file's was committed, leaving both behind.
+            links=(Link("/etc/conf.d", "/var/lib/conf"),),
+        ),
+        linked,
+    )
+    assert (linked / "var/lib/data/state").read_bytes() == b"through a link of the machine"
+    assert os.readlink(linked / "etc/conf.d") == "/var/lib/conf"
+    apply_plan(plan(files=(File("/etc/conf.d/a.conf", b"a"),)), linked)
+    assert (linked / "var/lib/conf/a.conf").read_bytes() == b"a"
+    both = plan(
+        links=(Link("/etc/more.d", "../var/lib/more", overwrite=True),),
+        files=(File("/etc/more.d/b", b"b"),),
+    )
+    apply_plan(both, linked)
+    assert (linked / "var/lib/more/b").read_bytes() == b"b"
+    assert (linked / "etc/more.d/b").read_bytes() == b"b"
+
+
+def test_a_users_home_elsewhere_gets_no_keys(root: Path) -> None:
+    # nobody's home in /etc/passwd is /nonexistent: keys there would go to the read-only image.
+    message = refused(root, plan(users=(User("nobody", ("ssh-ed25519 AAAAn n",)),)))
+    assert message == (
+        "test.ign: user nobody: expected an account whose home is under /etc, /var, /home, /root "
+        "to give SSH keys to, but /etc/passwd says its home is '/nonexistent'"
+    )
+    # Joining a group asks for nothing in the home: it is left alone, not made.
+    apply_plan(plan(users=(User("nobody", groups=("sudo",)),)), root)
+    assert not (root / "nonexistent").exists()
+    assert "sudo:x:27:nobody" in (root / "etc/group").read_text().splitlines()
+
+
+def test_a_home_that_links_outside_gets_no_keys(root: Path) -> None:
+    (root / "usr/lib/roothome").mkdir(parents=True)
+    (root / "root/.ssh/authorized_keys").unlink()
+    (root / "root/.ssh").rmdir()
+    (root / "root").rmdir()
+    (root / "root").symlink_to("/usr/lib/roothome")
+    message = refused(root, plan(users=(User("root", ("ssh-ed25519 AAAAr r",)),)))
+    assert message == (
+        f"test.ign: user root's home: {OUTSIDE} /root leads to /usr/lib/roothome through "
+        "/root -> /usr/lib/roothome"
+    )
+    # Fedora CoreOS's layout, /root -> /var/roothome, is inside: the keys go there.
+    (root / "root").unlink()
+    (root / "root").symlink_to("var/roothome")
+    apply_plan(plan(users=(User("root", ("ssh-ed25519 AAAAr r",)),)), root)
+    assert (root / "var/roothome/.ssh/authorized_keys").read_text() == "ssh-ed25519 AAAAr r\n"
+
+
+@pytest.mark.parametrize("key", ["WantedBy", "RequiredBy", "Alias"])
+def test_install_section_names_must_be_file_names(root: Path, key: str) -> None:
+    unit = Unit("evil.service", f"[Service]\n[Install]\n{key}=../../../usr/lib/x.target\n", True)
+    assert refused(root, plan(units=(unit,))) == (
+        f"test.ign: unit evil.service: {key}= names '../../../usr/lib/x.target'; expected unit "
+        "names (one file name each)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        (
+            b'{"ignition": {"version": "3.4.0"}, "passwd": {"users": [{"name": "core", '
+            b'"homeDir": "/usr/local/core"}]}}',
+            "passwd.users[0].homeDir: not supported by Berth",
+        ),
+        (
+            b"#cloud-config\nusers:\n  - name: core\n    homedir: /run/core\n",
+            "users[0].homedir: not supported by Berth",
+        ),
+    ],
+)
+def test_a_home_elsewhere_is_refused_when_the_config_is_read(
+    tmp_path: Path, config: bytes, field: str
+) -> None:
+    # Homes come from the image's defaults (/home/<name>); --check says so before any boot.
+    path = tmp_path / "config"
+    path.write_bytes(config)
+    with pytest.raises(ProvisionError, match=re.escape(field)):
+        check(path)

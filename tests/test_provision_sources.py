@@ -32,10 +32,12 @@ from tests.support.misbehaving_server import (
     silent_port,
 )
 from updater import run
+from updater.provision.__main__ import main as provision_main
 from updater.provision.plan import ProvisionError
 from updater.provision.sources import (
     AZURE_ASSET_TAG,
     IGNITION_PLATFORMS,
+    MAX_USER_DATA,
     Drives,
     Platform,
     SourceEnv,
@@ -1059,3 +1061,40 @@ def test_real_cidata_image_through_find_user_data(
     drives = SystemDrives(mount_root=tmp_path / "run", candidates=(str(config2),))
     found = find_user_data(Platform.METAL, env=env_for(tmp_path, drives))
     assert found is not None and found.data == IGNITION and found.meta == {"instance-id": "u-1"}
+
+
+# Configs of any size on drives and fw_cfg: refused past MAX_USER_DATA, never read whole
+
+
+def _huge(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        f.truncate(MAX_USER_DATA + 1)  # sparse: costs nothing to make
+    return path
+
+
+def test_a_huge_user_data_on_a_drive_is_refused(tmp_path: Path, drives: DirectoryDrives) -> None:
+    root = drives.add("/dev/vdb", "cidata", "vfat", tmp_path / "cidata")
+    _huge(root / "user-data")
+    with pytest.raises(ProvisionError) as info:
+        find_user_data(Platform.METAL, env=env_for(tmp_path, drives))
+    assert (
+        str(info.value) == "NoCloud drive /dev/vdb: user-data: expected a config of at most 16 MiB"
+    )
+
+
+def test_a_huge_fw_cfg_blob_is_refused(tmp_path: Path, drives: DirectoryDrives) -> None:
+    env = env_for(tmp_path, drives)
+    _huge(env.fw_cfg_dir / "opt/org.berth/config/raw")
+    with pytest.raises(ProvisionError) as info:
+        find_user_data(Platform.QEMU, env=env)
+    assert str(info.value) == (
+        "QEMU fw_cfg opt/org.berth/config: raw: expected a config of at most 16 MiB"
+    )
+
+
+def test_check_of_an_endless_file_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert provision_main(["--check", "/dev/zero"]) == 1
+    assert capsys.readouterr().out == (
+        "berth-provision: FAILED: /dev/zero: zero: expected a config of at most 16 MiB\n"
+    )

@@ -1,4 +1,10 @@
-"""Durable file writes shared by the agent, its state, the boot entries and the publisher.
+"""Durable file writes shared by the agent, its state, the boot entries and the publisher; paths
+inside a root.
+
+`resolve_in_root` follows symbolic links inside a directory tree as the kernel would with that tree
+as `/` (an image tree being built, the root provisioning writes into): the builder and the
+provisioner both use it, so that what they write lands where the tree itself would see it, never
+on the host through an absolute link.
 
 Standard library only, and nothing heavy: the resident daemon imports this (see worker.py).
 """
@@ -6,11 +12,16 @@ Standard library only, and nothing heavy: the resident daemon imports this (see 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+# The kernel's limit on links followed in one lookup (ELOOP past it).
+MAX_SYMLINKS = 40
 
 
 @contextlib.contextmanager
@@ -49,3 +60,75 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where a path leads inside a root, and which links took it there."""
+
+    path: str  # absolute inside the root; no component a symlink (but the last, if not followed)
+    links: tuple[tuple[str, str], ...]  # (link, its target) in the order they were followed
+    # The first `..` that tried to climb above the root (which stays where it is, as under
+    # chroot): "the path" itself, or "<link> -> <target>". None when nothing tried.
+    escape: str | None = None
+
+
+def resolve_in_root(
+    path: str, readlink: Callable[[str], str | None], *, follow: bool = True
+) -> Resolved:
+    """`path` (absolute in the root) with every symlink followed in the root's terms.
+
+    `readlink(p)` gives the target of the link at root path `p`, or None if `p` is no link
+    (missing included: the rest is then taken as written). An absolute target starts again at the
+    root; `..` at the root stays there. With `follow` false, a link as the last component is left
+    as it is. Raises OSError(ELOOP) past MAX_SYMLINKS links.
+    """
+    pending = _components(path)
+    current = ""
+    links: list[tuple[str, str]] = []
+    escape: str | None = None
+    # Which link's target the components now pending came from, for `escape`.
+    origin: list[str] = ["the path"] * len(pending)
+    while pending:
+        part = pending.pop()
+        source = origin.pop()
+        if part == "..":
+            if not current and escape is None:
+                escape = source
+            current = current.rpartition("/")[0]
+            continue
+        candidate = f"{current}/{part}"
+        if not pending and not follow:
+            current = candidate
+            break
+        target = readlink(candidate)
+        if target is None:
+            current = candidate
+            continue
+        if len(links) >= MAX_SYMLINKS:
+            raise OSError(errno.ELOOP, "too many levels of symbolic links", path)
+        links.append((candidate, target))
+        if target.startswith("/"):
+            current = ""
+        added = _components(target)
+        pending.extend(added)
+        origin.extend([f"{candidate} -> {target}"] * len(added))
+    return Resolved(current or "/", tuple(links), escape)
+
+
+def host_readlink(root: Path) -> Callable[[str], str | None]:
+    """`readlink` for `resolve_in_root` over the directory tree at `root` on this host."""
+    prefix = os.fspath(root).rstrip("/")
+
+    def readlink(candidate: str) -> str | None:
+        try:
+            return os.readlink(prefix + candidate)
+        except OSError:  # not a link, or not there
+            return None
+
+    return readlink
+
+
+def _components(path: str) -> list[str]:
+    """Path components in reverse, ready to be popped in order."""
+    return [c for c in reversed(path.split("/")) if c and c != "."]

@@ -128,7 +128,9 @@ def _check_in(platform: str) -> None:
 
 
 def check(path: Path) -> int:
-    plan = parse_config(path.read_bytes(), str(path))
+    from updater.provision.sources import read_config_file
+
+    plan = parse_config(read_config_file(path, str(path)), str(path))
     if plan is None:
         print(f"{path}: empty: nothing to apply")
         return 0

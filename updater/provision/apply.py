@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import socket
 import stat
 import sys
@@ -32,8 +33,17 @@ from pathlib import Path, PurePosixPath
 
 from updater import run
 from updater.errors import CommandError
-from updater.files import fsync_dir
-from updater.provision.plan import Command, Plan, ProvisionError, Unit, User
+from updater.files import Resolved, fsync_dir, resolve_in_root
+from updater.provision.plan import (
+    WRITABLE_ROOTS,
+    Command,
+    Plan,
+    ProvisionError,
+    Unit,
+    User,
+    field_error,
+    in_writable_roots,
+)
 
 # Quadlet files are read by podman's systemd generator from here; other units go to systemd's
 # admin directory. Both are in /etc, the writable overlay that survives updates.
@@ -66,29 +76,73 @@ def run_command(argv: Sequence[str]) -> None:
 
 @dataclass
 class _Stage:
-    """Staged changes under `root`: temporaries to rename, links to remove, dirs made for them."""
+    """Staged changes under `root`: temporaries to rename, links to remove, dirs made for them.
+
+    Every path is taken as the root itself will see it: links are followed inside the root (an
+    absolute target starts again at `root`), the plan's own links included, as if already made.
+    Whatever is written must then lie under WRITABLE_ROOTS (`writable`): a link in /etc to /usr
+    or /run is never written through, and a test's root never leaks onto the host.
+    """
 
     root: Path
+    source: str = ""  # the plan's, for messages
+    links: dict[str, str] = field(default_factory=dict)  # the plan's symbolic links: path -> target
     renames: list[tuple[Path, Path]] = field(default_factory=list)  # (temporary, destination)
     unlinks: list[Path] = field(default_factory=list)
     chmods: list[tuple[Path, int]] = field(default_factory=list)  # existing dirs, at commit
     made_dirs: list[Path] = field(default_factory=list)
     staged: dict[str, Path] = field(default_factory=dict)  # image path -> its temporary
 
-    def host(self, path: str) -> Path:
-        return self.root / path.lstrip("/")
+    def _readlink(self, candidate: str) -> str | None:
+        if candidate in self.links:
+            return self.links[candidate]
+        try:
+            return os.readlink(self._on_host(candidate))
+        except OSError:  # not a link, or not there
+            return None
+
+    def _on_host(self, path: str) -> Path:
+        return Path(os.fspath(self.root).rstrip("/") + path)
+
+    def _resolve(self, path: str, follow: bool) -> Resolved:
+        try:
+            return resolve_in_root(path, self._readlink, follow=follow)
+        except OSError:
+            raise ProvisionError(
+                f"{self.source}: {path}: too many levels of symbolic links on this machine"
+            ) from None
+
+    def host(self, path: str, *, follow: bool = False) -> Path:
+        """Where `path` is on this host, for reading: links followed inside the root (a last
+        one only with `follow`)."""
+        return self._on_host(self._resolve(path, follow).path)
+
+    def writable(self, path: str, what: str, *, follow: bool = False) -> Path:
+        """As `host`, for a path about to be written: refused, naming `what`, unless it lies
+        under WRITABLE_ROOTS once links are followed."""
+        found = self._resolve(path, follow)
+        if not in_writable_roots(found.path):
+            through = ", ".join(f"{link} -> {target}" for link, target in found.links)
+            raise field_error(
+                self.source,
+                what,
+                "a path that stays under " + ", ".join(WRITABLE_ROOTS) + " once symbolic links "
+                f"on this machine are followed, but {path} leads to {found.path}"
+                + (f" through {through}" if through else ""),
+            )
+        return self._on_host(found.path)
 
     def exists(self, path: str) -> bool:
         return path in self.staged or os.path.lexists(self.host(path))
 
-    def ensure_dir(self, path: str, mode: int = 0o755, uid: int = 0, gid: int = 0) -> None:
+    def ensure_dir(
+        self, path: str, mode: int = 0o755, uid: int = 0, gid: int = 0, what: str = ""
+    ) -> None:
         """Make `path` and missing parents now; they are removed again if staging fails."""
-        host = self.host(path)
+        host = self.writable(path, what or f"directory {path}", follow=True)
         missing: list[Path] = []
         probe = host
         while not probe.exists():
-            if probe.is_symlink():
-                raise ProvisionError(f"{path}: {probe} is a dangling symbolic link")
             missing.append(probe)
             probe = probe.parent
         if not probe.is_dir():
@@ -104,16 +158,20 @@ class _Stage:
             else:
                 os.chmod(directory, 0o755)
 
-    def _temporary(self, path: str) -> Path:
-        parent = PurePosixPath(path).parent
-        self.ensure_dir(str(parent))
-        return self.host(str(parent))
+    def _destination(self, path: str, what: str) -> Path:
+        """Where a new entry for `path` goes (a link there is replaced, not written through),
+        with its directory made."""
+        destination = self.writable(path, what)
+        self.ensure_dir(str(PurePosixPath(path).parent), what=what)
+        return destination
 
-    def file(self, path: str, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> None:
-        directory = self._temporary(path)
-        fd, name = tempfile.mkstemp(dir=directory, prefix=".berth-provision.")
+    def file(
+        self, path: str, data: bytes, mode: int, uid: int = 0, gid: int = 0, what: str = ""
+    ) -> None:
+        destination = self._destination(path, what or f"file {path}")
+        fd, name = tempfile.mkstemp(dir=destination.parent, prefix=".berth-provision.")
         temp = Path(name)
-        self.renames.append((temp, self.host(path)))
+        self.renames.append((temp, destination))
         self.staged[path] = temp
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -122,22 +180,23 @@ class _Stage:
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
 
-    def symlink(self, path: str, target: str) -> None:
-        directory = self._temporary(path)
-        temp = directory / f".berth-provision.{os.getpid()}.{len(self.renames)}"
+    def symlink(self, path: str, target: str, what: str = "") -> None:
+        destination = self._destination(path, what or f"link {path}")
+        temp = destination.parent / f".berth-provision.{os.getpid()}.{len(self.renames)}"
         os.symlink(target, temp)
-        self.renames.append((temp, self.host(path)))
+        self.renames.append((temp, destination))
         self.staged[path] = temp
 
     def hardlink(self, path: str, target: str) -> None:
-        directory = self._temporary(path)
+        what = f"link {path}"
+        destination = self._destination(path, what)
         # A target the same config creates is linked through its staged temporary: same inode.
-        source = self.staged.get(target, self.host(target))
+        source = self.staged.get(target) or self.writable(target, f"{what} target", follow=True)
         if not source.exists():
             raise ProvisionError(f"{path}: hard link target {target} does not exist")
-        temp = directory / f".berth-provision.{os.getpid()}.{len(self.renames)}"
+        temp = destination.parent / f".berth-provision.{os.getpid()}.{len(self.renames)}"
         os.link(source, temp)
-        self.renames.append((temp, self.host(path)))
+        self.renames.append((temp, destination))
         self.staged[path] = temp
 
     def discard(self) -> None:
@@ -183,7 +242,9 @@ def apply_plan(
     apply to a directory tree with it off. Commands and scripts are run by `run_commands`.
     """
     live = root == Path("/") if live is None else live
-    stage = _Stage(root)
+    stage = _Stage(
+        root, plan.source, {link.path: link.target for link in plan.links if not link.hard}
+    )
     try:
         summary, start, reload = _stage_plan(plan, stage)
     except BaseException:
@@ -248,10 +309,11 @@ def _argv(command: Command) -> list[str]:
 def _stage_plan(plan: Plan, stage: _Stage) -> tuple[list[str], list[str], bool]:
     summary: list[str] = []
     if plan.hostname:
-        stage.file("/etc/hostname", f"{plan.hostname}\n".encode(), 0o644)
+        stage.file("/etc/hostname", f"{plan.hostname}\n".encode(), 0o644, what="hostname")
         summary.append(f"hostname {plan.hostname}")
     for directory in plan.directories:
-        host = stage.host(directory.path)
+        # Followed to the end: an existing directory's mode is set on what the link names.
+        host = stage.writable(directory.path, f"directory {directory.path}", follow=True)
         if host.exists() and not host.is_dir():
             raise ProvisionError(f"{plan.source}: directory {directory.path}: a file is there")
         if host.is_dir():
@@ -261,13 +323,14 @@ def _stage_plan(plan: Plan, stage: _Stage) -> tuple[list[str], list[str], bool]:
             stage.ensure_dir(directory.path, directory.mode)
         summary.append(f"directory {directory.path}")
     for file in plan.files:
-        host = stage.host(file.path)
+        host = stage.writable(file.path, f"file {file.path}")
         if host.is_dir() and not host.is_symlink():
             raise ProvisionError(f"{plan.source}: file {file.path}: a directory is there")
         data, mode = file.contents, file.mode
-        if file.append and host.is_file():
+        existing = stage.host(file.path, follow=True)
+        if file.append and existing.is_file():
             # Appending keeps the file's own mode, as Ignition and cloud-init do.
-            data, mode = host.read_bytes() + data, stat.S_IMODE(host.stat().st_mode)
+            data, mode = existing.read_bytes() + data, stat.S_IMODE(existing.stat().st_mode)
         elif stage.exists(file.path) and not (file.overwrite or file.append):
             raise ProvisionError(f"{plan.source}: file {file.path} exists and overwrite is false")
         stage.file(file.path, data, mode)
@@ -303,14 +366,14 @@ def _stage_plan(plan: Plan, stage: _Stage) -> tuple[list[str], list[str], bool]:
 
 
 def _read_db(stage: _Stage, path: str) -> list[list[str]]:
-    host = stage.host(path)
+    host = stage.host(path, follow=True)
     if not host.exists():
         return []
     return [line.split(":") for line in host.read_text().splitlines() if line.strip()]
 
 
 def _write_db(stage: _Stage, path: str, rows: list[list[str]], mode: int) -> None:
-    host = stage.host(path)
+    host = stage.host(path, follow=True)
     gid = host.stat().st_gid if host.exists() else 0
     stage.file(path, "".join(":".join(r) + "\n" for r in rows).encode(), mode, 0, gid)
 
@@ -342,8 +405,11 @@ def _stage_users(plan: Plan, stage: _Stage) -> list[str]:
             summary.append(f"user {user.name} created (uid {uid})")
             homes.append((user, home, uid, gid))
         else:
-            uid, gid, home = int(entry[2]), int(entry[3]), entry[5]
+            uid, gid, home = int(entry[2]), int(entry[3]), posixpath.normpath(entry[5] or ".")
             summary.append(f"user {user.name} updated")
+            if user.ssh_authorized_keys:
+                # Refused now, before anything else is staged, naming where the home is.
+                _writable_home(plan, stage, user, home)
             homes.append((user, home, uid, gid))
         if user.password_hash is not None:
             row = next((r for r in shadow if r[0] == user.name), None)
@@ -380,20 +446,46 @@ def _free_id(used: set[int]) -> int:
     raise ProvisionError(f"no free user or group id between {FIRST_UID} and {LAST_UID}")
 
 
+def _writable_home(plan: Plan, stage: _Stage, user: User, home: str) -> None:
+    """Refuse an existing account's home that provisioning cannot write SSH keys into."""
+    what = f"user {user.name}"
+    if not home.startswith("/") or not in_writable_roots(home):
+        # /etc/passwd says where (system accounts live in /nonexistent, /usr/sbin, /run/...):
+        # keys written there would land on the read-only image or vanish at the next boot.
+        raise field_error(
+            plan.source,
+            what,
+            "an account whose home is under " + ", ".join(WRITABLE_ROOTS) + " to give SSH keys "
+            f"to, but /etc/passwd says its home is {home!r}",
+        )
+    stage.writable(home, f"{what}'s home", follow=True)
+
+
 def _stage_home(stage: _Stage, user: User, home: str, uid: int, gid: int) -> None:
-    if not stage.host(home).exists():
-        stage.ensure_dir(home, 0o700, uid, gid)
+    what = f"user {user.name}'s home"
     if not user.ssh_authorized_keys:
+        # Only a missing home is made, and only where provisioning writes: an existing system
+        # account that joins a group keeps its /nonexistent.
+        if (
+            home.startswith("/")
+            and in_writable_roots(home)
+            and not stage.host(home, follow=True).exists()
+        ):
+            stage.ensure_dir(home, 0o700, uid, gid, what)
         return
+    if not stage.writable(home, what, follow=True).exists():
+        stage.ensure_dir(home, 0o700, uid, gid, what)
     ssh = f"{home}/.ssh"
-    if not stage.host(ssh).exists():
-        stage.ensure_dir(ssh, 0o700, uid, gid)
-    keys_file = stage.host(f"{ssh}/authorized_keys")
+    if not stage.writable(ssh, what, follow=True).exists():
+        stage.ensure_dir(ssh, 0o700, uid, gid, what)
+    keys = f"{ssh}/authorized_keys"
+    keys_file = stage.host(keys, follow=True)
     # Keys already there (say, from the ssh.authorized_keys.root credential) are kept.
     existing = keys_file.read_text().splitlines() if keys_file.exists() else []
     new = [k for k in user.ssh_authorized_keys if k.strip() not in {e.strip() for e in existing}]
     lines = existing + new
-    stage.file(f"{ssh}/authorized_keys", "".join(k + "\n" for k in lines).encode(), 0o600, uid, gid)
+    data = "".join(k + "\n" for k in lines).encode()
+    stage.file(keys, data, 0o600, uid, gid, what)
 
 
 # -- units ---------------------------------------------------------------------------------------
@@ -434,19 +526,20 @@ def _has_install(text: str) -> bool:
 
 def _stage_unit(source: str, unit: Unit, stage: _Stage, start: list[str]) -> list[str]:
     summary: list[str] = []
+    what = f"unit {unit.name}"
     quadlet = _is_quadlet(unit.name)
     directory = QUADLET_DIR if quadlet else SYSTEMD_DIR
     path = f"{directory}/{unit.name}"
     if unit.mask:
         if quadlet:
             raise ProvisionError(f"{source}: unit {unit.name}: quadlet files cannot be masked")
-        stage.symlink(path, "/dev/null")
+        stage.symlink(path, "/dev/null", what)
         summary.append(f"unit {unit.name} masked")
     elif unit.contents is not None:
-        stage.file(path, unit.contents.encode(), 0o644)
+        stage.file(path, unit.contents.encode(), 0o644, what=what)
         summary.append(f"unit {unit.name}")
     for dropin in unit.dropins:
-        stage.file(f"{path}.d/{dropin.name}", dropin.contents.encode(), 0o644)
+        stage.file(f"{path}.d/{dropin.name}", dropin.contents.encode(), 0o644, what=what)
         summary.append(f"drop-in {unit.name}.d/{dropin.name}")
     if quadlet:
         if unit.enabled is not None:
@@ -462,6 +555,14 @@ def _stage_unit(source: str, unit: Unit, stage: _Stage, start: list[str]) -> lis
     if unit.enabled is True and not unit.mask:
         text = unit.contents if unit.contents is not None else _image_unit(source, unit.name, stage)
         install = _install_section(text)
+        for key in ("WantedBy", "RequiredBy", "Alias"):
+            for name in install.get(key, []):
+                # Each becomes a file name under /etc/systemd/system: `a/../../b` would not.
+                if "/" in name or name in (".", "..") or "\0" in name:
+                    raise ProvisionError(
+                        f"{source}: unit {unit.name}: {key}= names {name!r}; expected unit "
+                        "names (one file name each)"
+                    )
         targets = [("wants", t) for t in install.get("WantedBy", [])]
         targets += [("requires", t) for t in install.get("RequiredBy", [])]
         aliases = install.get("Alias", [])
@@ -478,13 +579,13 @@ def _stage_unit(source: str, unit: Unit, stage: _Stage, start: list[str]) -> lis
         for kind, target in targets:
             link = f"{SYSTEMD_DIR}/{target}.{kind}/{unit.name}"
             if not os.path.lexists(stage.host(link)):
-                stage.symlink(link, target_path)
+                stage.symlink(link, target_path, what)
         for alias in aliases:
-            stage.symlink(f"{SYSTEMD_DIR}/{alias}", target_path)
+            stage.symlink(f"{SYSTEMD_DIR}/{alias}", target_path, what)
         start.append(unit.name)
         summary.append(f"unit {unit.name} enabled")
     elif unit.enabled is False:
-        admin = stage.host(SYSTEMD_DIR)
+        admin = stage.writable(SYSTEMD_DIR, what, follow=True)
         if admin.is_dir():
             for holder in sorted(admin.iterdir()):
                 if holder.name.endswith((".wants", ".requires")) and holder.is_dir():
@@ -506,7 +607,7 @@ def _unit_path(name: str, stage: _Stage) -> str:
 
 def _image_unit(source: str, name: str, stage: _Stage) -> str:
     for directory in UNIT_SEARCH:
-        host = stage.host(f"{directory}/{name}")
+        host = stage.host(f"{directory}/{name}", follow=True)
         if host.is_file():
             return host.read_text()
     raise ProvisionError(

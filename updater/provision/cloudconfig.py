@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import re
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -49,11 +47,14 @@ from updater.provision.plan import (
     USER_NAME,
     Command,
     File,
+    NotGzip,
     Plan,
     ProvisionError,
     User,
     check_path,
+    check_plan_contents,
     field_error,
+    gunzip,
     unsupported,
 )
 
@@ -176,15 +177,15 @@ _USER_KEY_HINTS = {
 
 def decompress(data: bytes, source: str) -> bytes:
     """User-data as meant: EC2 and OpenStack allow it gzip-compressed (undone once, as cloud-init
-    does). The Ignition parser needs this too."""
+    does), up to MAX_DECOMPRESSED. The Ignition parser needs this too."""
     if not data.startswith(GZIP_MAGIC):
         return data
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as e:
+        return gunzip(data, source, "gzip'd user-data")
+    except NotGzip as e:
         raise ProvisionError(
-            f"{source}: user-data starts like gzip data but does not decompress: {e}"
-        ) from e
+            f"{source}: user-data starts like gzip data but does not decompress: {e.reason}"
+        ) from None
 
 
 def classify(data: bytes, source: str = "user-data") -> UserDataKind:
@@ -486,6 +487,7 @@ _ENCODINGS: dict[str, tuple[str, ...]] = {
 
 def _write_files(value: object, source: str) -> tuple[File, ...]:
     files: dict[str, File] = {}
+    total = 0
     for i, entry in enumerate(_list(value, source, "write_files")):
         path = f"write_files[{i}]"
         if not isinstance(entry, dict):
@@ -497,6 +499,8 @@ def _write_files(value: object, source: str) -> tuple[File, ...]:
             raise field_error(source, f"{path}.path", "an absolute path (the key is required)")
         target = check_path(source, f"{path}.path", entry["path"])
         contents = _contents(entry, source, path)
+        total += len(contents)
+        check_plan_contents(source, f"{path}.content", total)
         mode = _permissions(entry.get("permissions"), source, f"{path}.permissions")
         owner = entry.get("owner", "root")
         if not isinstance(owner, str):
@@ -546,10 +550,7 @@ def _contents(entry: Mapping[object, object], source: str, path: str) -> bytes:
             except binascii.Error as e:
                 raise field_error(source, f"{path}.content", f"base64 text ({e})") from e
         else:
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError, zlib.error) as e:
-                raise field_error(source, f"{path}.content", f"gzip data ({e})") from e
+            data = gunzip(data, source, f"{path}.content")
     return data
 
 

@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import hashlib
-import io
 import json
 import re
 import time
 import urllib.parse
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -45,18 +42,22 @@ from typing import TYPE_CHECKING, Any, Protocol
 from updater.provision import http
 from updater.provision.plan import (
     HOSTNAME,
+    MAX_DECOMPRESSED,
     UNIT_NAME,
     USER_NAME,
     Directory,
     Dropin,
     File,
     Link,
+    MiB,
     Plan,
     ProvisionError,
     Unit,
     User,
     check_path,
+    check_plan_contents,
     field_error,
+    gunzip,
     unsupported,
 )
 
@@ -65,10 +66,10 @@ if TYPE_CHECKING:
 
 SPEC_VERSIONS = ("3.0.0", "3.1.0", "3.2.0", "3.3.0", "3.4.0")
 
-MiB = 1 << 20
 # One file's contents, fetched or decompressed: the whole plan is held in memory before anything
-# is written, and a config that wants more than this on /etc is a mistake (or a gzip bomb).
-MAX_CONTENTS = 64 * MiB
+# is written, and a config that wants more than this on /etc is a mistake. The same number as the
+# decompression cap, so that a file's limit does not depend on how it arrives.
+MAX_CONTENTS = MAX_DECOMPRESSED
 
 # Statuses worth asking again for: the server (often the platform's metadata service) is
 # starting or overloaded. Anything else will not change within one boot.
@@ -623,13 +624,23 @@ def _check_files(
 def _load_files(ctx: _Context, pending: list[_PendingFile]) -> tuple[str | None, tuple[File, ...]]:
     hostname: str | None = None
     files: list[File] = []
+    total = 0
+
+    def load(resource: _Resource) -> bytes:
+        # Counted as each source is decoded, so that memory stays bounded while loading.
+        nonlocal total
+        data = _load(ctx, resource)
+        total += len(data)
+        check_plan_contents(ctx.source, resource.where, total)
+        return data
+
     for entry in pending:
-        appended = b"".join(_load(ctx, r) for r in entry.append)
+        appended = b"".join(load(r) for r in entry.append)
         if entry.contents is None:
             # Ignition: create the file if it is missing, then append. `append=True` says the same.
             files.append(File(entry.path, appended, entry.mode, overwrite=False, append=True))
             continue
-        data = _load(ctx, entry.contents) + appended
+        data = load(entry.contents) + appended
         name = _hostname(data) if entry.path == "/etc/hostname" else None
         if name is not None:
             hostname = name
@@ -859,7 +870,7 @@ def _load(ctx: _Context, resource: _Resource) -> bytes:
     else:
         verified = resource.expected is not None
         raw = _fetch(ctx, source, resource.headers, f"{where}.source", verified=verified)
-    data = _gunzip(ctx, raw, f"{where}.compression") if resource.gzip else raw
+    data = gunzip(raw, ctx.source, f"{where}.compression") if resource.gzip else raw
     if resource.expected is not None:
         algorithm, digest = resource.expected
         actual = hashlib.new(algorithm, data).hexdigest()
@@ -943,17 +954,6 @@ def _data_url(ctx: _Context, url: str, where: str) -> bytes:
                 ctx.source, where, f"a data: URL with valid base64 data ({e})", _Shown(url)
             ) from e
     return urllib.parse.unquote_to_bytes(payload)
-
-
-def _gunzip(ctx: _Context, data: bytes, where: str) -> bytes:
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
-            out = f.read(MAX_CONTENTS + 1)
-    except (OSError, EOFError, zlib.error) as e:
-        raise field_error(ctx.source, where, f"gzip data, but it does not decompress ({e})") from e
-    if len(out) > MAX_CONTENTS:
-        raise field_error(ctx.source, where, f"at most {MAX_CONTENTS // MiB} MiB once decompressed")
-    return out
 
 
 def _display_url(url: str) -> str:

@@ -11,11 +11,23 @@ Standard library only: the parsers, the sources and the applier all import this.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 
 # Where provisioning may write: the rest of the tree is the read-only, verity-protected image
 # (`/usr`, `/bin`, ...) or volatile (`/run`, `/tmp`), where a file would silently vanish.
 WRITABLE_ROOTS = ("/etc", "/var", "/home", "/root")
+
+MiB = 1 << 20
+# The most one decompression may produce: gzip'd user-data, a write_files entry, an Ignition file's
+# contents or append, a VMware guestinfo value. Deflate expands up to about 1000 times, so a config
+# of a few MiB could ask for gigabytes; 64 MiB is far beyond any config or file in /etc, and small
+# enough that the plan, which is held in memory before anything is written, stays in memory.
+MAX_DECOMPRESSED = 64 * MiB
+# Concatenated gzip members in one stream (`cat a.gz b.gz`): a few in practice.
+MAX_GZIP_MEMBERS = 64
+# All the file contents of one plan together: many files just under the cap are as bad as one bomb.
+MAX_PLAN_CONTENTS = 128 * MiB
 
 # useradd's rule (Debian's default NAME_REGEX without the `$` machine-account suffix).
 USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
@@ -43,6 +55,79 @@ def unsupported(source: str, path: str, what: str = "") -> ProvisionError:
     """A field Berth does not implement: refused by name, never silently ignored."""
     detail = f" ({what})" if what else ""
     return ProvisionError(f"{source}: {path}: not supported by Berth{detail}")
+
+
+class NotGzip(ProvisionError):
+    """Data that should be gzip but does not decompress; `reason` says why, for callers to word."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def gunzip(data: bytes, source: str, where: str) -> bytes:
+    """`data` decompressed, or a ProvisionError naming `source`, `where` and the cap.
+
+    Streamed, and stopped one byte past MAX_DECOMPRESSED: a bomb costs at most that much memory
+    and the time to inflate it, never its full size. Concatenated gzip members are read as one
+    stream and trailing zero bytes ignored, as gzip(1) and Python's gzip module do.
+    """
+    try:
+        out = _inflate(data, MAX_DECOMPRESSED)
+    except (EOFError, ValueError, zlib.error) as e:
+        raise NotGzip(str(field_error(source, where, f"gzip data ({e})")), str(e)) from None
+    if out is None:
+        raise field_error(
+            source,
+            where,
+            f"gzip data that decompresses to at most {MAX_DECOMPRESSED // MiB} MiB "
+            "(decompressing stopped there)",
+        )
+    return out
+
+
+def _inflate(data: bytes, limit: int) -> bytes | None:
+    """The gzip members in `data` inflated; None as soon as they pass `limit` bytes."""
+    out = bytearray()
+    rest = data
+    if rest and not rest.startswith(b"\x1f\x8b"):
+        raise ValueError("no gzip header")
+    members = 0
+    # No data is no members, as for gzip.decompress; zero bytes after a member are padding.
+    while rest := rest.lstrip(b"\0"):
+        if not rest.startswith(b"\x1f\x8b"):
+            raise ValueError("data after the end of the gzip stream that is not gzip")
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            # Each member costs a copy of what follows it: 16 MiB of empty members (20 bytes
+            # each) would take gzip.decompress a quarter of an hour and produce nothing.
+            raise ValueError(f"more than {MAX_GZIP_MEMBERS} concatenated gzip members")
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing, CRC and size checked
+        pending = rest
+        while True:
+            # max_length keeps each step's output (and so memory) within what is left of the cap.
+            chunk = inflater.decompress(pending, limit + 1 - len(out))
+            out += chunk
+            if len(out) > limit:
+                return None
+            if inflater.eof:
+                break
+            pending = inflater.unconsumed_tail
+            if not chunk and not pending:
+                raise EOFError("the data ends before the end of the gzip stream")
+        rest = inflater.unused_data
+    return bytes(out)
+
+
+def check_plan_contents(source: str, where: str, total: int) -> None:
+    """Refuse a plan once its files' contents, counted as they are decoded, pass the cap."""
+    if total > MAX_PLAN_CONTENTS:
+        raise field_error(
+            source,
+            where,
+            f"file contents that, with the files before it, stay within "
+            f"{MAX_PLAN_CONTENTS // MiB} MiB in all (the whole config is held in memory)",
+        )
 
 
 @dataclass(frozen=True)
@@ -127,6 +212,11 @@ class Plan:
     notes: tuple[str, ...] = field(default=())  # things worth telling the operator on the console
 
 
+def in_writable_roots(path: str) -> bool:
+    """Whether a normalised absolute path is one of WRITABLE_ROOTS or under one."""
+    return any(path == r or path.startswith(r + "/") for r in WRITABLE_ROOTS)
+
+
 def check_path(source: str, where: str, path: object) -> str:
     """An absolute, normalised path under WRITABLE_ROOTS (no `..`, no `//`, no trailing `/`)."""
     if not isinstance(path, str) or not path.startswith("/"):
@@ -134,7 +224,7 @@ def check_path(source: str, where: str, path: object) -> str:
     parts = path.split("/")[1:]
     if any(p in ("", ".", "..") for p in parts) or "\0" in path:
         raise field_error(source, where, "a normalised absolute path (no '.', '..' or '//')", path)
-    if not any(path == r or path.startswith(r + "/") for r in WRITABLE_ROOTS):
+    if not in_writable_roots(path):
         raise field_error(
             source,
             where,

@@ -30,7 +30,6 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import gzip
 import json
 import logging
 import tempfile
@@ -45,7 +44,7 @@ from pathlib import Path
 from updater import run
 from updater.errors import CommandError, CommandTimeout, ToolMissing
 from updater.provision import http
-from updater.provision.plan import ProvisionError, field_error
+from updater.provision.plan import NotGzip, ProvisionError, field_error, gunzip
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,8 @@ CONFIG_DRIVE_LABELS = ("config-2", "CONFIG-2")
 VMWARE_KEYS = ("ignition.config.data", "userdata")
 EC2_TOKEN_TTL = "21600"
 
-# Clouds cap user data at 16-256 KiB; anything near this is not a config but a runaway answer.
+# Clouds cap user data at 16-256 KiB; anything near this is not a config but a runaway answer
+# (or a drive's file, fw_cfg blob or --check FILE of any size): refused, not read whole.
 MAX_USER_DATA = 16 << 20
 
 
@@ -349,7 +349,7 @@ def _fw_cfg(env: SourceEnv, notes: list[str]) -> UserData | None:
         raw = env.fw_cfg_dir / name / "raw"
         source = f"QEMU fw_cfg {name}"
         try:
-            data = raw.read_bytes()
+            data = read_config_file(raw, source)
         except FileNotFoundError:
             continue
         except OSError as e:
@@ -379,9 +379,19 @@ def _one_drive(env: SourceEnv, labels: Sequence[str], kind: str, notes: list[str
     return devices[0] if devices else None
 
 
+def read_config_file(path: Path, source: str) -> bytes:
+    """A config file's bytes, refused past MAX_USER_DATA without reading the rest: a drive (or a
+    `--check` of /dev/zero) can hold any amount. OSError as from open and read."""
+    with path.open("rb") as f:
+        data = f.read(MAX_USER_DATA + 1)
+    if len(data) > MAX_USER_DATA:
+        raise field_error(source, path.name, f"a config of at most {MAX_USER_DATA >> 20} MiB")
+    return data
+
+
 def _read_optional(path: Path, source: str) -> bytes | None:
     try:
-        return path.read_bytes()
+        return read_config_file(path, source)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -658,9 +668,9 @@ def decode_guestinfo(value: bytes, encoding: str, source: str) -> bytes:
             return _decode_base64(value, source)
         case "gzip+base64" | "gz+base64" | "gz+b64":
             try:
-                return gzip.decompress(_decode_base64(value, source))
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
-                raise ProvisionError(f"{source}: not gzip data: {e}") from None
+                return gunzip(_decode_base64(value, source), source, f"{encoding} value")
+            except NotGzip as e:
+                raise ProvisionError(f"{source}: not gzip data: {e.reason}") from None
         case _:
             raise ProvisionError(
                 f"{source}.encoding: unknown encoding {encoding!r}; expected '', base64 or "

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import requests
 
-from updater.reboot.semaphore import GROUP_NAME, LockError
+from updater.reboot.semaphore import GROUP_NAME, LockError, check_holder
 
 PRE_REBOOT = "v1/pre-reboot"
 STEADY_STATE = "v1/steady-state"
@@ -54,8 +54,8 @@ class FleetLockClient:
     ) -> None:
         if not GROUP_NAME.fullmatch(group):
             raise LockError(f"FleetLock group {group!r}: expected letters, digits, '.' or '-'")
-        if not holder:
-            raise LockError("FleetLock id must not be empty")
+        # The server would refuse it on every request: better said once, here.
+        check_holder(holder, "FleetLock id")
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.group = group
         self.holder = holder

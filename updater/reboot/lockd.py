@@ -13,9 +13,16 @@ behind one name, and it shares the semaphore with airlock and with `etcd-lock` m
     POST /v1/steady-state   200: the id holds no slot (released now or never held)
 
 Errors are JSON {"kind": ..., "value": ...} as the protocol recommends: 400 for a malformed request
-(missing `fleet-lock-protocol: true` header, bad JSON, empty id, bad group), 502 when etcd cannot
-be reached. `--slots` is the slot count of a group whose semaphore does not exist yet; an existing
+(missing `fleet-lock-protocol: true` header, bad JSON, an empty, unprintable or over-long id, a bad
+group), 411 without a Content-Length, 413 for a body over MAX_BODY, 502 when etcd cannot be
+reached. `--slots` is the slot count of a group whose semaphore does not exist yet; an existing
 semaphore keeps its own (`berth-update lock slots N` changes it).
+
+Anyone who can reach the port can send it anything, so its work is bounded: a connection has
+IDLE_TIMEOUT seconds to start a request and READ_TIMEOUT seconds to finish sending it (a client
+trickling one byte a second is cut off), at most MAX_CONNECTIONS are served at once (the next
+ones wait in the listen queue, never in a thread of their own), and every log line escapes what
+the client sent.
 
 Runs on any host with Python 3.11+ and python3-requests; on Berth as berth-lockd.service.
 """
@@ -23,10 +30,13 @@ Runs on any host with Python 3.11+ and python3-requests; on Berth as berth-lockd
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,12 +44,55 @@ from pathlib import Path
 from typing import Any
 
 from updater.reboot.etcdlock import EtcdStore, TLSFiles
-from updater.reboot.semaphore import GROUP_NAME, LockError, SemaphoreClient, Store
+from updater.reboot.semaphore import (
+    GROUP_NAME,
+    HOLDER_MAX_BYTES,
+    LockError,
+    SemaphoreClient,
+    Store,
+    holder_problem,
+)
 
 log = logging.getLogger("berth-lockd")
-MAX_BODY = 64 * 1024
+# A FleetLock body with the longest id and group is under 700 bytes.
+MAX_BODY = 8 * 1024
+# Seconds a connection may wait before its next request starts (the first one included).
+IDLE_TIMEOUT = 10.0
+# Seconds from a request's first byte to its last: a request is a few hundred bytes, which any
+# client sends at once; a slow trickle is an attack on the connection limit.
+READ_TIMEOUT = 10.0
+# Connections served at once. A request takes milliseconds (one etcd read and write); a fleet of
+# thousands asks only around reboots. The rest wait in the kernel's listen queue.
+MAX_CONNECTIONS = 64
+LISTEN_QUEUE = 128
 PRE_REBOOT = "/v1/pre-reboot"
 STEADY_STATE = "/v1/steady-state"
+
+
+def escape(text: str) -> str:
+    """`text` for a log line: Python's backslash escapes for everything not printable (newlines,
+    carriage returns, terminal escape sequences, bidi overrides), so that no input forges a line
+    or rewrites one on a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
+class _EscapeFilter(logging.Filter):
+    """Escapes each record of the berth-lockd logger once formatted: request data reaches log
+    lines through many paths (the request line, ids, errors), and this catches them all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        shown = escape(message)
+        if shown != message:
+            record.msg, record.args = shown, None
+        return True
+
+
+log.addFilter(_EscapeFilter())
 
 
 class RequestError(Exception):
@@ -66,23 +119,109 @@ def parse_request(header: str | None, body: bytes) -> tuple[str, str]:
     group = params.get("group")
     if not isinstance(holder, str) or not holder:
         raise RequestError(HTTPStatus.BAD_REQUEST, "bad_id", "field 'client_params.id' is empty")
+    problem = holder_problem(holder)
+    if problem is not None:
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST,
+            "bad_id",
+            f"field 'client_params.id': expected {problem}, got {_shown(holder)}",
+        )
     if not isinstance(group, str) or not GROUP_NAME.fullmatch(group):
         raise RequestError(
             HTTPStatus.BAD_REQUEST,
             "bad_group",
-            f"field 'client_params.group' must match ^[a-zA-Z0-9.-]+$, got {group!r}",
+            f"field 'client_params.group' must match ^[a-zA-Z0-9.-]+$ and be at most "
+            f"{HOLDER_MAX_BYTES} bytes, got {_shown(group)}",
         )
     return holder, group
 
 
+def _shown(value: object) -> str:
+    """A client's value in an answer: its repr (escaped), cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Deadlines(io.RawIOBase):
+    """The connection's reading side, with a deadline for each phase of a request.
+
+    A socket timeout bounds one read; a client sending a byte a second never trips it. Here
+    every read gets what is left of the phase's deadline: IDLE_TIMEOUT to start a request, then
+    READ_TIMEOUT from its first byte until the handler has read all of it.
+    """
+
+    def __init__(self, connection: socket.socket, idle: float, read: float) -> None:
+        super().__init__()
+        self._connection = connection
+        self._idle, self._read = idle, read
+        self._deadline = 0.0
+        self._started = False
+        self.next_request()
+
+    def next_request(self) -> None:
+        self._started = False
+        self._deadline = time.monotonic() + self._idle
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the client was too slow")
+        self._connection.settimeout(left)
+        count = self._connection.recv_into(buffer)
+        if count and not self._started:
+            self._started = True
+            self._deadline = time.monotonic() + self._read
+        return count
+
+
 class LockServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = LISTEN_QUEUE
 
-    def __init__(self, address: tuple[str, int], store: Store, default_slots: int) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        store: Store,
+        default_slots: int,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.store = store
         self.default_slots = default_slots
+        self.idle_timeout = idle_timeout
+        self.read_timeout = read_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Waiting here stops accepting: further clients queue in the kernel, and no thread is
+        # started for a connection that could not be served anyway.
+        while not self._slots.acquire(timeout=0.2):
+            if self._stopping.is_set():
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        super().shutdown()
 
     @property
     def url(self) -> str:
@@ -113,7 +252,8 @@ class LockServer(ThreadingHTTPServer):
 
     def start(self) -> LockServer:
         """Serve in a background thread (tests, embedding); `stop()` ends it."""
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        # A short poll: stop() waits for the loop to notice, and tests stop servers often.
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self
 
@@ -128,38 +268,65 @@ class _Handler(BaseHTTPRequestHandler):
     server: LockServer
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        super().setup()
+        self._deadlines = _Deadlines(
+            self.connection, self.server.idle_timeout, self.server.read_timeout
+        )
+        self.rfile = io.BufferedReader(self._deadlines)
+
+    def handle_one_request(self) -> None:
+        self._deadlines.next_request()
+        super().handle_one_request()
+
     def _reply(self, status: HTTPStatus, doc: dict[str, Any]) -> None:
         body = json.dumps(doc).encode()
+        # The answer is small enough for the socket's buffer; the timeout only catches a client
+        # that stopped reading long ago.
+        self.connection.settimeout(self.server.read_timeout)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
+
+    def _body(self) -> bytes:
+        if "Transfer-Encoding" in self.headers:
+            raise RequestError(
+                HTTPStatus.LENGTH_REQUIRED, "bad_body", "a body with Content-Length, not chunked"
+            )
+        text = self.headers.get("Content-Length") or "0"
+        if not text.isdigit():
+            raise RequestError(HTTPStatus.BAD_REQUEST, "bad_body", "bad Content-Length")
+        if int(text) > MAX_BODY:
+            raise RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "bad_body", f"body over {MAX_BODY} bytes"
+            )
+        return self.rfile.read(int(text))
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if not 0 <= length <= MAX_BODY:
-                raise RequestError(HTTPStatus.BAD_REQUEST, "bad_body", "body too large")
-            body = self.rfile.read(length)
+            body = self._body()
             if path not in (PRE_REBOOT, STEADY_STATE):
                 raise RequestError(HTTPStatus.NOT_FOUND, "not_found", f"no endpoint {path}")
             holder, group = parse_request(self.headers.get("fleet-lock-protocol"), body)
             status, doc = self.server.handle_lock(path, holder, group)
         except RequestError as e:
+            log.debug("%s: refused %s: %s", self.address_string(), path, e.value)
+            if e.status in (HTTPStatus.LENGTH_REQUIRED, HTTPStatus.REQUEST_ENTITY_TOO_LARGE):
+                # The body was not read: what follows on the connection is not a request.
+                self.close_connection = True
             status, doc = e.status, {"kind": e.kind, "value": e.value}
-        except ValueError:
-            status, doc = (
-                HTTPStatus.BAD_REQUEST,
-                {"kind": "bad_body", "value": "bad Content-Length"},
-            )
         except LockError as e:
             log.error("%s", e)
             status, doc = HTTPStatus.BAD_GATEWAY, {"kind": "failed_etcd", "value": str(e)}
         self._reply(status, doc)
 
     def log_message(self, format: str, *args: Any) -> None:
+        # The request line and headers in these are the client's: the logger's filter escapes.
         log.debug("%s %s", self.address_string(), format % args)
 
 

@@ -33,7 +33,13 @@ from typing import Protocol
 
 from updater.errors import UpdateError
 
-GROUP_NAME = re.compile(r"[a-zA-Z0-9.-]+")  # the FleetLock protocol's rule for group labels
+# The FleetLock protocol's rule for group labels, bounded as a DNS name is: the group is part of
+# an etcd key, and berth-lockd takes it from any client.
+GROUP_NAME = re.compile(r"[a-zA-Z0-9.-]{1,253}")
+# FleetLock leaves holder ids open (Zincati sends a UUID, Berth a hex digest). Every writer of the
+# semaphore bounds them like a DNS name and keeps them printable, so that an id can neither bloat
+# the key's value nor forge or hide a line in berth-lockd's log.
+HOLDER_MAX_BYTES = 253
 KEY_TEMPLATE = "com.coreos.airlock/groups/{group}/v1/semaphore"
 # A lost compare-and-swap means someone else's write went through: the semaphore made progress.
 # Give up only after this many losses in a row, which under any real contention is minutes.
@@ -64,6 +70,27 @@ class Store(Protocol):
         another read).
         """
         ...
+
+
+def holder_problem(holder: object) -> str | None:
+    """What is wrong with a lock holder id, as "expected ..." words; None when nothing is."""
+    if not isinstance(holder, str) or not holder:
+        return "a non-empty string"
+    # isprintable() refuses control characters (C0, DEL, C1), format characters (bidi overrides,
+    # zero-width ones), line and paragraph separators and lone surrogates; a space is allowed.
+    if not holder.isprintable():
+        return "printable characters only (no control, format or line-separator characters)"
+    if len(holder.encode()) > HOLDER_MAX_BYTES:
+        return f"at most {HOLDER_MAX_BYTES} bytes (UTF-8), not {len(holder.encode())}"
+    return None
+
+
+def check_holder(holder: str, what: str = "holder id") -> None:
+    """Raise LockError, showing the id escaped and cut short, unless `holder_problem` is None."""
+    problem = holder_problem(holder)
+    if problem is not None:
+        shown = repr(holder[:64]) + ("..." if len(holder) > 64 else "")
+        raise LockError(f"{what} {shown}: expected {problem}")
 
 
 def semaphore_key(group: str) -> str:
@@ -164,6 +191,8 @@ class SemaphoreClient:
 
     def acquire(self, holder: str) -> Outcome:
         """Take a slot for `holder`; `ok` is True when it holds one (already held counts)."""
+
+        check_holder(holder)
 
         def lock(s: Semaphore) -> tuple[Semaphore, bool]:
             if holder in s.holders:
