@@ -198,6 +198,7 @@ class FakeMachine:
             boot_id=self.boot_id,
             loader_entries=self.loader_entries,
             reboot_required=self.run / "reboot-required",
+            lock_dir=self.run / "berth",
             arch=ARCH,
         )
 
