@@ -2,7 +2,7 @@
 
 Each holder is a real process (a forked child running an apply that pauses in the middle of
 writing slot B until the test lets it go, or the daemon with its own worker child); the second
-actor is another process or `berth-update` (updater.cli.main) in a thread of this one. What is
+actor is `berth-update` (updater.cli.main) in another forked child, or the daemon. What is
 asserted: the second one waits, saying whom for and what it does, or ends with the documented
 message; each payload file is fetched (and the slot written) once; nothing is written beside the
 holder.
@@ -10,13 +10,11 @@ holder.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -129,35 +127,54 @@ def holder(tmp_path: Path, fake: FakeMachine, site: Site) -> Iterator[Holder]:
         h.process.kill()
 
 
+def _cli(fake: FakeMachine, site: Site, args: list[str], out: Path, err: Path) -> None:
+    with out.open("w") as o, err.open("w") as e:
+        code = main(args, agent_factory=lambda: make_agent(fake, site), out=o, err=e)
+    raise SystemExit(code)
+
+
 class Cli:
-    """`berth-update ARGS` in a thread of this process, its stderr readable while it runs."""
+    """`berth-update ARGS` in a process of its own, its stderr readable while it runs."""
+
+    count = 0
 
     def __init__(self, fake: FakeMachine, site: Site, *args: str) -> None:
-        self.out, self.err = io.StringIO(), io.StringIO()
-        self.code: int | None = None
+        Cli.count += 1
+        base = fake.base / f"cli-{Cli.count}"
+        self.out_file, self.err_file = base.with_suffix(".out"), base.with_suffix(".err")
+        self.process = FORK.Process(
+            target=_cli, args=(fake, site, list(args), self.out_file, self.err_file)
+        )
+        self.process.start()
 
-        def run() -> None:
-            self.code = main(
-                list(args), agent_factory=lambda: make_agent(fake, site), out=self.out, err=self.err
-            )
+    @property
+    def running(self) -> bool:
+        return self.process.is_alive()
 
-        self.thread = threading.Thread(target=run)
-        self.thread.start()
+    @property
+    def out(self) -> str:
+        return self.out_file.read_text() if self.out_file.exists() else ""
+
+    @property
+    def err(self) -> str:
+        return self.err_file.read_text() if self.err_file.exists() else ""
 
     def says(self, text: str) -> bool:
-        return text in self.err.getvalue()
+        return text in self.err
 
     def join(self) -> int:
-        self.thread.join(TIMEOUT)
-        assert not self.thread.is_alive(), "the command did not end"
-        assert self.code is not None
-        return self.code
+        self.process.join(TIMEOUT)
+        if self.process.is_alive():
+            self.process.kill()
+            raise AssertionError("the command did not end")
+        assert self.process.exitcode is not None
+        return self.process.exitcode
 
 
 def run_cli(fake: FakeMachine, site: Site, *args: str) -> tuple[int, str, str]:
     cli = Cli(fake, site, *args)
     code = cli.join()
-    return code, cli.out.getvalue(), cli.err.getvalue()
+    return code, cli.out, cli.err
 
 
 def doing(who: str, pid: int, what: str) -> str:
@@ -180,13 +197,13 @@ def test_a_second_apply_waits_then_finds_it_installed(
     )
     wait_for("the second apply to say whom it waits for", lambda: second.says(waiting))
     time.sleep(0.5)  # long enough for a second writer to start, were there one
-    assert second.code is None
+    assert second.running
     _a, b = fake.slots()
     assert b.state is SlotState.WRITING  # the holder's scratch, nobody else's
 
     assert holder.finish() == "installed 1.1.0 into slot B"
     assert second.join() == 0
-    assert second.out.getvalue() == (
+    assert second.out == (
         "1.1.0 is already installed, pending reboot (slot B, berth_1.1.0+3.efi)\n"
     )
     assert gets(site) == dict.fromkeys(PAYLOAD, 1)  # the slot was written once
@@ -240,12 +257,12 @@ def test_rollback_during_an_apply_waits_then_refuses_on_the_new_state(
             "berth-update apply", holder.pid, "applying 1.2.0: writing slot A"
         )
         wait_for("the rollback to wait for the apply", lambda: rollback.says(waiting))
-        assert rollback.code is None
+        assert rollback.running
         assert holder.finish() == "installed 1.2.0 into slot A"
     finally:
         holder.pause.go()
     assert rollback.join() == 1
-    assert rollback.err.getvalue().endswith(
+    assert rollback.err.endswith(
         "berth-update: refused to roll back: slot A now holds the update 1.2.0, installed and "
         "waiting for its reboot; the version it held before is gone, so there is no previous "
         "version to go back to\n"
@@ -291,7 +308,7 @@ def test_cli_apply_waits_for_the_daemon_worker(
             "berth-update daemon", held.pid, "applying 1.1.0: writing slot B"
         )
         wait_for("the CLI to wait for the daemon", lambda: cli.says(waiting))
-        assert cli.code is None
+        assert cli.running
         pause.go()
         assert cli.join() == 0
         daemon.join(TIMEOUT)
@@ -299,7 +316,7 @@ def test_cli_apply_waits_for_the_daemon_worker(
     finally:
         pause.go()
         daemon.join(TIMEOUT)
-    assert cli.out.getvalue().startswith("1.1.0 is already installed, pending reboot")
+    assert cli.out.startswith("1.1.0 is already installed, pending reboot")
     assert gets(site) == dict.fromkeys(PAYLOAD, 1)
     assert fake.boot_order() == ("berth_1.1.0+3.efi", "berth_1.0.0.efi")
 
