@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import Harness
-from tests.support.machine import FakeMachine, Site, make_agent, release_manifest
+from tests.support.machine import FakeMachine, Site, boot_into_update, make_agent
 from updater.cli import main
 from updater.disk.slots import SlotState
 from updater.release.version import Version
@@ -242,10 +242,7 @@ def test_rollback_during_an_apply_waits_then_refuses_on_the_new_state(
     tmp_path: Path, fake: FakeMachine, site: Site
 ) -> None:
     # Booted 1.1.0 from slot B, blessed; slot A holds 1.0.0 to go back to.
-    release = site.release("1.1.0")
-    site.publish(release)
-    make_agent(fake, site).apply()
-    fake.boot(Version(1, 1, 0), release_manifest(release).roothash)
+    boot_into_update(fake, site, "1.1.0")
     (fake.entry_dir / "berth_1.1.0+3.efi").rename(fake.entry_dir / "berth_1.1.0.efi")
     assert make_agent(fake, site).after_boot().blessed == Version(1, 1, 0)
     # An apply of 1.2.0 writes over slot A; the operator rolls back meanwhile.

@@ -278,6 +278,15 @@ def make_agent(
     )
 
 
+def boot_into_update(fake: FakeMachine, site: Site, version: str) -> Path:
+    """Publish `version`, install it and reboot into it: on trial, its entry still counted."""
+    release = site.release(version)
+    site.publish(release)
+    make_agent(fake, site).apply()
+    fake.boot(Version.parse(version), release_manifest(release).roothash)
+    return release
+
+
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     """Signing keys and an empty TUF repository served by nginx on loopback."""
