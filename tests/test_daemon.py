@@ -16,7 +16,7 @@ import pytest
 
 from qemu.vm import free_port
 from tests.support.daemon import INTERVAL, PATHS, Harness
-from tests.support.machine import FakeMachine, Site, make_agent, release_manifest
+from tests.support.machine import FakeMachine, Site, boot_into_update
 from updater.config import Strategy
 from updater.disk import slots
 from updater.errors import UpdateError
@@ -189,10 +189,7 @@ def test_broken_override_at_start_uses_the_image_defaults(harness: Harness) -> N
 def test_nothing_is_installed_while_the_booted_version_is_on_trial(
     harness: Harness, site: Site, fake: FakeMachine
 ) -> None:
-    first = site.release("1.1.0")
-    site.publish(first)
-    make_agent(fake, site).apply()
-    fake.boot(Version(1, 1, 0), release_manifest(first).roothash)  # booted with a counter
+    boot_into_update(fake, site, "1.1.0")  # booted with a counter
     site.publish(site.release("1.2.0"))
     daemon = harness.daemon()
     daemon.run(iterations=2)

@@ -6,13 +6,20 @@ docstring is the safety argument), `after_boot`, `reject_trial` and `rollback` j
 (judge.py), and `status` and `pending` read what all of them left behind without writing
 (status.py).
 
+Every method that changes the slots, the ESP or the state holds the agent's one lock
+(update/lock.py) for its whole run, and reads what it decides on (the state, the slots, the
+ESP) only once it holds it: a second actor (the daemon's worker, another `berth-update`) waits,
+or ends with BusyError, and never writes beside the first. `status` and `pending` take no lock.
+
 Importing this module loads requests and python-tuf: the resident daemon uses it only in its
 worker child (see service/worker.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from updater.config import UpdateConfig
@@ -22,14 +29,17 @@ from updater.update import choose, install, judge, status
 from updater.update.context import Context
 from updater.update.install import Applied, ProgressCallback
 from updater.update.judge import AfterBoot, RolledBack
+from updater.update.lock import Actor, AgentLock, BusyError
 from updater.update.machine import FetchOptions, Machine
 from updater.update.status import SlotRole, SlotStatus, Status
 from updater.update.trust import TrustedRepository
 
 __all__ = [
+    "Actor",
     "AfterBoot",
     "Agent",
     "Applied",
+    "BusyError",
     "ProgressCallback",
     "RolledBack",
     "SlotRole",
@@ -46,13 +56,25 @@ class Agent:
         *,
         now: Callable[[], datetime] | None = None,
         fetch_options: FetchOptions | None = None,
+        actor: Actor | None = None,
     ) -> None:
         self.machine = machine
         self.config = config
         self.fetch_options = fetch_options or FetchOptions()
+        # Who this agent is to a second actor, and how long it waits for the lock; the CLI sets
+        # it per command.
+        self.actor = actor or Actor()
         self._context = Context(
             machine, config, now or (lambda: datetime.now(UTC)), self.fetch_options
         )
+
+    @contextlib.contextmanager
+    def _locked(self, action: str) -> Iterator[Context]:
+        """The context of one changing call, under the lock: everything it decides on is read
+        inside the block."""
+        lock = AgentLock(self.machine.lock_dir, self.actor)
+        with lock.hold(action):
+            yield replace(self._context, lock=lock)
 
     def repository(self) -> TrustedRepository:
         """The configured repository's TUF client (RefusedError when none is configured)."""
@@ -68,7 +90,8 @@ class Agent:
 
     def check(self, *, ignore_waves: bool = False) -> Selection:
         """Refresh the signed metadata and pick the release this machine should install now."""
-        return choose.check(self._context, ignore_waves=ignore_waves)
+        with self._locked("checking for updates") as ctx:  # it saves the state
+            return choose.check(ctx, ignore_waves=ignore_waves)
 
     def apply(
         self,
@@ -78,27 +101,34 @@ class Agent:
         ignore_waves: bool = False,
         progress: ProgressCallback | None = None,
     ) -> Applied:
-        """Install the selected (or the given) release into the inactive slot (install.py)."""
-        return install.apply(
-            self._context,
-            version,
-            allow_downgrade=allow_downgrade,
-            ignore_waves=ignore_waves,
-            progress=progress,
-        )
+        """Install the selected (or the given) release into the inactive slot (install.py);
+        `Applied.already` when that release is installed and pending already (another actor's
+        apply, say)."""
+        with self._locked("applying") as ctx:
+            return install.apply(
+                ctx,
+                version,
+                allow_downgrade=allow_downgrade,
+                ignore_waves=ignore_waves,
+                progress=progress,
+            )
 
     def verify_pending(self) -> Version:
         """Verify the pending slot again right before rebooting into it."""
-        return install.verify_pending(self._context)
+        with self._locked("verifying the pending update") as ctx:
+            return install.verify_pending(ctx)
 
     def after_boot(self) -> AfterBoot:
         """Judge the boot that just happened: a fallback, or a good boot to bless."""
-        return judge.after_boot(self._context)
+        with self._locked("judging the boot") as ctx:
+            return judge.after_boot(ctx)
 
     def reject_trial(self, reason: str) -> Version | None:
         """The booted version, on trial, failed its health check: mark it bad now."""
-        return judge.reject_trial(self._context, reason)
+        with self._locked("rejecting the version on trial") as ctx:
+            return judge.reject_trial(ctx, reason)
 
     def rollback(self) -> RolledBack:
         """Boot the previous version (the other slot) next, by the operator's choice."""
-        return judge.rollback(self._context)
+        with self._locked("rolling back") as ctx:
+            return judge.rollback(ctx)

@@ -1,10 +1,10 @@
 """berth-update: the operator's front end to the update agent.
 
     berth-update status [--json]
-    berth-update check [--ignore-waves]
-    berth-update apply [--version V] [--allow-downgrade] [--ignore-waves]
-    berth-update rollback
-    berth-update after-boot
+    berth-update check [--ignore-waves] [--no-wait]
+    berth-update apply [--version V] [--allow-downgrade] [--ignore-waves] [--no-wait]
+    berth-update rollback [--no-wait]
+    berth-update after-boot [--no-wait]
     berth-update daemon           (berth-update.service)
     berth-update health           (berth-health.service, before boot-complete.target)
     berth-update lock id|show|release ID|slots N [--etcd URL] [--group G]
@@ -14,6 +14,10 @@
 The only place that turns errors into exit codes: any UpdateError becomes one line
 "berth-update: <message>" on stderr and exit status 1. The agent is built from the running
 machine (`Machine.detect()`) and the configuration files; tests inject their own agent.
+
+The commands that change anything wait for the agent's lock while another actor (the daemon's
+worker, another berth-update) holds it, saying whom they wait for; `--no-wait` ends at once
+instead, with exit status 1 and the holder named (update/lock.py).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def default_daemon() -> Daemon:
 
 
 def default_health() -> HealthCheck:
-    from updater.agent import Agent
+    from updater.agent import Actor, Agent
     from updater.service.health import HealthCheck
 
     try:
@@ -68,7 +72,7 @@ def default_health() -> HealthCheck:
         # The configuration only names the repository; the boot is judged without it.
         logging.getLogger(__name__).warning("%s", e)
         config = UpdateConfig(url="", channel="stable")
-    return HealthCheck(Agent(Machine.detect(), config))
+    return HealthCheck(Agent(Machine.detect(), config, actor=Actor("berth-update health")))
 
 
 class _JournalFormatter(logging.Formatter):
@@ -83,18 +87,31 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Berth's update agent.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the agent does")
     sub = p.add_subparsers(dest="command", required=True)
+    # The commands that change slots, the ESP or the state, and so take the agent's lock.
+    locking = argparse.ArgumentParser(add_help=False)
+    locking.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="when another berth-update or the daemon is at work, end at once (status 1)",
+    )
     status = sub.add_parser("status", help="booted version, slots, channel, last check")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    check = sub.add_parser("check", help="look for an update in the signed channel")
+    check = sub.add_parser(
+        "check", parents=[locking], help="look for an update in the signed channel"
+    )
     check.add_argument("--ignore-waves", action="store_true", help="do not wait for this wave")
-    apply = sub.add_parser("apply", help="install an update into the inactive slot")
+    apply = sub.add_parser(
+        "apply", parents=[locking], help="install an update into the inactive slot"
+    )
     apply.add_argument("--version", type=version_argument, help="install this version")
     apply.add_argument(
         "--allow-downgrade", action="store_true", help="allow --version older than the booted one"
     )
     apply.add_argument("--ignore-waves", action="store_true", help="do not wait for this wave")
-    sub.add_parser("rollback", help="boot the previous version next")
-    sub.add_parser("after-boot", help="judge this boot (run once per boot by systemd)")
+    sub.add_parser("rollback", parents=[locking], help="boot the previous version next")
+    sub.add_parser(
+        "after-boot", parents=[locking], help="judge this boot (run once per boot by systemd)"
+    )
     sub.add_parser("daemon", help="check, install and reboot at the interval (systemd service)")
     sub.add_parser("health", help="judge this boot's health before boot-complete.target")
     lock = sub.add_parser("lock", help="the fleet's reboot semaphore in etcd (operators)")
@@ -134,6 +151,8 @@ def format_status(status: Status) -> str:
         + (f": {status.last_result}" if status.last_result else ""),
         f"pending:      {status.pending or 'none'}",
     ]
+    if status.busy:
+        lines.append(f"busy:         {status.busy}")
     if status.rollback_note:
         lines.append(f"rollback:     {status.rollback_note}")
     lines.extend(f"bad:          {b}" for b in status.bad)
@@ -209,6 +228,14 @@ def _lock(args: argparse.Namespace, config_factory: Callable[[], UpdateConfig], 
 
 
 def _run(args: argparse.Namespace, agent: Agent, out: TextIO, err: TextIO) -> int:
+    if getattr(args, "no_wait", None) is not None:
+        from updater.agent import Actor
+
+        def waiting(text: str) -> None:
+            err.write(f"{PROG}: {text}\n")
+            err.flush()
+
+        agent.actor = Actor(f"{PROG} {args.command}", 0.0 if args.no_wait else None, waiting)
     if args.command == "status":
         status = agent.status()
         if args.json:
@@ -236,10 +263,16 @@ def _run(args: argparse.Namespace, agent: Agent, out: TextIO, err: TextIO) -> in
             )
         finally:
             progress.close()
-        out.write(
-            f"installed {applied.version} into slot {applied.slot} ({applied.entry.name}); "
-            "it boots at the next reboot\n"
-        )
+        if applied.already:
+            out.write(
+                f"{applied.version} is already installed, pending reboot (slot {applied.slot}, "
+                f"{applied.entry.name})\n"
+            )
+        else:
+            out.write(
+                f"installed {applied.version} into slot {applied.slot} ({applied.entry.name}); "
+                "it boots at the next reboot\n"
+            )
     elif args.command == "rollback":
         rolled = agent.rollback()
         out.write(

@@ -198,6 +198,7 @@ class FakeMachine:
             boot_id=self.boot_id,
             loader_entries=self.loader_entries,
             reboot_required=self.run / "reboot-required",
+            lock_dir=self.run / "berth",
             arch=ARCH,
         )
 
@@ -275,6 +276,15 @@ def make_agent(
         fetch_options=options
         or FetchOptions(timeout=(5.0, 5.0), attempts=2, backoff=0.0, state_interval=64 * 1024),
     )
+
+
+def boot_into_update(fake: FakeMachine, site: Site, version: str) -> Path:
+    """Publish `version`, install it and reboot into it: on trial, its entry still counted."""
+    release = site.release(version)
+    site.publish(release)
+    make_agent(fake, site).apply()
+    fake.boot(Version.parse(version), release_manifest(release).roothash)
+    return release
 
 
 @pytest.fixture

@@ -98,6 +98,9 @@ log = logging.getLogger(__name__)
 
 REBOOT_COMMAND = ("systemctl", "reboot")
 BACKOFF_START = 60.0
+# How long the worker waits for the agent's lock held by another actor (an operator's apply)
+# before the iteration fails as "busy" and backs off: the loop never blocks for good.
+LOCK_WAIT = 60.0
 JITTER = 0.1
 # Errors the daemon survives: the next iteration (after a backoff) tries again. The worker
 # reports the child's network errors as UpdateError.
@@ -286,6 +289,7 @@ class Daemon:
         gate_factory: Callable[[UpdateConfig], RebootGate] | None = None,
         sessions: Callable[[], int | None] = count_sessions,
         wall: Sequence[str] = WALL,
+        lock_wait: float = LOCK_WAIT,
     ) -> None:
         self.machine = machine
         self.config = config
@@ -304,6 +308,7 @@ class Daemon:
         self._gate: RebootGate | None = None  # built on first use: it may need the network
         self._sessions = sessions
         self._wall = wall
+        self.lock_wait = lock_wait
 
     # -- the state machine ---------------------------------------------------------------------
 
@@ -349,13 +354,14 @@ class Daemon:
     # -- helpers -------------------------------------------------------------------------------
 
     def _agent(self) -> Agent:
-        from updater.agent import Agent  # in the worker child only: see worker.py
+        from updater.agent import Actor, Agent  # in the worker child only: see worker.py
 
         return Agent(
             self.machine,
             self.config,
             now=lambda: datetime.fromtimestamp(self._clock(), UTC),
             fetch_options=self._fetch_options,
+            actor=Actor("berth-update daemon", self.lock_wait),
         )
 
     def _notify(self, **fields: str) -> None:

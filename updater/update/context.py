@@ -17,6 +17,7 @@ from updater.config import UpdateConfig
 from updater.disk import slots
 from updater.errors import SlotError, UpdateError
 from updater.release.version import Version
+from updater.update.lock import AgentLock
 from updater.update.machine import FetchOptions, Machine
 from updater.update.state import State, load_state, save_state, state_path
 
@@ -58,6 +59,12 @@ class Context:
     config: UpdateConfig
     now: Callable[[], datetime]
     fetch_options: FetchOptions
+    lock: AgentLock | None = None  # held for the facade call this context serves
+
+    def step(self, phase: str, *, action: str | None = None) -> None:
+        """Tell a second actor what this one does now ("writing slot B"; see lock.py)."""
+        if self.lock is not None:
+            self.lock.step(phase, action=action)
 
     @property
     def state_path(self) -> Path:

@@ -5,6 +5,8 @@
  1. TUF refresh and selection. Bad signatures, expired or rolled-back metadata, mixed repository
     states, no candidate, a downgrade without `allow_downgrade`, another image or architecture:
     all refused here, before anything local is touched.
+    When that release is already installed and pending (the state's record, its slot and its
+    ESP entry agree; another actor's apply, say), apply ends here: nothing is written again.
  2. Signed length and hash of every release file (root.erofs, root.verity, uki.efi and the
     release's manifest.json), then manifest.json itself (tiny: fetched through the same checked
     stream into a temporary file) which must agree with the channel entry (image, arch, version,
@@ -89,7 +91,7 @@ from updater.release.version import Version
 from updater.update import choose, fetch
 from updater.update.context import Booted, Context
 from updater.update.machine import write_reboot_required
-from updater.update.state import LastCheck, Pending
+from updater.update.state import LastCheck, Pending, State
 from updater.update.trust import TargetInfo, TrustedRepository
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ class Applied:
     slot: str
     roothash: str
     entry: Path
+    already: bool = False  # installed and pending before this apply: nothing was written
 
 
 def _bind(progress: ProgressCallback | None, name: str, total: int) -> Callable[[int], None] | None:
@@ -375,6 +378,21 @@ def apply(
         allow_downgrade=allow_downgrade,
         ignore_waves=ignore_waves,
     )
+    ctx.step(f"checking {release.version}'s release files", action=f"applying {release.version}")
+    done = _pending_already(ctx, state, release)
+    if done is not None:
+        # Another actor's apply (or an earlier one) installed it: writing it again would only
+        # turn a slot that waits for its reboot into scratch for the length of a download.
+        ctx.save_state(
+            replace(
+                state,
+                last_check=LastCheck(
+                    ctx.now(), f"{release.version} already installed, pending reboot", True
+                ),
+            )
+        )
+        write_reboot_required(machine)
+        return done
     with requests.Session() as session:
         session.headers["User-Agent"] = "berth-update"
         try:
@@ -387,11 +405,13 @@ def apply(
             state = replace(state, pending=None)
         ctx.save_state(state)  # durable before (5): see the module docstring
         # (5) the slot becomes scratch
+        ctx.step(f"writing slot {target.name}")
         with machine.disk.open("r+b") as disk:
             target = slots.prepare_slot(disk, target, booted=booted.roothash)
         # (6) stream the hash tree, then the root, into the slot; (7) check the tree
         _write_slot(ctx, target, plan.infos, release.roothash, session, progress)
         # (8) name the slot (gpt writes and fsyncs both table copies)
+        ctx.step(f"installing {release.version} into slot {target.name} and the ESP")
         with machine.disk.open("r+b") as disk:
             target = slots.commit_slot(disk, target, release.version, release.roothash)
         # (9) entries whose root is gone, or that would clash with the new one: from the listing
@@ -418,6 +438,28 @@ def apply(
     write_reboot_required(machine)
     log.info("installed %s into slot %s; a reboot starts it", release.version, target.name)
     return Applied(release.version, str(target.name), release.roothash, entry)
+
+
+def _pending_already(ctx: Context, state: State, release: Release) -> Applied | None:
+    """`release` as installed, when the state says it is pending and the slot it names and the
+    ESP still hold it; else None (it is written again)."""
+    pending = state.pending
+    if pending is None or (pending.version, pending.roothash) != (
+        release.version,
+        release.roothash,
+    ):
+        return None
+    slot = next((s for s in ctx.slot_pair() if str(s.name) == pending.slot), None)
+    if (
+        slot is None
+        or slot.state is not slots.SlotState.INSTALLED
+        or (slot.version, slot.roothash) != (release.version, release.roothash)
+    ):
+        return None
+    entries = [e for e in bootentries.list_entries(ctx.machine.esp) if e.version == release.version]
+    if not entries:
+        return None
+    return Applied(release.version, pending.slot, release.roothash, entries[0].path, already=True)
 
 
 def verify_pending(ctx: Context) -> Version:

@@ -166,7 +166,16 @@ def rollback(ctx: Context) -> RolledBack:
             f"refused to roll back: slot {other.name} is {other.state}, there is no previous "
             "version to go back to"
         )
+    pending = ctx.load_state().pending
     if previous >= booted.version:
+        if pending is not None and (pending.slot, pending.version) == (str(other.name), previous):
+            # An apply (perhaps the one this rollback waited for) wrote an update over the
+            # version there was to go back to.
+            raise RefusedError(
+                f"refused to roll back: slot {other.name} now holds the update {previous}, "
+                "installed and waiting for its reboot; the version it held before is gone, so "
+                "there is no previous version to go back to"
+            )
         raise RefusedError(
             f"refused to roll back: slot {other.name} holds {previous}, which is not older "
             f"than the booted {booted.version} (install it with apply --version {previous})"

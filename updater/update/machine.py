@@ -36,6 +36,8 @@ class Machine:
     boot_id: Path = Path("/proc/sys/kernel/random/boot_id")
     loader_entries: Path = bootentries.LOADER_ENTRIES  # what systemd-boot could load
     reboot_required: Path = Path("/run/reboot-required")
+    # The agent's lock and what its holder does (update/lock.py): a tmpfs, empty at every boot.
+    lock_dir: Path = Path("/run/berth")
     arch: str = field(default_factory=platform.machine)
 
     @classmethod

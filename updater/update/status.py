@@ -1,7 +1,8 @@
 """What `berth-update status` shows: what this machine runs, what each slot holds, what the agent
-last did. No network, and no writes: an operator runs status while the daemon works, and a
-status that saved what it had read could put back a state from before the daemon's last save
-(a pending record lost, a bad mark undone).
+last did, who holds the agent's lock. No network, no writes, no lock: an operator runs status
+while the daemon works (it shows "busy: ..." then), and a status that saved what it had read
+could put back a state from before the daemon's last save (a pending record lost, a bad mark
+undone).
 
 So the seed is computed, never saved (the next check saves it), and a corrupt state file is read
 as an empty state and left for the next check or apply to move aside. A machine without a usable
@@ -19,6 +20,7 @@ from updater.disk import bootentries, slots
 from updater.release.version import Version
 from updater.update import choose
 from updater.update.context import Context
+from updater.update.lock import read_holder
 
 
 class SlotRole(StrEnum):
@@ -56,6 +58,8 @@ class Status:
     bad: tuple[str, ...]  # "1.3.0: rolled back from 1.3.0: boot did not complete"
     rollback_note: str | None
     boot_entries: tuple[str, ...]  # ESP entries in boot order
+    # Who holds the agent's lock and what it does, as its holder file says (update/lock.py)
+    busy: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -68,6 +72,8 @@ class Status:
 
 def read_status(ctx: Context) -> Status:
     """What this machine runs, what each slot holds, what the agent last did; reads only."""
+    # Read first: while another actor works, what follows may show its work half done.
+    holder = read_holder(ctx.machine.lock_dir)
     state = ctx.read_state()
     booted = ctx.booted()
     seed, _ = choose.seed(ctx, state)
@@ -117,6 +123,7 @@ def read_status(ctx: Context) -> Status:
         bad=tuple(f"{b.version}: {b.reason}" for b in state.bad),
         rollback_note=note,
         boot_entries=tuple(e.name for e in bootentries.list_entries(ctx.machine.esp)),
+        busy=None if holder is None else holder.describe(),
     )
 
 
