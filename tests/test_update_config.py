@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,8 @@ def test_malformed_override_names_file_key_and_expectation(
 ) -> None:
     default, etc = paths
     override(etc, text)
-    with pytest.raises(ConfigError, match=f"^{etc}: ") as info:
+    # A TOML syntax error names the line and column too, as a compiler would: path:line:col.
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(etc))}(:\d+:\d+)?: ") as info:
         load_config(default, etc)
     assert message in str(info.value)
 
@@ -178,3 +180,58 @@ def test_a_strategy_chosen_by_the_image_is_blamed_on_the_image(paths: tuple[Path
         load_config(default, etc)
     override(etc, '[fleet_lock]\nbase_url = "http://lockd/"\n')
     assert load_config(default, etc).strategy is Strategy.FLEET_LOCK
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'[update]\nchannel = "b\xe9ta"\n', "not UTF-8 text (byte 21)"),
+        (b"[update]\nx = " + b"[" * 5000 + b"]" * 5000, "not valid TOML: nested too deeply"),
+        (b"a = " + b"{b = " * 3000 + b"1" + b"}" * 3000, "not valid TOML: nested too deeply"),
+        (b"[update]\ninterval = " + b"9" * 5000, "not valid TOML: Exceeds the limit"),
+        (b'[update]\ninterval = "' + b"9" * 5000 + b'"', "key 'update.interval': expected a"),
+        (b'[update]\ninterval = "1000000000d"\n', "key 'update.interval': expected at most 31"),
+        (b"[update]\ninterval = 2678401\n", "key 'update.interval': expected at most 31 days"),
+        (b'[update]\nreboot_delay = "32d"\n', "key 'update.reboot_delay': expected at most 31"),
+        (b"[update]\nreboot_delay = 9223372036854775808\n", "key 'update.reboot_delay'"),
+        (b"[update]\nreboot_delay = -5\n", "key 'update.reboot_delay': expected at least 0"),
+        (b"[update]\ninterval = 3600.0\n", "key 'update.interval': expected a duration"),
+        (b"[update]\ninterval = inf\n", "key 'update.interval': expected a duration"),
+        (b"[etcd_lock]\nslots = 1025\n", "key 'etcd_lock.slots': expected a whole number of"),
+        (b"[etcd_lock]\nslots = 0\n", "key 'etcd_lock.slots'"),
+        (b"[etcd_lock]\nslots = 2.0\n", "key 'etcd_lock.slots'"),
+        (b"[update]\nurl = 'https://u.example/\"'\n", "key 'update.url': expected an http"),
+        (b"[update]\nurl = 'https://u.example/a\\b'\n", "key 'update.url'"),
+        (b'[update]\nurl = "https://u.example/\\u00e9"\n', "key 'update.url'"),
+        (b'[update]\nurl = "https://' + b"a" * 3000 + b'/"\n', "at most 2048 characters"),
+        (b"[etcd_lock]\nendpoints = ['https://e:2379\"']\n", "key 'etcd_lock.endpoints'"),
+        (b'[etcd_lock]\nca_file = "/ca\\u0000"\n', "key 'etcd_lock.ca_file': expected an abs"),
+        (b'[etcd_lock]\nca_file = "/ca\\n.pem"\n', "key 'etcd_lock.ca_file'"),
+    ],
+)
+def test_bytes_and_numbers_no_parser_takes_are_config_errors(
+    paths: tuple[Path, Path], data: bytes, message: str
+) -> None:
+    default, etc = paths
+    etc.parent.mkdir(parents=True, exist_ok=True)
+    etc.write_bytes(data)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(etc))}: ") as info:
+        load_config(default, etc)
+    assert message in str(info.value)
+    assert len(str(info.value)) < 400  # a megabyte of junk is not quoted back whole
+
+
+def test_the_longest_interval_is_31_days(paths: tuple[Path, Path]) -> None:
+    default, etc = paths
+    override(etc, '[update]\ninterval = "31d"\nreboot_delay = "0"\n')
+    config = load_config(default, etc)
+    assert (config.interval, config.reboot_delay) == (31 * 86400, 0)
+
+
+def test_broken_defaults_on_reload_keep_the_previous_config(paths: tuple[Path, Path]) -> None:
+    default, etc = paths
+    good = load_config(default, etc)
+    default.write_bytes(b"\xff")
+    config, error = reload_config(good, default, etc)
+    assert config is good
+    assert error is not None and str(error).startswith(f"{default}: not UTF-8 text")
