@@ -29,7 +29,7 @@ from typing import Any
 import jinja2
 
 from builder.errors import ConfigError
-from updater.files import host_readlink, resolve_in_root
+from updater.files import host_readlink, read_utf8, resolve_in_root
 
 MODES_FILE = ".modes"
 
@@ -156,13 +156,27 @@ def render_template(source: Path, variables: Mapping[str, Any]) -> str:
         keep_trailing_newline=True,
         autoescape=False,
     )
+    text = read_utf8(source, ConfigError)
     try:
-        template = env.from_string(source.read_text())
+        template = env.from_string(text)
         return template.render(**variables)
     except jinja2.TemplateSyntaxError as e:
         raise ConfigError(f"{source}:{e.lineno}: template syntax error: {e.message}") from None
     except jinja2.UndefinedError as e:
         raise ConfigError(f"{source}: undefined variable in template: {e.message}") from None
+    # What an expression in a template can raise ({{ x.y() }} on None, {{ 1 / 0 }}, a loop that
+    # recurses): the template's bug, named with its file, never a traceback of the build.
+    except (
+        jinja2.TemplateError,
+        RecursionError,
+        TypeError,
+        ValueError,
+        ArithmeticError,
+        LookupError,
+    ) as e:
+        raise ConfigError(
+            f"{source}: template cannot be rendered: {type(e).__name__}: {e}"
+        ) from None
 
 
 def apply_overlay(overlay: Path, tree: Path, variables: Mapping[str, Any]) -> list[str]:

@@ -96,6 +96,19 @@ def test_undefined_variable_in_condition_is_an_error_too(tmp_path: Path) -> None
         render_template(template, {})
 
 
+def test_a_template_that_is_not_utf8_names_its_file(tmp_path: Path) -> None:
+    template = tmp_path / "t.j2"
+    template.write_bytes(b"ok {{ x }} \xff\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{template}: not UTF-8 text (byte 11)")):
+        render_template(template, {"x": 1})
+
+
+def test_a_template_that_fails_while_rendering_names_its_file(tmp_path: Path) -> None:
+    template = put(tmp_path, "t.j2", "{{ x | int(base=99) }}{{ y.z() }}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{template}: ")):
+        render_template(template, {"x": "1", "y": {"z": None}})
+
+
 def test_syntax_error_names_file_and_line(overlay: Path, tree: Path) -> None:
     template = put(overlay, "etc/broken.j2", "ok\nok\n{% if x %}\nnever closed\n")
     with pytest.raises(ConfigError, match="template syntax error") as info:
