@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from updater.config import ConfigError, Strategy, UpdateConfig, load_config, reload_config
 
@@ -235,3 +237,54 @@ def test_broken_defaults_on_reload_keep_the_previous_config(paths: tuple[Path, P
     config, error = reload_config(good, default, etc)
     assert config is good
     assert error is not None and str(error).startswith(f"{default}: not UTF-8 text")
+
+
+# Fragments of update.toml, right and wrong, that a generated file is put together from.
+_FRAGMENTS = [
+    "[update]\n",
+    "[etcd_lock]\n",
+    "[fleet_lock]\n",
+    "[[window]]\n",
+    'url = "https://u.example/"\n',
+    "url = 'https://u.example/\"'\n",
+    'channel = "beta"\n',
+    'strategy = "etcd-lock"\n',
+    'strategy = "window"\n',
+    "interval = 99999999999999999\n",
+    'interval = "9999999999999999999d"\n',
+    "reboot_delay = -1\n",
+    "slots = 3\n",
+    "slots = 9.5\n",
+    'endpoints = ["http://e:2379"]\n',
+    'days = ["Sat"]\nstart_time = "01:00"\nlength_minutes = 60\n',
+    "length_minutes = 99999999999999\n",
+    'time_zone = "\\u0000"\n',
+    "x = [[[[[[[[[[]]]]]]]]]]\n",
+    "= \n",
+    '"\n',
+    "\\\n",
+    "%\n",
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    parts=st.lists(st.sampled_from(_FRAGMENTS), max_size=8),
+    junk=st.binary(max_size=40),
+)
+def test_any_file_is_a_config_or_a_config_error(
+    tmp_path_factory: pytest.TempPathFactory, parts: list[str], junk: bytes
+) -> None:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    default = tmp / "usr.toml"
+    default.write_text(DEFAULTS)
+    for data in ("".join(parts).encode(), "".join(parts).encode() + junk):
+        (tmp / "etc.toml").write_bytes(data)
+        try:
+            config = load_config(default, tmp / "etc.toml")
+        except ConfigError as e:
+            assert str(e).startswith(f"{tmp / 'etc.toml'}")
+        else:
+            assert 60 <= config.interval <= 31 * 86400
+            assert 0 <= config.reboot_delay <= 31 * 86400
+            assert 1 <= config.etcd_slots <= 1024
