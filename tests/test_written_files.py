@@ -78,7 +78,13 @@ def _write(images: Path, text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["https://u.example/a%20b/?x=1&y='2'", "http://[::1]:8080/repo/", "https://u.example"]
+    "url",
+    [
+        "https://u.example/a%20b/?x=1&y='2'",
+        "http://[::1]:8080/repo/",
+        "https://u.example",
+        "https://user:p%40ss@u.example:8443/repo/",
+    ],
 )
 def test_the_images_update_toml_is_what_the_agent_reads(tmp_path: Path, url: str) -> None:
     images = tmp_path / "images"

@@ -56,8 +56,9 @@ _DURATION = re.compile(rf"([0-9]{{1,{MAX_DIGITS}}})\s*(s|m|h|d)?")
 # RFC 3986's characters: no quote, backslash, space, control or non-ASCII character, each of
 # which some writer or reader of the URL (a TOML file, a log line, an HTTP request) takes apart.
 _URL_CHARS = r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]"
-_URL = re.compile(rf"https?://[A-Za-z0-9._~\[\]:%-]+(/{_URL_CHARS}*)?")
-_ENDPOINT = re.compile(r"https?://[A-Za-z0-9._~\[\]:%-]+/?")
+_AUTHORITY = r"[A-Za-z0-9._~!$&'()*+,;=:@%\[\]-]+"  # user:password@host:port, host an IPv6 [..]
+_URL = re.compile(rf"https?://{_AUTHORITY}(/{_URL_CHARS}*)?")
+_ENDPOINT = re.compile(rf"https?://{_AUTHORITY}/?")
 MAX_URL = 2048
 _UNIT_SECONDS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
