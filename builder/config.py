@@ -10,7 +10,6 @@ import difflib
 import json
 import re
 import tarfile
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -20,6 +19,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from builder.errors import ConfigError
+from updater import config as agent_config
+from updater.files import read_utf8, toml_document
+from updater.limits import MAX_DIGITS, MAX_SIZE_BYTES
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -141,12 +143,10 @@ _IMAGE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 _OVERLAY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SUITE_RE = re.compile(r"[a-z][a-z0-9-]*")
-_CHANNEL_RE = re.compile(r"[a-z0-9-]+")
 # Variables become jinja2 template names, so they must be identifiers.
 _VARIABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SIZE_RE = re.compile(r"([0-9]+)\s*([KMGT])(iB)?", re.IGNORECASE)
+_SIZE_RE = re.compile(rf"([0-9]{{1,{MAX_DIGITS}}})\s*([KMGT])(iB)?", re.IGNORECASE)
 _SIZE_UNITS = {"K": KiB, "M": MiB, "G": GiB, "T": TiB}
-_TOML_POSITION_RE = re.compile(r"(.*) \(at (?:line (\d+), column (\d+)|end of document)\)", re.S)
 # The build appends roothash= from the verity tree it made; a second one would clash with it.
 _RESERVED_CMDLINE = ("roothash=", "usrhash=")
 
@@ -325,25 +325,11 @@ def _verity_hash_size(data_size: int, block_size: int = 4096, digest_size: int =
 
 
 def _read_toml(source: _Source) -> dict[str, Any]:
-    try:
-        with source.path.open("rb") as f:
-            return tomllib.load(f)
-    except OSError as error:
-        raise ConfigError(f"{source.shown}: cannot read: {error.strerror}") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{source.shown}: not UTF-8 text (byte {error.start})") from None
-    except tomllib.TOMLDecodeError as error:
-        match = _TOML_POSITION_RE.fullmatch(str(error))
-        if match is None:
-            where, reason = "", str(error)
-        elif match.group(2) is None:
-            where, reason = " at end of file", match.group(1)
-        else:
-            where, reason = f":{match.group(2)}:{match.group(3)}", match.group(1)
-        raise ConfigError(
-            f"{source.shown}{where}: invalid TOML: {reason}",
-            hint="see https://toml.io for the syntax",
-        ) from None
+    # The agent's readers: not UTF-8, nested too deeply, a 5000-digit integer are refusals too.
+    text = read_utf8(source.path, ConfigError, source.shown)
+    return toml_document(
+        text, source.shown, lambda message: ConfigError(message, hint="see https://toml.io")
+    )
 
 
 def _parse_layer(source: _Source, table: dict[str, Any], images_dir: Path) -> _Layer:
@@ -389,9 +375,14 @@ def _parse_layer(source: _Source, table: dict[str, Any], images_dir: Path) -> _L
 
     cmdline = _string_list(source, table, "cmdline")
     for word in cmdline:
-        if not word or any(c.isspace() for c in word):
+        # The kernel reads '"' as the start of a quoted value that may hold spaces: a word with
+        # one would swallow the words after it, roothash= among them.
+        if not word or not all(" " < c < "\x7f" and c != '"' for c in word):
             raise source.error(
-                "cmdline", "one kernel command-line word per string, without spaces", _show(word)
+                "cmdline",
+                "one kernel command-line word per string, of printable ASCII without spaces or "
+                "'\"'",
+                _show(word),
             )
         if word.startswith(_RESERVED_CMDLINE):
             raise source.error(
@@ -411,24 +402,19 @@ def _parse_layer(source: _Source, table: dict[str, Any], images_dir: Path) -> _L
     for key, value in _table(source, table, "partitions", _PARTITION_KEYS).items():
         partitions[key] = _size(source, f"partitions.{key}", value, _PARTITION_MINIMUMS[key])
 
+    # The agent's own parser judges what goes into the image's update.toml: a value the builder
+    # took and the agent refused would bake a dead agent into a verity-protected image.
     update: dict[str, str] = {}
     update_table = _table(source, table, "update", _UPDATE_KEYS)
-    channel = _string(source, update_table, "channel", "update.")
-    if channel is not None:
-        if not _CHANNEL_RE.fullmatch(channel):
-            raise source.error(
-                "update.channel",
-                'a channel name of a-z, 0-9 and "-", like "stable"',
-                _show(channel),
-            )
-        update["channel"] = channel
-    url = _string(source, update_table, "url", "update.")
-    if url is not None:
-        if url and not _is_url(url, ("http", "https")):
-            raise source.error(
-                "update.url", 'an http:// or https:// URL, or "" for none', _show(url)
-            )
-        update["url"] = url
+    for key in update_table:
+        value = _string(source, update_table, key, "update.")
+        try:
+            agent_config.parse_key("update", key, value)
+        except ValueError as error:
+            raise ConfigError(
+                f"{source.shown}: key 'update.{key}': {error} (the update agent's rule)"
+            ) from None
+        update[key] = str(value)
 
     variables: dict[str, str] = {}
     for key, value in _table(source, table, "variables", None).items():
@@ -566,6 +552,8 @@ def _size(source: _Source, key: str, value: object, minimum: int) -> int:
         size = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
     if size <= 0 or size % MiB:
         raise source.error(key, "a positive whole number of MiB", _show(value))
+    if size > MAX_SIZE_BYTES:
+        raise source.error(key, f"at most {_format_size(MAX_SIZE_BYTES)}", _show(value))
     if size < minimum:
         raise source.error(key, f"at least {_format_size(minimum)}", _show(value))
     return size

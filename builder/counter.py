@@ -8,6 +8,8 @@ from pathlib import Path
 
 from builder.lock import exclusive
 from updater.files import write_file_atomic
+from updater.limits import MAX_DIGITS
+from updater.release.document import json_object
 from updater.release.version import Version
 
 COUNTER_FILE = ".build-counter.json"
@@ -36,25 +38,24 @@ def default_version(counter_dir: Path, today: date | None = None) -> Version:
 
 def _read_counter(path: Path) -> tuple[str | None, int]:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None, -1
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path}: not valid JSON ({error}); delete it to restart the count"
-        ) from None
+    # The agent's JSON reader: not UTF-8, nested too deeply or a 5000-digit count is a
+    # ValueError naming the file too.
+    data = json_object(raw, f"{path} (delete it to restart the count)", ValueError)
     # Restarting silently from 0 could hand out a version that was already built today.
+    count = data.get("count")
     if (
-        not isinstance(data, dict)
-        or not isinstance(data.get("date"), str)
-        or not isinstance(data.get("count"), int)
-        or isinstance(data.get("count"), bool)
-        or data["count"] < 0
+        not isinstance(data.get("date"), str)
+        or not isinstance(count, int)
+        or isinstance(count, bool)
+        or not 0 <= count < 10**MAX_DIGITS - 1  # the next one is still a version part
     ):
+        shown = raw.decode(errors="replace").strip()
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
         raise ValueError(
-            f'{path}: expected {{"date": "YYYY-MM-DD", "count": N}}, got {text.strip()!r}; '
+            f'{path}: expected {{"date": "YYYY-MM-DD", "count": N}}, got {shown!r}; '
             "delete it to restart the count"
         )
-    return data["date"], data["count"]
+    return data["date"], count

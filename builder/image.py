@@ -17,8 +17,11 @@ from builder.erofs import make_erofs
 from builder.errors import BuildError
 from builder.lock import exclusive
 from builder.log import complete_step, log, warn
+from builder.tomlwrite import toml_table
 from builder.verity import make_verity
+from updater import config as agent_config
 from updater.release.manifest import Manifest, describe
+from updater.release.osrelease import format_os_release
 from updater.release.version import Version
 
 ARCH = "x86_64"
@@ -39,6 +42,7 @@ class BuildResult:
 
 
 def os_release(config: ImageConfig, version: Version) -> str:
+    """/usr/lib/os-release, quoted and escaped per os-release(5) (updater.release.osrelease)."""
     fields = {
         "NAME": "Berth",
         "PRETTY_NAME": f"Berth {version} ({config.name})",
@@ -52,7 +56,10 @@ def os_release(config: ImageConfig, version: Version) -> str:
         "BERTH_SUITE": config.suite,
         "HOME_URL": "https://github.com/berth-os/berth",
     }
-    return "".join(f'{k}="{v}"\n' for k, v in fields.items())
+    try:
+        return format_os_release(fields)
+    except ValueError as e:
+        raise BuildError(f"{config.path}: cannot write /usr/lib/os-release: {e}") from None
 
 
 def trust_anchor(keys_dir: Path) -> bytes:
@@ -71,14 +78,20 @@ def trust_anchor(keys_dir: Path) -> bytes:
 
 
 def update_defaults(config: ImageConfig) -> str:
-    """/usr/lib/berth/update.toml: the image's channel and repository; /etc/berth overrides."""
-    lines = [
-        "# Defaults from the image definition. Override in /etc/berth/update.toml.",
-        "[update]",
-        f'url = "{config.update.url}"',
-        f'channel = "{config.update.channel}"',
-    ]
-    return "\n".join(lines) + "\n"
+    """/usr/lib/berth/update.toml: the image's channel and repository; /etc/berth overrides.
+
+    Escaped by a TOML writer, then read back with the agent's own parser: an image never carries
+    a file its agent refuses (the error names the image definition and the key).
+    """
+    text = "# Defaults from the image definition. Override in /etc/berth/update.toml.\n"
+    try:
+        text += toml_table("update", {"url": config.update.url, "channel": config.update.channel})
+        agent_config.parse_defaults(text, "/usr/lib/berth/update.toml")
+    except (ValueError, agent_config.ConfigError) as e:
+        raise BuildError(
+            f"{config.path}: the [update] table makes an update.toml the agent refuses: {e}"
+        ) from None
+    return text
 
 
 def _hardlink_copy(source: Path, dest: Path) -> None:

@@ -29,7 +29,8 @@ from typing import Any
 import jinja2
 
 from builder.errors import ConfigError
-from updater.files import host_readlink, resolve_in_root
+from builder.tomlwrite import toml_string
+from updater.files import host_readlink, read_utf8, resolve_in_root
 
 MODES_FILE = ".modes"
 
@@ -149,6 +150,16 @@ def _tree_ids(tree: Path, user: str, group: str, where: str) -> tuple[int, int]:
     return uid, gid
 
 
+def unit_string(value: str) -> str:
+    """`value` as one double-quoted word of a systemd unit setting (Environment=, an argument of
+    ExecStart=): `%` doubled (specifiers), `\\` and `"` escaped; a control character is refused.
+    In ExecStart= a `$` still expands a variable: write `$$` in the value for a literal one."""
+    if not value.isprintable():
+        raise ValueError(f"{value!r}: a systemd unit value cannot hold a control character")
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped}"'
+
+
 def render_template(source: Path, variables: Mapping[str, Any]) -> str:
     """Render one jinja2 template strictly: an undefined variable is an error naming both."""
     env = jinja2.Environment(
@@ -156,13 +167,31 @@ def render_template(source: Path, variables: Mapping[str, Any]) -> str:
         keep_trailing_newline=True,
         autoescape=False,
     )
+    # A value pasted into quotes in another format breaks that format on a quote, backslash,
+    # newline or (in a unit file) '%': `{{ x | toml }}` and `{{ x | unit }}` write it quoted.
+    env.filters["toml"] = toml_string
+    env.filters["unit"] = unit_string
+    text = read_utf8(source, ConfigError)
     try:
-        template = env.from_string(source.read_text())
+        template = env.from_string(text)
         return template.render(**variables)
     except jinja2.TemplateSyntaxError as e:
         raise ConfigError(f"{source}:{e.lineno}: template syntax error: {e.message}") from None
     except jinja2.UndefinedError as e:
         raise ConfigError(f"{source}: undefined variable in template: {e.message}") from None
+    # What an expression in a template can raise ({{ x.y() }} on None, {{ 1 / 0 }}, a loop that
+    # recurses): the template's bug, named with its file, never a traceback of the build.
+    except (
+        jinja2.TemplateError,
+        RecursionError,
+        TypeError,
+        ValueError,
+        ArithmeticError,
+        LookupError,
+    ) as e:
+        raise ConfigError(
+            f"{source}: template cannot be rendered: {type(e).__name__}: {e}"
+        ) from None
 
 
 def apply_overlay(overlay: Path, tree: Path, variables: Mapping[str, Any]) -> list[str]:

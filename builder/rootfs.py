@@ -21,6 +21,7 @@ from builder.config import ImageConfig
 from builder.errors import BuildError
 from builder.log import complete_step, log
 from builder.run import run
+from updater.files import read_utf8
 
 # Bump when the bootstrap or trim recipe changes in a way that changes the cached tree.
 RECIPE_VERSION = 3
@@ -77,12 +78,12 @@ def _host_apt_uris(apt: Path = Path("/etc/apt")) -> list[tuple[str, str]]:
     for file in one_line:
         if not file.is_file():
             continue
-        for raw in file.read_text().splitlines():
+        for raw in read_utf8(file, BuildError).splitlines():
             words = re.sub(r"\[[^]]*\]", "", raw.split("#", 1)[0]).split()
             if len(words) >= 4 and words[0] == "deb" and "main" in words[3:]:
                 pairs.append((words[1], words[2]))
     for file in sorted((apt / "sources.list.d").glob("*.sources")):
-        for stanza in file.read_text().split("\n\n"):
+        for stanza in read_utf8(file, BuildError).split("\n\n"):
             fields: dict[str, str] = {}
             for raw in stanza.splitlines():
                 if raw.startswith("#") or ":" not in raw or raw.startswith((" ", "\t")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 import tarfile
@@ -371,14 +372,14 @@ def test_bad_package_name(images: Path, name: str) -> None:
 def test_toml_syntax_error_names_file_and_line(images: Path) -> None:
     write(images, "bad", 'description = "ok"\n\npackages = [\n  "a" "b",\n]\n')
     message = error_of(images, "bad")
-    assert re.match(r"images/bad\.toml:4:\d+: invalid TOML: ", message), message
+    assert re.match(r"images/bad\.toml:4:\d+: not valid TOML: ", message), message
 
 
 def test_toml_error_at_end_of_file(images: Path) -> None:
     write(images, "bad", 'packages = ["a"')
     message = error_of(images, "bad")
     assert message.startswith("images/bad.toml")
-    assert "invalid TOML" in message
+    assert "not valid TOML" in message
 
 
 def test_bad_format_name(images: Path) -> None:
@@ -462,11 +463,21 @@ def test_file_mirror_is_accepted(images: Path) -> None:
     assert load_image("foo", images).mirror == "file:///srv/mirror/debian"
 
 
-@pytest.mark.parametrize("channel", ["Stable", "", "beta channel", "beta_1"])
+# The agent's rule (updater.release.channel.CHANNEL_NAME): "-beta" and a 65-character name are
+# refused by it, so the builder refuses them too.
+@pytest.mark.parametrize("channel", ["Stable", "", "beta channel", "-beta", "b" * 65, 'a"b'])
 def test_bad_channel(images: Path, channel: str) -> None:
-    write(images, "foo", f'[update]\nchannel = "{channel}"')
+    write(images, "foo", f"[update]\nchannel = {json.dumps(channel)}")
     message = error_of(images, "foo")
     assert "images/foo.toml: key 'update.channel'" in message
+
+
+# ... and what the agent takes, the builder takes: "beta_1" was refused before, though every
+# machine would have followed it.
+@pytest.mark.parametrize("channel", ["beta_1", "beta.1", "stable"])
+def test_a_channel_the_agent_takes_is_taken(images: Path, channel: str) -> None:
+    write(images, "foo", f'[update]\nchannel = "{channel}"')
+    assert load_image("foo", images).update.channel == channel
 
 
 def test_bad_update_url(images: Path) -> None:

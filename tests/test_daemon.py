@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from qemu.vm import free_port
-from tests.support.daemon import INTERVAL, PATHS, Harness
+from tests.support.daemon import INTERVAL, PATHS, START, Harness, path
 from tests.support.machine import FakeMachine, Site, boot_into_update
 from updater.config import Strategy
 from updater.disk import slots
@@ -184,6 +184,72 @@ def test_keeps_the_last_good_config_when_the_override_breaks(
 def test_broken_override_at_start_uses_the_image_defaults(harness: Harness) -> None:
     harness.paths.override.write_text("[update\n")
     assert harness.daemon().config.strategy is Strategy.IMMEDIATE
+
+
+# What an override may hold that no parser takes: each is refused naming the file (and the key,
+# where there is one), and the daemon goes on with what it had.
+BROKEN_OVERRIDES = {
+    "not UTF-8": (b'[update]\nstrategy = "off\xff"\n', "not UTF-8 text (byte 24)"),
+    "nested too deeply": (b"[update]\nx = " + b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    "a 5000-digit number": (b"[update]\ninterval = " + b"9" * 5000, "not valid TOML"),
+    "a billion days": (b'[update]\ninterval = "1000000000d"\n', "key 'update.interval'"),
+    "a delay of 2^63 s": (b"[update]\nreboot_delay = 9223372036854775808\n", "reboot_delay"),
+    "a float": (b"[update]\ninterval = 3600.5\n", "key 'update.interval'"),
+    "a negative delay": (b"[update]\nreboot_delay = -1\n", "key 'update.reboot_delay'"),
+    "slots out of range": (
+        b'[update]\nstrategy = "etcd-lock"\n[etcd_lock]\nendpoints = ["http://e:2379"]\n'
+        b"slots = 100000\n",
+        "key 'etcd_lock.slots'",
+    ),
+    "a quote in the url": (b"[update]\nurl = 'https://u.example/\"x'\n", "key 'update.url'"),
+    "a NUL in a file path": (
+        b'[etcd_lock]\nca_file = "/etc/ca\\u0000.pem"\n',
+        "key 'etcd_lock.ca_file'",
+    ),
+}
+
+
+@pytest.mark.parametrize("content", BROKEN_OVERRIDES.values(), ids=BROKEN_OVERRIDES)
+def test_an_override_no_parser_takes_is_refused_at_start_and_on_reload(
+    harness: Harness, site: Site, caplog: pytest.LogCaptureFixture, content: tuple[bytes, str]
+) -> None:
+    data, message = content
+    override = harness.paths.override
+    override.write_bytes(data)
+    with caplog.at_level(logging.ERROR, logger="updater.service.daemon"):
+        daemon = harness.daemon()
+        at_start = daemon.config
+        assert at_start.strategy is Strategy.IMMEDIATE  # the image's defaults
+        assert f"{override}" in caplog.text and message in caplog.text
+        assert "using the image's defaults" in caplog.text
+        # A good override, then the broken one again: the good one stays.
+        override.write_text('[update]\nstrategy = "off"\n')
+        daemon.run(iterations=1)
+        assert daemon.config.strategy is Strategy.OFF
+        caplog.clear()
+        override.write_bytes(data)
+        site.publish(site.release("1.1.0"))
+        daemon.run(iterations=1)
+    assert daemon.config.strategy is Strategy.OFF
+    assert f"{override}" in caplog.text and message in caplog.text
+    assert "keeping the last good configuration" in caplog.text
+    assert harness.reboots == 0 and daemon.state.failures == 0
+    # Every sleep is the interval the good configuration set, with its jitter.
+    assert all(d <= INTERVAL * 1.1 for d in harness.slept)
+
+
+def test_broken_image_defaults_run_without_a_repository_and_still_judge_the_boot(
+    harness: Harness, fake: FakeMachine, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.paths.default.write_bytes(b'[update]\nurl = "\xc3"\n')
+    with caplog.at_level(logging.INFO, logger="updater.service.daemon"):
+        daemon = harness.daemon()
+        daemon.run(iterations=1)
+    assert daemon.config.url == ""
+    assert f"{harness.paths.default}: not UTF-8 text" in caplog.text
+    assert "running without an update repository" in caplog.text
+    assert "no update repository configured" in caplog.text
+    assert daemon.path == path(START, "RELEASING IDLE")
 
 
 def test_nothing_is_installed_while_the_booted_version_is_on_trial(

@@ -28,6 +28,9 @@ class Refused(Exception):
         ('{"a": ' * 50_000 + "1" + "}" * 50_000, "nested too deeply"),
         (b'{"a": "\xff"}', "not UTF-8 text"),
         ("{", "not valid JSON"),
+        ('{"a": ' + "9" * 5000 + "}", "not valid JSON: Exceeds the limit"),
+        ('{"a": NaN}', "not valid JSON: NaN is not a JSON number"),
+        ('{"a": -Infinity}', "not valid JSON: -Infinity is not a JSON number"),
         ("[1]", "expected a JSON object at the top level"),
         ("null", "expected a JSON object at the top level"),
     ],
@@ -68,3 +71,33 @@ def test_a_corrupt_download_record_restarts_the_download(tmp_path: Path, content
     path = tmp_path / "download-root.erofs.json"
     path.write_bytes(content)
     assert _load_state(path, "0" * 64, 4096, 0) == 0
+
+
+def test_a_file_size_past_1_tib_is_refused_naming_the_field() -> None:
+    doc = {
+        "image": "c",
+        "version": "1.0.0",
+        "arch": "x86_64",
+        "roothash": "a" * 64,
+        "files": {"root.erofs": {"size": 2**63, "sha256": "b" * 64}},
+    }
+    with pytest.raises(ManifestError, match=r"^m: field 'files.root.erofs'.size: .*1 TiB"):
+        Manifest.from_json(json.dumps(doc), "m")
+
+
+def test_a_version_of_thousands_of_digits_is_refused_as_a_version() -> None:
+    doc = {"image": "c", "version": "1." + "9" * 5000 + ".0", "arch": "x", "roothash": "a" * 64}
+    with pytest.raises(ManifestError, match=r"^m: field 'version': version .* is not MAJOR"):
+        Manifest.from_json(json.dumps({**doc, "files": {}}), "m")
+
+
+def test_a_wave_bound_of_thousands_of_digits_is_refused_as_a_bound() -> None:
+    with pytest.raises(
+        channel.ChannelError, match=r"wave bound .9999.*expected an integer 1\.\.2048"
+    ):
+        channel.parse_waves({"9" * 5000: "2025-01-01T00:00:00Z"}, "w")
+
+
+def test_a_channel_document_that_is_not_utf8_is_a_channel_error() -> None:
+    with pytest.raises(channel.ChannelError, match=r"^c: not UTF-8 text"):
+        channel.parse(b'{"channel": "\xff"}', "c")

@@ -161,7 +161,7 @@ def test_a_cycle_is_reported_with_the_imports_that_make_it() -> None:
 UPDATER_LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer)
     for layer in (
-        {"updater.errors", "updater.files", "updater.run"},
+        {"updater.errors", "updater.files", "updater.limits", "updater.run"},
         {"updater.release"},
         {"updater.disk"},
         {"updater.reboot"},

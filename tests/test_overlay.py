@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import stat
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from builder.overlay import (
     render_template,
     replace_file,
 )
+from tests.support import REPO
 
 
 @pytest.fixture
@@ -94,6 +96,36 @@ def test_undefined_variable_in_condition_is_an_error_too(tmp_path: Path) -> None
     template = put(tmp_path, "t.j2", "{% if flag %}yes{% endif %}\n")
     with pytest.raises(ConfigError, match=r"t\.j2: undefined variable in template: .*'flag'"):
         render_template(template, {})
+
+
+def test_a_template_that_is_not_utf8_names_its_file(tmp_path: Path) -> None:
+    template = tmp_path / "t.j2"
+    template.write_bytes(b"ok {{ x }} \xff\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{template}: not UTF-8 text (byte 11)")):
+        render_template(template, {"x": 1})
+
+
+def test_a_template_that_fails_while_rendering_names_its_file(tmp_path: Path) -> None:
+    template = put(tmp_path, "t.j2", "{{ x | int(base=99) }}{{ y.z() }}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{template}: ")):
+        render_template(template, {"x": "1", "y": {"z": None}})
+
+
+@pytest.mark.parametrize("value", ['a"b', "back\\slash", "new\nline", "100%", "ünï"])
+def test_the_toml_filter_writes_a_value_that_reads_back_as_itself(
+    tmp_path: Path, value: str
+) -> None:
+    template = put(tmp_path, "t.toml.j2", "[t]\nk = {{ v | toml }}\nl = [{{ v | toml }}]\n")
+    assert tomllib.loads(render_template(template, {"v": value})) == {
+        "t": {"k": value, "l": [value]}
+    }
+
+
+def test_the_unit_filter_escapes_specifiers_quotes_and_backslashes(tmp_path: Path) -> None:
+    template = put(tmp_path, "u.j2", "Environment=X={{ v | unit }}\n")
+    assert render_template(template, {"v": '50% "a\\b"'}) == ('Environment=X="50%% \\"a\\\\b\\""\n')
+    with pytest.raises(ConfigError, match=r"u\.j2: template cannot be rendered: ValueError: .*"):
+        render_template(template, {"v": "two\nlines"})
 
 
 def test_syntax_error_names_file_and_line(overlay: Path, tree: Path) -> None:
@@ -445,3 +477,11 @@ def test_host_path_resolves_inside_the_tree(tree: Path) -> None:
     (tree / "etc/loop").symlink_to("loop")
     with pytest.raises(ConfigError, match="here: /etc/loop/x: too many levels of symbolic links"):
         host_path(tree, "/etc/loop/x", "here")
+
+
+def test_the_container_storage_template_is_toml_podman_can_read() -> None:
+    template = REPO / "overlays/containerhost/usr/share/containers/storage.conf.j2"
+    store = "/usr/lib/containers/storage"
+    doc = tomllib.loads(render_template(template, {"preload_store": store}))
+    assert doc["storage"]["options"]["additionalimagestores"] == [store]
+    assert "options" in tomllib.loads(render_template(template, {"preload_store": ""}))["storage"]

@@ -348,3 +348,16 @@ def test_lockd_without_etcd_answers_502_and_the_client_retries() -> None:
     gone = FleetLockClient(server.url, "default", "m", backoff=0.0)
     with pytest.raises(LockError, match="unreachable after 3 attempts"):
         gone.pre_reboot()
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b'{"total_slots": ' + b"9" * 5000 + b', "holders": []}', "Exceeds the limit"),
+        (b'{"total_slots": 1, "holders": ["\xff"]}', "can't decode"),
+    ],
+)
+def test_a_semaphore_value_no_parser_takes_is_a_lock_error(value: bytes, reason: str) -> None:
+    with pytest.raises(LockError, match=f"^key: the semaphore is not valid JSON: .*{reason}"):
+        Semaphore.parse(value, "key")

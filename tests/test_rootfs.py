@@ -197,3 +197,12 @@ def test_third_party_host_sources_are_not_taken_for_the_debian_mirror(tmp_path: 
     sources = apt_sources(config, apt_dir=apt)
     assert sources[0].uri == "http://mirror.example/debian"
     assert sources[-1].uri == "http://security.example/debian-security"
+
+
+@pytest.mark.parametrize("name", ["sources.list", "sources.list.d/debian.sources"])
+def test_a_host_apt_source_that_is_not_utf8_is_a_build_error_naming_it(
+    apt: Path, name: str
+) -> None:
+    (apt / name).write_bytes(b"deb http://mirror.example/d\xe9bian trixie main\n")
+    with pytest.raises(BuildError, match=f"^{apt / name}: not UTF-8 text \\(byte 27\\)"):
+        _host_apt_uris(apt)

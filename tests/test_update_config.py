@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from updater.config import ConfigError, Strategy, UpdateConfig, load_config, reload_config
 
@@ -64,7 +67,8 @@ def test_malformed_override_names_file_key_and_expectation(
 ) -> None:
     default, etc = paths
     override(etc, text)
-    with pytest.raises(ConfigError, match=f"^{etc}: ") as info:
+    # A TOML syntax error names the line and column too, as a compiler would: path:line:col.
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(etc))}(:\d+:\d+)?: ") as info:
         load_config(default, etc)
     assert message in str(info.value)
 
@@ -178,3 +182,109 @@ def test_a_strategy_chosen_by_the_image_is_blamed_on_the_image(paths: tuple[Path
         load_config(default, etc)
     override(etc, '[fleet_lock]\nbase_url = "http://lockd/"\n')
     assert load_config(default, etc).strategy is Strategy.FLEET_LOCK
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'[update]\nchannel = "b\xe9ta"\n', "not UTF-8 text (byte 21)"),
+        (b"[update]\nx = " + b"[" * 5000 + b"]" * 5000, "not valid TOML: nested too deeply"),
+        (b"a = " + b"{b = " * 3000 + b"1" + b"}" * 3000, "not valid TOML: nested too deeply"),
+        (b"[update]\ninterval = " + b"9" * 5000, "not valid TOML: Exceeds the limit"),
+        (b'[update]\ninterval = "' + b"9" * 5000 + b'"', "key 'update.interval': expected a"),
+        (b'[update]\ninterval = "1000000000d"\n', "key 'update.interval': expected at most 31"),
+        (b"[update]\ninterval = 2678401\n", "key 'update.interval': expected at most 31 days"),
+        (b'[update]\nreboot_delay = "32d"\n', "key 'update.reboot_delay': expected at most 31"),
+        (b"[update]\nreboot_delay = 9223372036854775808\n", "key 'update.reboot_delay'"),
+        (b"[update]\nreboot_delay = -5\n", "key 'update.reboot_delay': expected at least 0"),
+        (b"[update]\ninterval = 3600.0\n", "key 'update.interval': expected a duration"),
+        (b"[update]\ninterval = inf\n", "key 'update.interval': expected a duration"),
+        (b"[etcd_lock]\nslots = 1025\n", "key 'etcd_lock.slots': expected a whole number of"),
+        (b"[etcd_lock]\nslots = 0\n", "key 'etcd_lock.slots'"),
+        (b"[etcd_lock]\nslots = 2.0\n", "key 'etcd_lock.slots'"),
+        (b"[update]\nurl = 'https://u.example/\"'\n", "key 'update.url': expected an http"),
+        (b"[update]\nurl = 'https://u.example/a\\b'\n", "key 'update.url'"),
+        (b'[update]\nurl = "https://u.example/\\u00e9"\n', "key 'update.url'"),
+        (b'[update]\nurl = "https://' + b"a" * 3000 + b'/"\n', "at most 2048 characters"),
+        (b"[etcd_lock]\nendpoints = ['https://e:2379\"']\n", "key 'etcd_lock.endpoints'"),
+        (b'[etcd_lock]\nca_file = "/ca\\u0000"\n', "key 'etcd_lock.ca_file': expected an abs"),
+        (b'[etcd_lock]\nca_file = "/ca\\n.pem"\n', "key 'etcd_lock.ca_file'"),
+    ],
+)
+def test_bytes_and_numbers_no_parser_takes_are_config_errors(
+    paths: tuple[Path, Path], data: bytes, message: str
+) -> None:
+    default, etc = paths
+    etc.parent.mkdir(parents=True, exist_ok=True)
+    etc.write_bytes(data)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(etc))}: ") as info:
+        load_config(default, etc)
+    assert message in str(info.value)
+    assert len(str(info.value)) < 400  # a megabyte of junk is not quoted back whole
+
+
+def test_the_longest_interval_is_31_days(paths: tuple[Path, Path]) -> None:
+    default, etc = paths
+    override(etc, '[update]\ninterval = "31d"\nreboot_delay = "0"\n')
+    config = load_config(default, etc)
+    assert (config.interval, config.reboot_delay) == (31 * 86400, 0)
+
+
+def test_broken_defaults_on_reload_keep_the_previous_config(paths: tuple[Path, Path]) -> None:
+    default, etc = paths
+    good = load_config(default, etc)
+    default.write_bytes(b"\xff")
+    config, error = reload_config(good, default, etc)
+    assert config is good
+    assert error is not None and str(error).startswith(f"{default}: not UTF-8 text")
+
+
+# Fragments of update.toml, right and wrong, that a generated file is put together from.
+_FRAGMENTS = [
+    "[update]\n",
+    "[etcd_lock]\n",
+    "[fleet_lock]\n",
+    "[[window]]\n",
+    'url = "https://u.example/"\n',
+    "url = 'https://u.example/\"'\n",
+    'channel = "beta"\n',
+    'strategy = "etcd-lock"\n',
+    'strategy = "window"\n',
+    "interval = 99999999999999999\n",
+    'interval = "9999999999999999999d"\n',
+    "reboot_delay = -1\n",
+    "slots = 3\n",
+    "slots = 9.5\n",
+    'endpoints = ["http://e:2379"]\n',
+    'days = ["Sat"]\nstart_time = "01:00"\nlength_minutes = 60\n',
+    "length_minutes = 99999999999999\n",
+    'time_zone = "\\u0000"\n',
+    "x = [[[[[[[[[[]]]]]]]]]]\n",
+    "= \n",
+    '"\n',
+    "\\\n",
+    "%\n",
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    parts=st.lists(st.sampled_from(_FRAGMENTS), max_size=8),
+    junk=st.binary(max_size=40),
+)
+def test_any_file_is_a_config_or_a_config_error(
+    tmp_path_factory: pytest.TempPathFactory, parts: list[str], junk: bytes
+) -> None:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    default = tmp / "usr.toml"
+    default.write_text(DEFAULTS)
+    for data in ("".join(parts).encode(), "".join(parts).encode() + junk):
+        (tmp / "etc.toml").write_bytes(data)
+        try:
+            config = load_config(default, tmp / "etc.toml")
+        except ConfigError as e:
+            assert str(e).startswith(f"{tmp / 'etc.toml'}")
+        else:
+            assert 60 <= config.interval <= 31 * 86400
+            assert 0 <= config.reboot_delay <= 31 * 86400
+            assert 1 <= config.etcd_slots <= 1024

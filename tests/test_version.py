@@ -64,6 +64,15 @@ def test_parse_error_message_quotes_the_input() -> None:
         Version.parse("1.2")
 
 
+def test_a_part_of_thousands_of_digits_is_no_version() -> None:
+    # int() of 5000 digits raises its own ValueError; the version's message says what is wrong.
+    with pytest.raises(ValueError, match=r"is not MAJOR\.MINOR\.PATCH \(three non-negative"):
+        Version.parse("1." + "9" * 5000 + ".0")
+    assert Version.parse("1.999999999999999999.0").minor == 10**18 - 1
+    with pytest.raises(ValueError, match=r"at most 18 digits"):
+        Version.parse("1.9999999999999999999.0")
+
+
 def test_parse_rejects_non_string() -> None:
     with pytest.raises(ValueError, match=r"is not MAJOR\.MINOR\.PATCH"):
         Version.parse(1.2)  # type: ignore[arg-type]
@@ -102,13 +111,25 @@ def test_default_version_leaves_no_temporary_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "content", ["not json", "[]", '{"date": "2025-11-22"}', '{"date": "2025-11-22", "count": -1}']
+    "content",
+    [
+        "not json",
+        "[]",
+        '{"date": "2025-11-22"}',
+        '{"date": "2025-11-22", "count": -1}',
+        # Bytes and numbers no reader takes: refusals naming the file, not a crash.
+        '{"date": "2025-11-22\xff", "count": 1}',
+        '{"date": "2025-11-22", "count": ' + "9" * 5000 + "}",
+        '{"date": "2025-11-22", "count": 999999999999999999}',
+        '{"date": "2025-11-22", "x": ' + "[" * 5000 + "]" * 5000 + "}",
+    ],
 )
 def test_default_version_refuses_corrupt_counter(tmp_path: Path, content: str) -> None:
-    (tmp_path / COUNTER_FILE).write_text(content)
+    data = content.encode("latin-1")
+    (tmp_path / COUNTER_FILE).write_bytes(data)
     with pytest.raises(ValueError, match=re.escape(COUNTER_FILE)):
         default_version(tmp_path, date(2025, 11, 22))
-    assert (tmp_path / COUNTER_FILE).read_text() == content
+    assert (tmp_path / COUNTER_FILE).read_bytes() == data
 
 
 def test_version_argument_reports_what_a_version_looks_like() -> None:

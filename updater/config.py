@@ -31,7 +31,6 @@ Standard library only: this runs on the device's own Python.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -40,6 +39,8 @@ from types import MappingProxyType
 from typing import Any
 
 from updater.errors import UpdateError
+from updater.files import read_utf8, toml_document
+from updater.limits import MAX_DIGITS, MAX_DURATION_SECONDS, MAX_SLOTS
 from updater.reboot.semaphore import GROUP_NAME
 from updater.reboot.windows import Window, parse_window
 from updater.release.channel import CHANNEL_NAME
@@ -51,7 +52,14 @@ DEFAULT_INTERVAL = 3600.0
 DEFAULT_REBOOT_DELAY = 600.0
 DEFAULT_GROUP = "default"
 
-_DURATION = re.compile(r"([0-9]+)\s*(s|m|h|d)?")
+_DURATION = re.compile(rf"([0-9]{{1,{MAX_DIGITS}}})\s*(s|m|h|d)?")
+# RFC 3986's characters: no quote, backslash, space, control or non-ASCII character, each of
+# which some writer or reader of the URL (a TOML file, a log line, an HTTP request) takes apart.
+_URL_CHARS = r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]"
+_AUTHORITY = r"[A-Za-z0-9._~!$&'()*+,;=:@%\[\]-]+"  # user:password@host:port, host an IPv6 [..]
+_URL = re.compile(rf"https?://{_AUTHORITY}(/{_URL_CHARS}*)?")
+_ENDPOINT = re.compile(rf"https?://{_AUTHORITY}/?")
+MAX_URL = 2048
 _UNIT_SECONDS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -106,8 +114,12 @@ def _url(value: object, _min: float) -> str:
     # operator sets one in /etc/berth/update.toml.
     if value == "":
         return ""
-    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    if not isinstance(value, str) or len(value) > MAX_URL or not _URL.fullmatch(value):
+        raise ValueError(
+            f"expected an http:// or https:// URL of at most {MAX_URL} characters, without "
+            f"quotes, backslashes, spaces or non-ASCII characters (percent-encode them), "
+            f"got {_shown(value)}"
+        )
     # The repository's files are resolved relative to it: metadata/… and targets/….
     return value if value.endswith("/") else value + "/"
 
@@ -115,7 +127,8 @@ def _url(value: object, _min: float) -> str:
 def _channel(value: object, _min: float) -> str:
     if not isinstance(value, str) or not CHANNEL_NAME.fullmatch(value):
         raise ValueError(
-            f"expected a channel name of lowercase letters, digits, '.', '_' or '-', got {value!r}"
+            "expected a channel name of lowercase letters, digits, '.', '_' or '-', "
+            f"got {_shown(value)}"
         )
     return value
 
@@ -123,27 +136,36 @@ def _channel(value: object, _min: float) -> str:
 def _strategy(value: object, _min: float) -> Strategy:
     choices = ", ".join(s.value for s in Strategy)
     if not isinstance(value, str):
-        raise ValueError(f"expected one of {choices}, got {value!r}")
+        raise ValueError(f"expected one of {choices}, got {_shown(value)}")
     try:
         return Strategy(value)
     except ValueError:
-        raise ValueError(f"expected one of {choices}, got {value!r}") from None
+        raise ValueError(f"expected one of {choices}, got {_shown(value)}") from None
 
 
 def parse_interval(value: object, minimum: float = MIN_INTERVAL) -> float:
-    """Seconds from 3600, "3600", "90s", "30m", "1h" or "1d"; at least `minimum`."""
+    """Seconds from 3600, "3600", "90s", "30m", "1h" or "1d"; at least `minimum`, at most 31
+    days (limits.MAX_DURATION_SECONDS: the daemon sleeps this long, and time.sleep() and the
+    clock arithmetic around it overflow long before an integer does)."""
     if isinstance(value, int) and not isinstance(value, bool):
-        seconds = float(value)
+        seconds = value
     elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
-        seconds = float(int(match[1]) * _UNIT_SECONDS[match[2]])
+        seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
     else:
-        raise ValueError(f'expected a duration like "1h", "30m", "90s" or seconds, got {value!r}')
+        raise ValueError(
+            'expected a duration like "1h", "30m", "90s" or a whole number of seconds, '
+            f"got {_shown(value)}"
+        )
     if seconds < minimum:
         raise ValueError(
             f"expected at least {minimum:.0f} seconds (checking more often only loads the "
-            f"repository), got {value!r}"
+            f"repository), got {_shown(value)}"
         )
-    return seconds
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(
+            f"expected at most 31 days ({MAX_DURATION_SECONDS} seconds), got {_shown(value)}"
+        )
+    return float(seconds)
 
 
 def _delay(value: object, _min: float) -> float:
@@ -152,32 +174,53 @@ def _delay(value: object, _min: float) -> float:
 
 def _group(value: object, _min: float) -> str:
     if not isinstance(value, str) or not GROUP_NAME.fullmatch(value):
-        raise ValueError(f"expected a group name of letters, digits, '.' or '-', got {value!r}")
+        raise ValueError(
+            f"expected a group name of letters, digits, '.' or '-', got {_shown(value)}"
+        )
     return value
 
 
 def _endpoints(value: object, _min: float) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        raise ValueError(f'expected a list of etcd URLs like ["https://etcd1:2379"], got {value!r}')
+        raise ValueError(
+            f'expected a list of etcd URLs like ["https://etcd1:2379"], got {_shown(value)}'
+        )
     endpoints = []
     for item in items:
-        if not isinstance(item, str) or not re.fullmatch(r"https?://[^\s/]+/?", item):
-            raise ValueError(f"expected http:// or https:// host:port URLs, got {item!r}")
+        if not isinstance(item, str) or not _ENDPOINT.fullmatch(item):
+            raise ValueError(f"expected http:// or https:// host:port URLs, got {_shown(item)}")
         endpoints.append(item.rstrip("/"))
     return tuple(endpoints)
 
 
 def _slots(value: object, _min: float) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"expected a whole number of slots, at least 1, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SLOTS:
+        raise ValueError(
+            f"expected a whole number of slots from 1 to {MAX_SLOTS}, got {_shown(value)}"
+        )
     return value
 
 
 def _file(value: object, _min: float) -> Path:
-    if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError(f"expected an absolute file path, got {value!r}")
+    # A NUL makes open() raise ValueError; other control characters are a typo, never a path.
+    if (
+        not isinstance(value, str)
+        or not value.startswith("/")
+        or not value.isprintable()
+        or len(value) > 4096
+    ):
+        raise ValueError(
+            f"expected an absolute file path without control characters, got {_shown(value)}"
+        )
     return Path(value)
+
+
+def _shown(value: object) -> str:
+    """`value` for a message: repr (which escapes quotes, newlines and control characters), cut
+    short so that a megabyte of junk does not become a megabyte of log."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # table -> key -> (UpdateConfig field, parser). The one place a new table or key is added.
@@ -223,16 +266,10 @@ _STRATEGY_NEEDS: Mapping[Strategy, tuple[str, str]] = MappingProxyType(
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    return toml_document(read_utf8(path, ConfigError), str(path), ConfigError)
 
 
-def _fields(path: Path, doc: Mapping[str, Any], min_interval: float) -> dict[str, object]:
+def _fields(path: Path | str, doc: Mapping[str, Any], min_interval: float) -> dict[str, object]:
     values: dict[str, object] = {}
     for table, content in doc.items():
         if table in _ARRAY_TABLES:
@@ -257,7 +294,7 @@ def _fields(path: Path, doc: Mapping[str, Any], min_interval: float) -> dict[str
     return values
 
 
-def _array(path: Path, table: str, content: object) -> dict[str, object]:
+def _array(path: Path | str, table: str, content: object) -> dict[str, object]:
     field_name, parse = _ARRAY_TABLES[table]
     if not isinstance(content, list):
         raise ConfigError(f"{path}: '{table}' must be an array of tables ([[{table}]])")
@@ -270,7 +307,7 @@ def _array(path: Path, table: str, content: object) -> dict[str, object]:
     return {field_name: tuple(entries)}
 
 
-def _check_strategy(values: Mapping[str, object], origin: Mapping[str, Path]) -> None:
+def _check_strategy(values: Mapping[str, object], origin: Mapping[str, Path | str]) -> None:
     """A strategy's own table must be there; TLS client certificate and key come together."""
     strategy = values.get("strategy", Strategy.IMMEDIATE)
     need = _STRATEGY_NEEDS.get(strategy)  # type: ignore[call-overload]
@@ -297,19 +334,43 @@ def load_config(
     overrides. `min_interval` exists for tests that poll fast; the device always uses 60 s.
     """
     values = _fields(default_path, _read(default_path), min_interval)
-    origin = dict.fromkeys(values, default_path)
+    origin: dict[str, Path | str] = dict.fromkeys(values, default_path)
     if override_path.exists():
         overrides = _fields(override_path, _read(override_path), min_interval)
         values.update(overrides)
         origin.update(dict.fromkeys(overrides, override_path))
+    missing = f"is missing and {override_path} does not set it"
+    return _config(values, origin, default_path, missing)
+
+
+def parse_defaults(text: str, source: str) -> UpdateConfig:
+    """`text` as the image's defaults file alone (no override), or ConfigError naming `source`.
+
+    The builder checks the update.toml it writes with this, so that an image never carries a
+    file its own agent refuses.
+    """
+    values = _fields(source, toml_document(text, source, ConfigError), MIN_INTERVAL)
+    return _config(values, dict.fromkeys(values, source), source, "is missing")
+
+
+def _config(
+    values: dict[str, object],
+    origin: Mapping[str, Path | str],
+    default_path: Path | str,
+    missing: str,
+) -> UpdateConfig:
     for key in _REQUIRED:
         if key not in values:
-            raise ConfigError(
-                f"{default_path}: key 'update.{key}' is missing and {override_path} does not set it"
-            )
+            raise ConfigError(f"{default_path}: key 'update.{key}' {missing}")
     _check_strategy(values, origin)
     base = UpdateConfig(url=str(values.pop("url")), channel=str(values.pop("channel")))
     return replace(base, **values)  # type: ignore[arg-type]
+
+
+def parse_key(table: str, key: str, value: object) -> object:
+    """One key's value as the agent takes it, or ValueError saying what was expected (the
+    builder's check of an image definition's [update] table)."""
+    return _SCHEMA[table][key][1](value, MIN_INTERVAL)
 
 
 def reload_config(

@@ -1,5 +1,5 @@
 """Durable file writes shared by the agent, its state, the boot entries and the publisher; paths
-inside a root.
+inside a root; text files read so that bad bytes are the reader's error, not a crash.
 
 `resolve_in_root` follows symbolic links inside a directory tree as the kernel would with that tree
 as `/` (an image tree being built, the root provisioning writes into): the builder and the
@@ -14,14 +14,60 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 # The kernel's limit on links followed in one lookup (ELOOP past it).
 MAX_SYMLINKS = 40
+_TOML_POSITION = re.compile(r"(.*) \(at (?:line (\d+), column (\d+)|end of document)\)", re.S)
+
+
+def read_utf8(path: Path, error: Callable[[str], Exception], shown: str | None = None) -> str:
+    """The text of `path`, or `error` naming the file (as `shown`, by default its path) and why:
+    it cannot be read, or it is not UTF-8 (a UnicodeDecodeError is a ValueError that readers
+    catching OSError let through)."""
+    name = shown or str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"{name}: cannot read: {e.strerror or e}") from None
+    return decode_utf8(data, name, error)
+
+
+def decode_utf8(data: bytes, source: str, error: Callable[[str], Exception]) -> str:
+    """`data` as UTF-8 text, or `error` naming `source` and the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{source}: not UTF-8 text (byte {e.start})") from None
+
+
+def toml_document(text: str, source: str, error: Callable[[str], Exception]) -> dict[str, Any]:
+    """`text` parsed as TOML, or `error` naming `source`, the line and column, and the problem.
+
+    tomllib raises more than TOMLDecodeError: RecursionError for arrays or inline tables nested a
+    few thousand deep, and ValueError for an integer of more than 4300 digits.
+    """
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        match = _TOML_POSITION.fullmatch(str(e))
+        if match is None:
+            where, reason = "", str(e)
+        elif match.group(2) is None:
+            where, reason = " at end of file", match.group(1)
+        else:
+            where, reason = f":{match.group(2)}:{match.group(3)}", match.group(1)
+        raise error(f"{source}{where}: not valid TOML: {reason}") from None
+    except RecursionError:
+        raise error(f"{source}: not valid TOML: nested too deeply") from None
+    except ValueError as e:  # int() of too many digits
+        raise error(f"{source}: not valid TOML: {str(e).split(';')[0]}") from None
 
 
 @contextlib.contextmanager

@@ -118,8 +118,13 @@ class Semaphore:
     def parse(cls, data: bytes, where: str) -> Semaphore:
         try:
             doc = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LockError(f"{where}: the semaphore is not valid JSON: {e}") from None
+        except RecursionError:  # a few thousand "[" in the etcd value
+            raise LockError(
+                f"{where}: the semaphore is not valid JSON: nested too deeply"
+            ) from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int() of 5000 digits
+            reason = str(e).split(";")[0]
+            raise LockError(f"{where}: the semaphore is not valid JSON: {reason}") from None
         slots = doc.get("total_slots") if isinstance(doc, dict) else None
         holders = doc.get("holders") if isinstance(doc, dict) else None
         if holders is None and isinstance(doc, dict):

@@ -130,7 +130,7 @@ def parse_time(text: str) -> datetime:
     return when.astimezone(UTC)
 
 
-def parse(text: str, source: str) -> ChannelManifest:
+def parse(text: str | bytes, source: str) -> ChannelManifest:
     """Parse a channel manifest; `source` names where it came from in error messages."""
     doc = json_object(text, source, ChannelError)
     _no_unknown(doc, {"channel", "max_version", "releases"}, source)
@@ -232,7 +232,9 @@ def parse_waves(raw: object, where: str) -> Mapping[int, datetime]:
         raise ChannelError(f"{where}: expected a non-empty object of seed bound -> start time")
     waves: dict[int, datetime] = {}
     for key, value in raw.items():
-        bound = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else None
+        # At most 4 digits before int(): 5000 of them would make int() raise.
+        digits = isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 4
+        bound = int(key) if digits else None
         if bound is None or not 1 <= bound <= SEED_RANGE:
             raise ChannelError(f"{where}: wave bound {key!r}: expected an integer 1..{SEED_RANGE}")
         if not isinstance(value, str):

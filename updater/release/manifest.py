@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO
 
+from updater.limits import MAX_SIZE_BYTES
 from updater.release.document import json_object
 from updater.release.version import Version
 
@@ -79,8 +80,15 @@ class Manifest:
             if not isinstance(entry, dict):
                 raise ManifestError(f"{where}: expected an object with size and sha256")
             size, digest = entry.get("size"), entry.get("sha256")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise ManifestError(f"{where}.size: expected a non-negative integer")
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or not 0 <= size <= MAX_SIZE_BYTES
+            ):
+                raise ManifestError(
+                    f"{where}.size: expected a non-negative integer of at most 1 TiB "
+                    f"({MAX_SIZE_BYTES})"
+                )
             if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
                 raise ManifestError(f"{where}.sha256: expected 64 hex digits")
             files[name] = FileEntry(size, digest)

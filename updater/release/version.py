@@ -10,8 +10,12 @@ import argparse
 import re
 from dataclasses import dataclass
 
+from updater.limits import MAX_DIGITS
+
 # [0-9] rather than \d: \d also accepts non-ASCII digits, which int() would happily convert.
-_VERSION_RE = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+# At most MAX_DIGITS digits a part: int() of thousands of them raises.
+_PART = rf"(0|[1-9][0-9]{{0,{MAX_DIGITS - 1}}})"
+_VERSION_RE = re.compile(rf"{_PART}\.{_PART}\.{_PART}")
 
 
 @dataclass(frozen=True, order=True)
@@ -36,7 +40,8 @@ class Version:
         if match is None:
             raise ValueError(
                 f"version {text!r} is not MAJOR.MINOR.PATCH "
-                "(three non-negative integers without leading zeros, like 2025.1122.0)"
+                f"(three non-negative integers of at most {MAX_DIGITS} digits, without leading "
+                "zeros, like 2025.1122.0)"
             )
         major, minor, patch = (int(part) for part in match.groups())
         return cls(major, minor, patch)

@@ -22,7 +22,9 @@ Decisions that matter:
   in the child, reported back as UpdateError) are logged and retried later; anything else is a
   bug and ends the process (systemd restarts it).
 - A malformed /etc/berth/update.toml keeps the last good configuration (config.reload_config);
-  at start, when there is none yet, the image's defaults alone are used.
+  at start, when there is none yet, the image's defaults alone are used, and when those are
+  malformed too, no repository (FALLBACK_CONFIG): the boot is still judged. Every refusal is
+  logged with the file and key; none ends the process.
 - Reboots go through the strategy's gate (updater.reboot.gate): a window or a lock slot may say "not
   yet", and the daemon looks again when the gate says it is worth it (the window opens, the lock
   retry delay) or at the interval, whichever is first. Once the boot is judged the gate is
@@ -261,14 +263,26 @@ class ConfigPaths:
     min_interval: float = MIN_INTERVAL  # tests poll faster than the device's 60 s
 
 
+# What the daemon runs on when not even the image's update.toml can be read: no repository
+# (nothing is checked or installed), but the boot is still judged, so that a machine whose
+# files went bad keeps blessing a good boot and falling back from a bad one.
+FALLBACK_CONFIG = UpdateConfig(url="", channel="stable")
+
+
 def initial_config(paths: ConfigPaths) -> UpdateConfig:
-    """The configuration at start; a malformed override falls back to the image's defaults."""
+    """The configuration at start; a malformed override falls back to the image's defaults, and
+    malformed defaults to FALLBACK_CONFIG. Never raises: a daemon that exits on a bad file would
+    stop judging boots, and systemd would restart it into the same file."""
     try:
         return load_config(paths.default, paths.override, min_interval=paths.min_interval)
     except ConfigError as e:
         log.error("%s; using the image's defaults until it is fixed", e)
+    try:
         # The defaults file as its own override: the image's values and nothing else.
         return load_config(paths.default, paths.default, min_interval=paths.min_interval)
+    except ConfigError as e:
+        log.error("%s; running without an update repository until it is fixed", e)
+        return FALLBACK_CONFIG
 
 
 class Daemon:

@@ -7,7 +7,6 @@ Light (no requests, no python-tuf), like machine.py and state.py.
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +15,8 @@ from pathlib import Path
 from updater.config import UpdateConfig
 from updater.disk import slots
 from updater.errors import SlotError, UpdateError
+from updater.files import read_utf8
+from updater.release.osrelease import parse_os_release
 from updater.release.version import Version
 from updater.update.lock import AgentLock
 from updater.update.machine import FetchOptions, Machine
@@ -32,23 +33,9 @@ class Booted:
 
 
 def read_os_release(path: Path) -> dict[str, str]:
-    """KEY=value pairs of an os-release file, with shell quoting removed."""
-    fields: dict[str, str] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UpdateError(f"cannot read {path}: {e}") from e
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        try:
-            parts = shlex.split(value)
-        except ValueError:
-            continue
-        fields[key] = parts[0] if parts else ""
-    return fields
+    """KEY=value pairs of an os-release file, with its quoting removed (updater.release.osrelease);
+    UpdateError naming the file when it cannot be read or is not UTF-8."""
+    return parse_os_release(read_utf8(path, UpdateError))
 
 
 @dataclass(frozen=True)
@@ -99,7 +86,7 @@ class Context:
         boot cannot have been tried yet."""
         try:
             return self.machine.boot_id.read_text(encoding="ascii").strip()
-        except OSError:
+        except (OSError, UnicodeDecodeError):
             return ""
 
     def slot_pair(self) -> tuple[slots.Slot, slots.Slot]:

@@ -237,7 +237,8 @@ class TrustedRepository:
                 ) from e
             except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as e:
                 raise _translate(e, f"target {path}") from e
-            text = Path(local).read_text(encoding="utf-8")
+            # Bytes: text that is not UTF-8 is the parser's ChannelError, not a crash.
+            text = Path(local).read_bytes()
         manifest = channels.parse(text, path)
         if manifest.channel != name:
             raise channels.ChannelError(f"{path}: names channel {manifest.channel!r}")
