@@ -258,7 +258,7 @@ def test_timestamp_refresh_needs_only_the_timestamp_key(tmp_path: Path, keys: Pa
     repo = tmp_path / "repo"
     pub.publish(make_release(tmp_path / "out", "1.2.3"), repo, keys, "stable", now=NOW)
     signing_host = tmp_path / "signing-host"
-    signing_host.mkdir()
+    signing_host.mkdir(mode=0o700)
     for name in ("root.json", "1.root.json", "timestamp.pem"):
         shutil.copy2(keys / name, signing_host / name)
     result = pub.refresh(repo, signing_host, now=NOW, timestamp_only=True)

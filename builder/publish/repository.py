@@ -33,8 +33,8 @@ from builder.publish.keys import (
     EXPIRY,
     ONLINE_ROLES,
     SERIALIZER,
-    load_trusted_root,
     online_signers,
+    open_keys,
     signing_time,
 )
 from updater.files import write_file_atomic
@@ -276,7 +276,7 @@ def change_targets(
     snapshot and timestamp. When neither the targets nor the root changed nothing is re-signed and
     `changed` is False, so a repeated publish leaves the repository as it was.
     """
-    keys_root = load_trusted_root(keys_dir)
+    keys_root = open_keys(keys_dir)
     signers = online_signers(keys_dir, keys_root.signed, ONLINE_ROLES)
     with _locked(repo):
         state = load_state(repo, keys_root, when)
@@ -305,7 +305,7 @@ def refresh(
     copied into the repository.
     """
     when = signing_time(now)
-    keys_root = load_trusted_root(keys_dir)
+    keys_root = open_keys(keys_dir)
     roles = (Timestamp.type,) if timestamp_only else ONLINE_ROLES
     signers = online_signers(keys_dir, keys_root.signed, roles)
     with _locked(repo):
