@@ -3,6 +3,7 @@ in the middle of a publish, read-only commands pointed at a missing repository."
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import stat
@@ -12,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from securesystemslib.signer import CryptoSigner
 
 from builder import publish as pub
 from builder.publish import PublishError
@@ -185,3 +187,163 @@ def test_a_missing_keys_directory_is_named_and_not_created(tmp_path: Path, repo:
             operation(tmp_path / "out", repo, missing)
     assert not missing.exists()
     assert snapshot(repo) == before
+
+
+def full_disk(*args: object) -> object:
+    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+
+def fail_on_call(number: int, real: Callable[..., object]) -> Callable[..., object]:
+    """`real`, except that its `number`th call fails as a full disk would."""
+    calls = 0
+
+    def failing(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        return full_disk() if calls == number else real(*args)
+
+    return failing
+
+
+def tampered(mp: pytest.MonkeyPatch, out: Path) -> Path:
+    # root.erofs is staged before root.verity is found not to match.
+    release = make_release(out, "1.3.0")
+    data = (release / "root.verity").read_bytes()
+    (release / "root.verity").write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
+    return release
+
+
+def other_build(mp: pytest.MonkeyPatch, out: Path) -> Path:
+    return make_release(out, "1.2.3")
+
+
+def signing_fails(mp: pytest.MonkeyPatch, out: Path) -> Path:
+    # After the payload, the channel and the targets metadata are staged.
+    real = CryptoSigner.sign
+
+    def sign(signer: CryptoSigner, data: bytes) -> object:
+        if b'"_type": "snapshot"' in data or b'"_type":"snapshot"' in data:
+            raise RuntimeError("HSM unplugged")
+        return real(signer, data)
+
+    mp.setattr(CryptoSigner, "sign", sign)
+    return make_release(out, "1.3.0")
+
+
+def disk_full_staging(mp: pytest.MonkeyPatch, out: Path) -> Path:
+    # The third file written (uki.efi) fails, after root.erofs and root.verity.
+    mp.setattr(os, "fsync", fail_on_call(3, os.fsync))
+    return make_release(out, "1.3.0")
+
+
+def disk_full_renaming(mp: pytest.MonkeyPatch, out: Path) -> Path:
+    # Two staged files are in place when the third rename fails.
+    mp.setattr(os, "replace", fail_on_call(3, os.replace))
+    return make_release(out, "1.3.0")
+
+
+def disk_full_renaming_timestamp(mp: pytest.MonkeyPatch, out: Path) -> Path:
+    # Everything else, root.json included when a root version is new, is in place.
+    real = os.replace
+
+    def replace(source: object, dest: object) -> object:
+        timestamp = str(dest).endswith("/metadata/timestamp.json")
+        return full_disk() if timestamp else real(source, dest)
+
+    mp.setattr(os, "replace", replace)
+    return make_release(out, "1.3.0")
+
+
+DISK_FULL = r"the change failed and was undone, the repository is as it was: .*No space left"
+
+# What fails -> (how to make it fail, returning the release to publish; the error it gives).
+FAILURES: dict[str, tuple[Callable[[pytest.MonkeyPatch, Path], Path], str]] = {
+    "a payload file that is not what the manifest says": (
+        tampered,
+        r"root\.verity does not match the release manifest",
+    ),
+    "the same version of another build": (other_build, "already published with other content"),
+    "signing the snapshot": (
+        signing_fails,
+        r"signing the snapshot metadata failed: Failed to sign: HSM unplugged",
+    ),
+    "a full disk while staging": (disk_full_staging, DISK_FULL),
+    "a full disk among the renames": (disk_full_renaming, DISK_FULL),
+    "a full disk renaming timestamp.json, the last": (disk_full_renaming_timestamp, DISK_FULL),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+@pytest.mark.parametrize("rotated", [False, True], ids=["", "new root"])
+def test_a_failed_publish_leaves_the_repository_as_it_was(
+    tmp_path: Path,
+    keys: Path,
+    repo: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+    rotated: bool,
+) -> None:
+    if rotated:
+        # The publish also copies root version 2 in and replaces metadata/root.json.
+        pub.rotate_key(keys, "snapshot", now=NOW)
+    before = snapshot(repo)
+    make_failing, message = FAILURES[failure]
+    release = make_failing(monkeypatch, tmp_path / "next")
+    with pytest.raises(PublishError, match=message):
+        pub.publish(release, repo, keys, "stable", now=NOW)
+    monkeypatch.undo()
+    assert snapshot(repo) == before
+    # And the repository is still good to publish into.
+    assert pub.publish(make_release(tmp_path / "then", "1.4.0"), repo, keys, "stable").changed
+
+
+@pytest.mark.parametrize("failure", sorted(set(FAILURES) - {"the same version of another build"}))
+def test_a_failed_first_publish_creates_nothing(
+    tmp_path: Path, keys: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    repo = tmp_path / "sites" / "one" / "repo"
+    make_failing, message = FAILURES[failure]
+    release = make_failing(monkeypatch, tmp_path / "next")
+    with pytest.raises(PublishError, match=message):
+        pub.publish(release, repo, keys, "stable", now=NOW)
+    monkeypatch.undo()
+    assert not (tmp_path / "sites").exists()
+
+
+def test_a_failed_pull_or_refresh_leaves_the_repository_as_it_was(
+    keys: Path, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = snapshot(repo)
+    monkeypatch.setattr(os, "replace", fail_on_call(2, os.replace))
+    with pytest.raises(PublishError, match="the repository is as it was"):
+        pub.pull(repo, keys, "stable", Version(1, 2, 3), now=NOW)
+    monkeypatch.setattr(os, "replace", fail_on_call(2, os.replace))
+    with pytest.raises(PublishError, match="the repository is as it was"):
+        pub.refresh(repo, keys, now=NOW)
+    monkeypatch.undo()
+    assert snapshot(repo) == before
+
+
+READERS: dict[str, Callable[[Path, Path], object]] = {
+    "refresh": lambda repo, keys: pub.refresh(repo, keys, now=NOW),
+    "refresh timestamp": lambda repo, keys: pub.refresh(repo, keys, timestamp_only=True),
+    "pull": lambda repo, keys: pub.pull(repo, keys, "stable", Version(1, 2, 3), now=NOW),
+    "pull undo": lambda repo, keys: pub.pull(repo, keys, "stable", Version(1, 2, 3), undo=True),
+    "max-version": lambda repo, keys: pub.set_max_version(repo, keys, "stable", None, now=NOW),
+    "read channel": lambda repo, keys: pub.read_channel(repo, keys, "stable"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(READERS))
+@pytest.mark.parametrize("empty", [False, True], ids=["missing", "empty"])
+def test_commands_that_need_a_repository_never_create_one(
+    tmp_path: Path, keys: Path, command: str, empty: bool
+) -> None:
+    repo = tmp_path / "mirror" / "repo"
+    if empty:
+        repo.mkdir(parents=True)
+    before = snapshot(tmp_path / "mirror")
+    with pytest.raises(PublishError, match=f"^no repository at {repo}$") as error:
+        READERS[command](repo, keys)
+    assert error.value.hint is not None and "publish a release into it first" in error.value.hint
+    assert snapshot(tmp_path / "mirror") == before

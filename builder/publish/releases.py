@@ -20,10 +20,9 @@ from builder.publish.repository import (
     State,
     add_target,
     change_targets,
-    store,
     target_file,
 )
-from updater.files import atomic_writer
+from builder.publish.staging import Staging
 from updater.release.channel import (
     ChannelError,
     Release,
@@ -65,10 +64,12 @@ def read_release(release_dir: Path) -> Manifest:
     return manifest
 
 
-def _copy_verified(source: Path, dest_dir: Path, name: str, expected: FileEntry) -> None:
-    """Check `source` against the manifest, copying it to `<sha256>.<name>` in the same pass."""
+def _copy_verified(
+    staging: Staging, source: Path, dest_dir: Path, name: str, expected: FileEntry
+) -> None:
+    """Check `source` against the manifest, staging its copy as `<sha256>.<name>` in the same
+    pass."""
     dest = dest_dir / f"{expected.sha256}.{name}"
-    dest_dir.mkdir(parents=True, exist_ok=True)
 
     def check(found: FileEntry) -> None:
         if found != expected:
@@ -79,13 +80,13 @@ def _copy_verified(source: Path, dest_dir: Path, name: str, expected: FileEntry)
                 hint="the release directory was changed after the build; rebuild it",
             )
 
-    if dest.exists():
+    if staging.exists(dest):
         # Named by its hash and checked when it was written: only the source needs checking.
         check(hash_file(source))
         return
-    # The copy is written from the very blocks that are hashed, and renamed into place only if
-    # they match: what is published is what was checked, even if the source changes meanwhile.
-    with atomic_writer(dest) as out:
+    # The copy is written from the very blocks that are hashed, and staged only if they match:
+    # what is published is what was checked, even if the source changes meanwhile.
+    with staging.writer(dest) as out:
         check(hash_file(source, copy_to=out))
 
 
@@ -124,7 +125,7 @@ def publish(
         targets = _add_payload(state, release_dir, manifest)
         _add_to_channel(state, channel, manifest, targets, chosen, when, max_version)
 
-    return change_targets(repo, keys_dir, when, edit)
+    return change_targets(repo, keys_dir, when, edit, create=True)
 
 
 def _add_payload(state: State, release_dir: Path, manifest: Manifest) -> Mapping[str, str]:
@@ -135,14 +136,16 @@ def _add_payload(state: State, release_dir: Path, manifest: Manifest) -> Mapping
         entry = manifest.files[name]
         path = f"{prefix}/{name}"
         add_target(state, TargetFile(entry.size, {"sha256": entry.sha256}, path))
-        _copy_verified(release_dir / name, state.repo / "targets" / prefix, name, entry)
+        _copy_verified(
+            state.staging, release_dir / name, state.repo / "targets" / prefix, name, entry
+        )
         target_paths[name] = path
     manifest_data = (release_dir / "manifest.json").read_bytes()
     manifest_target = TargetFile.from_data(f"{prefix}/manifest.json", manifest_data, ["sha256"])
     add_target(state, manifest_target)
     manifest_file = target_file(state.repo, manifest_target)
-    if not manifest_file.exists():
-        store(manifest_file, manifest_data)
+    if not state.staging.exists(manifest_file):
+        state.staging.write(manifest_file, manifest_data)
     target_paths["manifest.json"] = manifest_target.path
     return MappingProxyType(target_paths)
 
