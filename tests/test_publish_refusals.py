@@ -246,7 +246,7 @@ def disk_full_renaming_timestamp(mp: pytest.MonkeyPatch, out: Path) -> Path:
     # Everything else, root.json included when a root version is new, is in place.
     real = os.replace
 
-    def replace(source: object, dest: object) -> object:
+    def replace(source: Path, dest: Path) -> object:
         timestamp = str(dest).endswith("/metadata/timestamp.json")
         return full_disk() if timestamp else real(source, dest)
 
