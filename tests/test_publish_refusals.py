@@ -347,3 +347,17 @@ def test_commands_that_need_a_repository_never_create_one(
         READERS[command](repo, keys)
     assert error.value.hint is not None and "publish a release into it first" in error.value.hint
     assert snapshot(tmp_path / "mirror") == before
+
+
+def test_a_pin_and_lifting_it_at_once_is_refused(tmp_path: Path, keys: Path, repo: Path) -> None:
+    before = snapshot(repo)
+    with pytest.raises(PublishError, match="max_version 1.3.9 and lift_max_version contradict"):
+        pub.publish(
+            make_release(tmp_path / "next", "1.3.0"),
+            repo,
+            keys,
+            "stable",
+            max_version=Version(1, 3, 9),
+            lift_max_version=True,
+        )
+    assert snapshot(repo) == before

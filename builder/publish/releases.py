@@ -25,6 +25,7 @@ from builder.publish.repository import (
 from builder.publish.staging import Staging
 from updater.release.channel import (
     ChannelError,
+    ChannelManifest,
     Release,
     check_waves,
     default_waves,
@@ -100,6 +101,7 @@ def publish(
     waves: Mapping[int, datetime] | None = None,
     immediate: bool = False,
     max_version: Version | None = None,
+    lift_max_version: bool = False,
 ) -> PublishResult:
     """Add a release's payload to the repository and the release to `channel`, then re-sign.
 
@@ -107,11 +109,16 @@ def publish(
     `immediate` opens one wave for everyone now). Publishing a release that is already in the
     channel keeps its waves and its pulled flag unless `waves` or `immediate` is given, so a
     repeated publish changes nothing; when nothing changes, no metadata is re-signed and `changed`
-    is False. `max_version`, when given, sets the channel's pin (`set_max_version` also clears it).
+    is False. `max_version`, when given, sets the channel's pin; `lift_max_version` clears it, in
+    the same signed change (`set_max_version` changes the pin alone).
     """
     check_channel_name(channel)
     if waves is not None and immediate:
         raise PublishError("give either waves or immediate, not both")
+    if max_version is not None and lift_max_version:
+        raise PublishError(
+            f"max_version {max_version} and lift_max_version contradict each other: give one"
+        )
     when = signing_time(now)
     manifest = read_release(release_dir)
     if waves is not None:
@@ -123,7 +130,10 @@ def publish(
 
     def edit(state: State) -> None:
         targets = _add_payload(state, release_dir, manifest)
-        _add_to_channel(state, channel, manifest, targets, chosen, when, max_version)
+        updated = _with_release(state, channel, manifest, targets, chosen, when)
+        if max_version is not None or lift_max_version:
+            updated = replace(updated, max_version=max_version)
+        write_channel(state, updated)
 
     return change_targets(repo, keys_dir, when, edit, create=True)
 
@@ -150,15 +160,15 @@ def _add_payload(state: State, release_dir: Path, manifest: Manifest) -> Mapping
     return MappingProxyType(target_paths)
 
 
-def _add_to_channel(
+def _with_release(
     state: State,
     channel: str,
     manifest: Manifest,
     targets: Mapping[str, str],
     waves: Mapping[int, datetime] | None,
     when: datetime,
-    max_version: Version | None,
-) -> None:
+) -> ChannelManifest:
+    """The channel's manifest with this release added, or its entry updated."""
     current = load_channel(state, channel)
     existing = current.find(manifest.image, manifest.arch, manifest.version)
     if existing is not None and existing.roothash != manifest.roothash:
@@ -182,7 +192,4 @@ def _add_to_channel(
         waves=new_waves,
         pulled=existing.pulled if existing is not None else False,
     )
-    updated = current.with_release(release)
-    if max_version is not None:
-        updated = replace(updated, max_version=max_version)
-    write_channel(state, updated)
+    return current.with_release(release)
