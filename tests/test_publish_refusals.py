@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shlex
 import stat
 import subprocess
@@ -183,7 +184,7 @@ def test_a_missing_keys_directory_is_named_and_not_created(tmp_path: Path, repo:
     missing = tmp_path / "no-keys"
     before = snapshot(repo)
     for operation in KEY_USERS.values():
-        with pytest.raises(PublishError, match=f"no keys directory at {missing}$"):
+        with pytest.raises(PublishError, match=f"no keys directory at {re.escape(str(missing))}$"):
             operation(tmp_path / "out", repo, missing)
     assert not missing.exists()
     assert snapshot(repo) == before
@@ -343,7 +344,7 @@ def test_commands_that_need_a_repository_never_create_one(
     if empty:
         repo.mkdir(parents=True)
     before = snapshot(tmp_path / "mirror")
-    with pytest.raises(PublishError, match=f"^no repository at {repo}$") as error:
+    with pytest.raises(PublishError, match=f"^no repository at {re.escape(str(repo))}$") as error:
         READERS[command](repo, keys)
     assert error.value.hint is not None and "publish a release into it first" in error.value.hint
     assert snapshot(tmp_path / "mirror") == before
@@ -351,7 +352,7 @@ def test_commands_that_need_a_repository_never_create_one(
 
 def test_a_pin_and_lifting_it_at_once_is_refused(tmp_path: Path, keys: Path, repo: Path) -> None:
     before = snapshot(repo)
-    with pytest.raises(PublishError, match="max_version 1.3.9 and lift_max_version contradict"):
+    with pytest.raises(PublishError, match=r"max_version 1\.3\.9 and lift_max_version contradict"):
         pub.publish(
             make_release(tmp_path / "next", "1.3.0"),
             repo,
@@ -361,3 +362,18 @@ def test_a_pin_and_lifting_it_at_once_is_refused(tmp_path: Path, keys: Path, rep
             lift_max_version=True,
         )
     assert snapshot(repo) == before
+
+
+def test_a_repository_path_that_is_a_file_is_refused(tmp_path: Path, keys: Path) -> None:
+    path = tmp_path / "repo"
+    path.write_text("not a repository\n")
+    release = make_release(tmp_path / "out", "1.3.0")
+    with pytest.raises(
+        PublishError, match=f"^{re.escape(str(path))}: expected a repository directory, found a"
+    ):
+        pub.publish(release, path, keys, "stable", now=NOW)
+    with pytest.raises(
+        PublishError, match=f"^{re.escape(str(path))}: expected a repository directory, found a"
+    ):
+        pub.refresh(path, keys, now=NOW)
+    assert path.read_text() == "not a repository\n"

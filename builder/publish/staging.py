@@ -40,7 +40,10 @@ class Staging:
             missing.append(directory)
             directory = directory.parent
         for path in reversed(missing):
-            path.mkdir()
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue  # made meanwhile by another publisher: theirs, not this change's
             self._dirs.append(path)
 
     def exists(self, path: Path) -> bool:
