@@ -10,7 +10,14 @@ from builder.config import OutputFormat
 from builder.errors import BuildError
 from cli import REPO
 from cli.build import ALL_FORMATS, DEFAULT_IMAGE, cmd_build, cmd_list
-from cli.publish import cmd_keys, cmd_publish, cmd_pull
+from cli.publish import (
+    DEFAULT_CHANNEL,
+    cmd_keys,
+    cmd_publish,
+    cmd_pull,
+    keys_conflict,
+    publish_conflict,
+)
 from cli.run import cmd_run
 from cli.test import cmd_test
 from updater.release.version import version_argument
@@ -62,14 +69,18 @@ def parser() -> argparse.ArgumentParser:
         help="the role whose key `rotate` replaces",
     )
     k.add_argument("--keys", type=Path, default=REPO / "keys", help="keys directory (keys/)")
-    k.add_argument("--root-threshold", type=int, default=1)
-    k.add_argument("--root-keys", type=int, default=1)
-    k.set_defaults(func=cmd_keys)
-    pb = sub.add_parser("publish", help="add a release to a channel of a TUF repository")
+    # No defaults here: a value given to another action than init is refused, not ignored.
+    k.add_argument("--root-threshold", type=int, help="with init: root keys needed (1)")
+    k.add_argument("--root-keys", type=int, help="with init: how many root keys (1)")
+    k.set_defaults(func=cmd_keys, conflict=keys_conflict)
+    pb = sub.add_parser(
+        "publish",
+        help="add a release to a channel of a TUF repository, change a channel's pin, or refresh",
+    )
     pb.add_argument("release", nargs="?", type=Path, help="out/<image>/<version>")
     pb.add_argument("--repo", type=Path, required=True, help="repository directory")
     pb.add_argument("--keys", type=Path, default=REPO / "keys")
-    pb.add_argument("--channel", default="stable")
+    pb.add_argument("--channel", help=f"the channel to publish into or pin ({DEFAULT_CHANNEL})")
     pb.add_argument("--now", action="store_true", help="open every wave at once")
     pb.add_argument(
         "--max-version",
@@ -79,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
     pb.add_argument("--no-max-version", action="store_true", help="lift the channel's pin")
     pb.add_argument("--refresh", action="store_true", help="re-sign expiring metadata only")
     pb.add_argument("--timestamp-only", action="store_true", help="with --refresh")
-    pb.set_defaults(func=cmd_publish)
+    pb.set_defaults(func=cmd_publish, conflict=publish_conflict)
     pl = sub.add_parser("pull", help="withdraw a release: no machine installs it")
     pl.add_argument("version", type=version_argument)
     pl.add_argument("--repo", type=Path, required=True)
@@ -100,9 +111,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv if argv is not None else sys.argv[1:])
+    p = parser()
+    args = p.parse_args(argv if argv is not None else sys.argv[1:])
     if args.command is None:
-        args = parser().parse_args(["build"])
+        args = p.parse_args(["build"])
+    conflict = getattr(args, "conflict", None)
+    if conflict is not None and (problem := conflict(args)) is not None:
+        p.error(f"{args.command}: {problem}")  # exits 2, as argparse does for any usage error
     try:
         code: int = args.func(args)
         return code

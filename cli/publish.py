@@ -1,21 +1,102 @@
-"""`./build.py keys`, `publish` and `pull`: the TUF keys and repository (builder/publish/)."""
+"""`./build.py keys`, `publish` and `pull`: the TUF keys and repository (builder/publish/).
+
+A flag that would have no effect in the mode chosen, or that contradicts another, is refused
+before anything runs (`keys_conflict`, `publish_conflict`): nothing is silently ignored.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 from builder import publish
-from builder.errors import BuildError
 from builder.log import log
 from builder.publish import PublishResult
+
+DEFAULT_CHANNEL = "stable"
+DEFAULT_ROOT_KEYS = 1
+DEFAULT_ROOT_THRESHOLD = 1
+
+
+def _listed(flags: list[str]) -> str:
+    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+
+
+def _have(flags: list[str]) -> str:
+    return "has" if len(flags) == 1 else "have"
+
+
+def keys_conflict(args: argparse.Namespace) -> str | None:
+    """Why these `keys` arguments are refused, or None."""
+    if args.action == "rotate" and args.role is None:
+        return (
+            "keys rotate needs the role whose key it replaces: root, targets, snapshot or timestamp"
+        )
+    if args.action != "rotate" and args.role is not None:
+        return (
+            f"the role {args.role} has no effect with keys {args.action}: "
+            "only keys rotate takes one"
+        )
+    init_only = [
+        flag
+        for flag, value in (
+            ("--root-threshold", args.root_threshold),
+            ("--root-keys", args.root_keys),
+        )
+        if value is not None
+    ]
+    if args.action != "init" and init_only:
+        return (
+            f"{_listed(init_only)} {_have(init_only)} no effect with keys {args.action}: only "
+            "keys init takes them"
+        )
+    return None
+
+
+def publish_conflict(args: argparse.Namespace) -> str | None:
+    """Why these `publish` arguments are refused, or None."""
+    if args.max_version is not None and args.no_max_version:
+        return (
+            f"--max-version {args.max_version} and --no-max-version contradict each other: give one"
+        )
+    given = [
+        flag
+        for flag, value in (
+            (f"the release directory {args.release}", args.release is not None),
+            ("--channel", args.channel is not None),
+            ("--now", args.now),
+            ("--max-version", args.max_version is not None),
+            ("--no-max-version", args.no_max_version),
+        )
+        if value
+    ]
+    if args.refresh:
+        if given:
+            return (
+                f"{_listed(given)} {_have(given)} no effect with --refresh, which re-signs the "
+                "repository as it is: publish and refresh separately"
+            )
+        return None
+    if args.timestamp_only:
+        return "--timestamp-only has no effect without --refresh"
+    if args.release is None:
+        if args.now:
+            return "--now has no effect without a release directory: it opens the release's waves"
+        if args.max_version is None and not args.no_max_version:
+            return (
+                "publish needs a release directory (out/<image>/<version>), --refresh, or "
+                "--max-version/--no-max-version to change a channel's pin alone"
+            )
+    return None
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.action == "init":
-        publish.init_keys(args.keys, root_threshold=args.root_threshold, root_keys=args.root_keys)
+        root_keys = DEFAULT_ROOT_KEYS if args.root_keys is None else args.root_keys
+        threshold = DEFAULT_ROOT_THRESHOLD if args.root_threshold is None else args.root_threshold
+        publish.init_keys(args.keys, root_threshold=threshold, root_keys=root_keys)
         log(
-            f"Created TUF keys in {args.keys}/ (root: {args.root_keys} key(s), threshold "
-            f"{args.root_threshold}). Move root-*.pem offline: see docs/updates.md."
+            f"Created TUF keys in {args.keys}/ (root: {root_keys} key(s), threshold "
+            f"{threshold}). Move root-*.pem offline: see docs/updates.md."
         )
     elif args.action == "rotate":
         publish.rotate_key(args.keys, args.role)
@@ -40,21 +121,22 @@ def _print_result(result: PublishResult) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    channel = args.channel or DEFAULT_CHANNEL
     if args.refresh:
         result = publish.refresh(args.repo, args.keys, timestamp_only=args.timestamp_only)
     elif args.release is None:
-        raise BuildError("publish needs a release directory (out/<image>/<version>) or --refresh")
+        result = publish.set_max_version(args.repo, args.keys, channel, args.max_version)
     else:
+        # The pin changes in the same signed change as the release: both happen, or neither.
         result = publish.publish(
             args.release,
             args.repo,
             args.keys,
-            args.channel,
+            channel,
             immediate=args.now,
             max_version=args.max_version,
+            lift_max_version=args.no_max_version,
         )
-        if args.no_max_version:
-            result = publish.set_max_version(args.repo, args.keys, args.channel, None)
     _print_result(result)
     return 0
 

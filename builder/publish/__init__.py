@@ -4,7 +4,10 @@ What the command line, the image builder, the tests and bench/ use is re-exporte
 modules behind it, each importing only those listed before it:
 
     keys.py        the keys directory: generating keys, loading signers, rotating a key,
-                   renewing the root, describing them; the roles and how long their signatures last
+                   renewing the root, describing them; the roles and how long their signatures last;
+                   refusing keys another user could read or change
+    staging.py     a change's new repository files, written aside and put in place together at the
+                   end, or removed so that a failed change leaves the repository as it was
     repository.py  the repository's state: loading and verifying its metadata, the lock, signing
                    and writing a change (timestamp last), re-signing before expiry (`refresh`)
     channels.py    channel documents: reading and writing them, pulling a release, pinning a

@@ -19,7 +19,6 @@ from builder.publish.repository import (
     add_target,
     change_targets,
     load_state,
-    store,
     target_file,
 )
 from updater.release.channel import CHANNEL_NAME, ChannelError, ChannelManifest
@@ -68,12 +67,12 @@ def load_channel(state: State, channel: str) -> ChannelManifest:
 
 
 def write_channel(state: State, manifest: ChannelManifest) -> None:
-    """Store `manifest` under its hash and list it as the channel's current document."""
+    """Stage `manifest` under its hash and list it as the channel's current document."""
     data = manifest.to_json().encode()
     target = TargetFile.from_data(_channel_target(manifest.channel), data, ["sha256"])
     path = target_file(state.repo, target)
-    if not path.exists():
-        store(path, data)
+    if not state.staging.exists(path):
+        state.staging.write(path, data)
     # Older channel documents stay: clients still holding the previous snapshot fetch them by hash.
     add_target(state, target)
 
@@ -144,9 +143,10 @@ def set_max_version(
 
 
 def read_channel(repo: Path, keys_dir: Path, channel: str) -> ChannelManifest:
-    """The channel manifest as published, verified against the repository's signed metadata."""
+    """The channel manifest as published, verified against the repository's signed metadata.
+    Reads only: a missing repository is refused, never created."""
     check_channel_name(channel)
     keys_root = load_trusted_root(keys_dir)
-    state = load_state(repo, keys_root, signing_time(None))
+    state = load_state(repo, keys_root, signing_time(None), must_exist=True)
     _require(state, channel)
     return load_channel(state, channel)

@@ -7,11 +7,20 @@ The keys directory (`keys/` by default, never in git):
     root-1.pem ... root-N.pem                 root private keys: needed only by `init_keys` and
                                               `rotate_key`; keep them offline after init
     targets.pem, snapshot.pem, timestamp.pem  online keys: every publish needs them
+
+Private keys are created 0600 in a 0700 directory, by the mode given to open(2) and mkdir(2)
+rather than a chmod afterwards, so no key is ever readable by anyone else, not even for a moment.
+Every operation that signs, or lists the private keys, first refuses a directory whose keys or
+metadata others could read or change (`open_keys`): the message names each path, its mode and the
+command that fixes it.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
+import shlex
+import stat
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,6 +58,13 @@ def signing_time(now: datetime | None) -> datetime:
     return when.astimezone(UTC).replace(microsecond=0)
 
 
+# Modes that keep the keys private: group and others get nothing of the directory or a private
+# key, and may read but never write the public root metadata.
+DIR_MODE = 0o700
+PRIVATE_MODE = 0o600
+PUBLIC_MODE = 0o644
+
+
 def _root_key_path(keys_dir: Path, index: int) -> Path:
     return keys_dir / f"root-{index}.pem"
 
@@ -82,8 +98,13 @@ def init_keys(
             f"{keys_dir} already holds keys or metadata ({', '.join(sorted(existing))})",
             hint="keys are never overwritten; choose another directory or rotate a key instead",
         )
-    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    keys_dir.chmod(0o700)
+    if keys_dir.exists():
+        # An empty directory someone else owns could be read or emptied by them later.
+        _refuse(keys_dir, [_owner_problem(keys_dir, keys_dir.stat(), "it")])
+    # mkdir's mode (less the umask) is the mode from the start; the chmod is for a directory that
+    # already existed, empty, and is done before any key is written into it.
+    keys_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    keys_dir.chmod(DIR_MODE)
     when = signing_time(now)
 
     root = Root(expires=when + EXPIRY[Root.type], consistent_snapshot=True)
@@ -96,16 +117,16 @@ def init_keys(
         root.add_key(signer.public_key, role)
 
     for index, signer in enumerate(root_signers, start=1):
-        _write_new(_root_key_path(keys_dir, index), signer.private_bytes, 0o600)
+        _write_new(_root_key_path(keys_dir, index), signer.private_bytes, PRIVATE_MODE)
     for role, signer in online.items():
-        _write_new(keys_dir / f"{role}.pem", signer.private_bytes, 0o600)
+        _write_new(keys_dir / f"{role}.pem", signer.private_bytes, PRIVATE_MODE)
 
     metadata = Metadata(root)
     for signer in root_signers:
         metadata.sign(signer, append=True)
     data = metadata.to_bytes(SERIALIZER)
-    _write_new(keys_dir / "1.root.json", data, 0o644)
-    _write_new(keys_dir / "root.json", data, 0o644)
+    _write_new(keys_dir / "1.root.json", data, PUBLIC_MODE)
+    _write_new(keys_dir / "root.json", data, PUBLIC_MODE)
 
 
 def _key_dir_files(keys_dir: Path) -> list[Path]:
@@ -118,8 +139,111 @@ def _key_dir_files(keys_dir: Path) -> list[Path]:
     ]
 
 
+def _who(bits: int) -> str:
+    return " and ".join(name for name, mask in (("group", 0o070), ("others", 0o007)) if bits & mask)
+
+
+def _mode_problem(
+    path: Path, st: os.stat_result, what: str, forbidden: int, fix: str
+) -> tuple[str, str] | None:
+    """(what is wrong, the chmod that fixes it) when `path`'s mode has any `forbidden` bit;
+    `what` names the path in the message."""
+    mode = stat.S_IMODE(st.st_mode)
+    extra = mode & forbidden
+    if not extra:
+        return None
+    enter = "enter" if stat.S_ISDIR(st.st_mode) else "execute"
+    rights = [v for v, mask in (("read", 0o044), ("write", 0o022), (enter, 0o011)) if extra & mask]
+    return (
+        f"{what} has mode {mode:04o}: {_who(extra)} can {' and '.join(rights)} it",
+        f"chmod {fix} {shlex.quote(str(path))}",
+    )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _owner_problem(path: Path, st: os.stat_result, what: str) -> tuple[str, str] | None:
+    """(what is wrong, the chown that fixes it) when `path` belongs to another user than root or
+    the one running this: that user could change its mode, or swap the key, at any time."""
+    me = os.geteuid()
+    if st.st_uid in (me, 0):
+        return None
+    expected = "root" if me == 0 else f"{_user_name(me)} (uid {me}) or root"
+    return (
+        f"{what} is owned by {_user_name(st.st_uid)} (uid {st.st_uid}), not by {expected}",
+        f"chown {shlex.quote(_user_name(me))} {shlex.quote(str(path))}",
+    )
+
+
+def _refuse(keys_dir: Path, problems: list[tuple[str, str] | None]) -> None:
+    found = [p for p in problems if p is not None]
+    if not found:
+        return
+    fixes = [fix for _, fix in found]
+    hint = "fix it with: " + "; ".join(fixes)
+    if any(fix.startswith("chown") for fix in fixes):
+        hint += " (chown as root, once you know why another user owns them)"
+    raise PublishError(
+        f"keys directory {keys_dir} is not private: " + "; ".join(what for what, _ in found),
+        hint=hint,
+    )
+
+
+def check_keys_dir(keys_dir: Path) -> None:
+    """Refuse a keys directory that another user could read or change.
+
+    The directory and every private key must be the owner's alone (0700, 0600); the public root
+    metadata may be read by anyone but written only by its owner. Everything must belong to the
+    user running this or to root. All problems are listed at once, each with its fix.
+    """
+    _require_keys_dir(keys_dir)
+    st = keys_dir.stat()
+    problems = [
+        _mode_problem(keys_dir, st, "it", 0o077, f"{DIR_MODE:o}"),
+        _owner_problem(keys_dir, st, "it"),
+    ]
+    for path in sorted(_key_dir_files(keys_dir)):
+        try:
+            st = path.stat()
+        except OSError:
+            # A link to an unplugged offline disk, say: whoever needs the file says it is missing.
+            continue
+        if path.suffix == ".pem":
+            problems.append(
+                _mode_problem(path, st, f"the private key {path}", 0o077, f"{PRIVATE_MODE:o}")
+            )
+        else:
+            # Anyone may read the public root; a writer could swap the trust anchor.
+            problems.append(_mode_problem(path, st, f"the root metadata {path}", 0o022, "go-w"))
+        problems.append(_owner_problem(path, st, str(path)))
+    _refuse(keys_dir, problems)
+
+
+def _require_keys_dir(keys_dir: Path) -> None:
+    if not keys_dir.exists():
+        raise PublishError(
+            f"no keys directory at {keys_dir}",
+            hint=f"create keys with `./build.py keys init --keys {keys_dir}`",
+        )
+    if not keys_dir.is_dir():
+        raise PublishError(f"{keys_dir}: expected a keys directory, found a file")
+
+
+def open_keys(keys_dir: Path) -> Metadata[Root]:
+    """The newest root of a keys directory whose private keys are to be used or listed, after
+    `check_keys_dir`: what every signing operation, and `keys show`, starts with."""
+    check_keys_dir(keys_dir)
+    return load_trusted_root(keys_dir)
+
+
 def load_trusted_root(keys_dir: Path) -> Metadata[Root]:
     """The newest root metadata of a keys directory, checked to be signed by its own threshold."""
+    _require_keys_dir(keys_dir)
     path = keys_dir / "root.json"
     if not path.exists():
         raise PublishError(
@@ -131,6 +255,8 @@ def load_trusted_root(keys_dir: Path) -> Metadata[Root]:
         root.verify_delegate(Root.type, root)
     except UnsignedMetadataError as e:
         raise PublishError(f"{path}: not signed by its own root keys: {e}") from None
+    except OSError as e:
+        raise PublishError(f"cannot read {path}: {e.strerror}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise PublishError(f"{path}: not valid root metadata: {e}") from None
     if not isinstance(root.signed, Root):
@@ -158,6 +284,8 @@ def _load_signer(keys_dir: Path, root: Root, role: str, path: Path | None = None
                 else f"publishing needs the {role} key in {keys_dir}"
             ),
         ) from None
+    except OSError as e:
+        raise PublishError(f"cannot read the {role} private key {key_path}: {e.strerror}") from None
     except ValueError as e:
         raise PublishError(f"{key_path}: not a PEM private key: {e}") from None
     if not isinstance(private, Ed25519PrivateKey):
@@ -201,7 +329,7 @@ def rotate_key(keys_dir: Path, role: str, *, now: datetime | None = None) -> Non
     if role not in ROLES:
         raise PublishError(f"unknown role {role!r}", hint=f"one of {', '.join(ROLES)}")
     when = signing_time(now)
-    current = load_trusted_root(keys_dir)
+    current = open_keys(keys_dir)
     old_root_signers = _root_signers(keys_dir, current.signed)
     new = Metadata[Root].from_bytes(current.to_bytes())
     root = new.signed
@@ -236,15 +364,15 @@ def rotate_key(keys_dir: Path, role: str, *, now: datetime | None = None) -> Non
 
     if old_path.exists():
         os.rename(old_path, retired)
-    _write_new(new_path, new_signer.private_bytes, 0o600)
-    _write_new(keys_dir / f"{root.version}.root.json", data, 0o644)
+    _write_new(new_path, new_signer.private_bytes, PRIVATE_MODE)
+    _write_new(keys_dir / f"{root.version}.root.json", data, PUBLIC_MODE)
     write_file_atomic(keys_dir / "root.json", data)
 
 
 def renew_root(keys_dir: Path, *, now: datetime | None = None) -> None:
     """Sign a new root version with a fresh expiry and the same keys (needs the root keys)."""
     when = signing_time(now)
-    current = load_trusted_root(keys_dir)
+    current = open_keys(keys_dir)
     signers = _root_signers(keys_dir, current.signed)
     new = Metadata[Root].from_bytes(current.to_bytes())
     new.signed.version += 1
@@ -253,13 +381,13 @@ def renew_root(keys_dir: Path, *, now: datetime | None = None) -> None:
     for signer in signers:
         new.sign(signer, append=True)
     data = new.to_bytes(SERIALIZER)
-    _write_new(keys_dir / f"{new.signed.version}.root.json", data, 0o644)
+    _write_new(keys_dir / f"{new.signed.version}.root.json", data, PUBLIC_MODE)
     write_file_atomic(keys_dir / "root.json", data)
 
 
 def describe_keys(keys_dir: Path) -> dict[str, object]:
     """Roles, key ids, thresholds and expiry of the newest root, for `keys show`."""
-    root = load_trusted_root(keys_dir).signed
+    root = open_keys(keys_dir).signed
     return {
         "version": root.version,
         "expires": format_time(root.expires),

@@ -20,12 +20,12 @@ from builder.publish.repository import (
     State,
     add_target,
     change_targets,
-    store,
     target_file,
 )
-from updater.files import atomic_writer
+from builder.publish.staging import Staging
 from updater.release.channel import (
     ChannelError,
+    ChannelManifest,
     Release,
     check_waves,
     default_waves,
@@ -65,10 +65,12 @@ def read_release(release_dir: Path) -> Manifest:
     return manifest
 
 
-def _copy_verified(source: Path, dest_dir: Path, name: str, expected: FileEntry) -> None:
-    """Check `source` against the manifest, copying it to `<sha256>.<name>` in the same pass."""
+def _copy_verified(
+    staging: Staging, source: Path, dest_dir: Path, name: str, expected: FileEntry
+) -> None:
+    """Check `source` against the manifest, staging its copy as `<sha256>.<name>` in the same
+    pass."""
     dest = dest_dir / f"{expected.sha256}.{name}"
-    dest_dir.mkdir(parents=True, exist_ok=True)
 
     def check(found: FileEntry) -> None:
         if found != expected:
@@ -79,13 +81,13 @@ def _copy_verified(source: Path, dest_dir: Path, name: str, expected: FileEntry)
                 hint="the release directory was changed after the build; rebuild it",
             )
 
-    if dest.exists():
+    if staging.exists(dest):
         # Named by its hash and checked when it was written: only the source needs checking.
         check(hash_file(source))
         return
-    # The copy is written from the very blocks that are hashed, and renamed into place only if
-    # they match: what is published is what was checked, even if the source changes meanwhile.
-    with atomic_writer(dest) as out:
+    # The copy is written from the very blocks that are hashed, and staged only if they match:
+    # what is published is what was checked, even if the source changes meanwhile.
+    with staging.writer(dest) as out:
         check(hash_file(source, copy_to=out))
 
 
@@ -99,6 +101,7 @@ def publish(
     waves: Mapping[int, datetime] | None = None,
     immediate: bool = False,
     max_version: Version | None = None,
+    lift_max_version: bool = False,
 ) -> PublishResult:
     """Add a release's payload to the repository and the release to `channel`, then re-sign.
 
@@ -106,11 +109,16 @@ def publish(
     `immediate` opens one wave for everyone now). Publishing a release that is already in the
     channel keeps its waves and its pulled flag unless `waves` or `immediate` is given, so a
     repeated publish changes nothing; when nothing changes, no metadata is re-signed and `changed`
-    is False. `max_version`, when given, sets the channel's pin (`set_max_version` also clears it).
+    is False. `max_version`, when given, sets the channel's pin; `lift_max_version` clears it, in
+    the same signed change (`set_max_version` changes the pin alone).
     """
     check_channel_name(channel)
     if waves is not None and immediate:
         raise PublishError("give either waves or immediate, not both")
+    if max_version is not None and lift_max_version:
+        raise PublishError(
+            f"max_version {max_version} and lift_max_version contradict each other: give one"
+        )
     when = signing_time(now)
     manifest = read_release(release_dir)
     if waves is not None:
@@ -122,9 +130,12 @@ def publish(
 
     def edit(state: State) -> None:
         targets = _add_payload(state, release_dir, manifest)
-        _add_to_channel(state, channel, manifest, targets, chosen, when, max_version)
+        updated = _with_release(state, channel, manifest, targets, chosen, when)
+        if max_version is not None or lift_max_version:
+            updated = replace(updated, max_version=max_version)
+        write_channel(state, updated)
 
-    return change_targets(repo, keys_dir, when, edit)
+    return change_targets(repo, keys_dir, when, edit, create=True)
 
 
 def _add_payload(state: State, release_dir: Path, manifest: Manifest) -> Mapping[str, str]:
@@ -135,27 +146,29 @@ def _add_payload(state: State, release_dir: Path, manifest: Manifest) -> Mapping
         entry = manifest.files[name]
         path = f"{prefix}/{name}"
         add_target(state, TargetFile(entry.size, {"sha256": entry.sha256}, path))
-        _copy_verified(release_dir / name, state.repo / "targets" / prefix, name, entry)
+        _copy_verified(
+            state.staging, release_dir / name, state.repo / "targets" / prefix, name, entry
+        )
         target_paths[name] = path
     manifest_data = (release_dir / "manifest.json").read_bytes()
     manifest_target = TargetFile.from_data(f"{prefix}/manifest.json", manifest_data, ["sha256"])
     add_target(state, manifest_target)
     manifest_file = target_file(state.repo, manifest_target)
-    if not manifest_file.exists():
-        store(manifest_file, manifest_data)
+    if not state.staging.exists(manifest_file):
+        state.staging.write(manifest_file, manifest_data)
     target_paths["manifest.json"] = manifest_target.path
     return MappingProxyType(target_paths)
 
 
-def _add_to_channel(
+def _with_release(
     state: State,
     channel: str,
     manifest: Manifest,
     targets: Mapping[str, str],
     waves: Mapping[int, datetime] | None,
     when: datetime,
-    max_version: Version | None,
-) -> None:
+) -> ChannelManifest:
+    """The channel's manifest with this release added, or its entry updated."""
     current = load_channel(state, channel)
     existing = current.find(manifest.image, manifest.arch, manifest.version)
     if existing is not None and existing.roothash != manifest.roothash:
@@ -179,7 +192,4 @@ def _add_to_channel(
         waves=new_waves,
         pulled=existing.pulled if existing is not None else False,
     )
-    updated = current.with_release(release)
-    if max_version is not None:
-        updated = replace(updated, max_version=max_version)
-    write_channel(state, updated)
+    return current.with_release(release)

@@ -9,15 +9,17 @@ The repository is plain static files that any web server, object store or CDN ca
                                               content, so mirrors and caches can never serve a
                                               half-updated release
 
-Files are written under temporary names and renamed, payload first and `timestamp.json` last: until
-the timestamp is replaced, clients see the previous repository state in full.
+A change is staged (`staging.py`): every new file is written under a temporary name, and only when
+all are written and signed are they renamed, payload first and `timestamp.json` last. Until the
+timestamp is replaced, clients see the previous repository state in full; a change that fails
+leaves the repository's files exactly as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -33,11 +35,11 @@ from builder.publish.keys import (
     EXPIRY,
     ONLINE_ROLES,
     SERIALIZER,
-    load_trusted_root,
     online_signers,
+    open_keys,
     signing_time,
 )
-from updater.files import write_file_atomic
+from builder.publish.staging import Staging
 
 # The targets under this directory are channel documents, the only targets that change.
 CHANNEL_DIR = "channels"
@@ -54,20 +56,35 @@ class PublishResult:
     expires: Mapping[str, datetime]  # role -> expiry of the metadata now in the repository
 
 
-def store(path: Path, data: bytes) -> None:
-    """Write a repository file atomically (readers see the old file or the new one, never half),
-    creating its directory on first use."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(path, data)
+def no_repository(repo: Path) -> PublishError:
+    return PublishError(
+        f"no repository at {repo}",
+        hint=f"publish a release into it first: ./build.py publish out/<image>/<version> "
+        f"--repo {repo}",
+    )
 
 
 @contextlib.contextmanager
-def _locked(repo: Path) -> Iterator[None]:
-    # Two publishers at once would both sign version N+1 of different content. The lock is the
-    # directory itself: a lock file inside the repository would be served with it.
-    repo.mkdir(parents=True, exist_ok=True)
-    with exclusive(repo, "another publisher"):
-        yield
+def _locked(repo: Path, staging: Staging | None) -> Iterator[None]:
+    """Hold the repository's lock. With `staging` a missing repository is created (and removed
+    by the staging's discard); without, a missing one is refused and nothing is created.
+
+    Two publishers at once would both sign version N+1 of different content. The lock is the
+    directory itself: a lock file inside the repository would be served with it.
+    """
+    while True:
+        if repo.exists() and not repo.is_dir():
+            raise PublishError(f"{repo}: expected a repository directory, found a file")
+        if staging is not None:
+            staging.make_dirs(repo)
+        elif not repo.is_dir():
+            raise no_repository(repo)
+        with exclusive(repo, "another publisher"):
+            # A first publish that failed while this one waited removed the directory it had
+            # created, and this lock is on that directory: look again.
+            if repo.is_dir():
+                yield
+                return
 
 
 @dataclass
@@ -80,6 +97,8 @@ class State:
     snapshot: Metadata[Snapshot]
     timestamp: Metadata[Timestamp]
     fresh: bool = False  # nothing published yet: the first commit writes version 1 of each role
+    # The change's new files, in place only once `_commit` has signed everything.
+    staging: Staging = field(default_factory=Staging)
 
     def bump(self, md: Metadata[Any]) -> None:
         if not self.fresh:
@@ -120,9 +139,16 @@ def _verified(
     return md
 
 
-def load_state(repo: Path, keys_root: Metadata[Root], now: datetime) -> State:
+def load_state(
+    repo: Path,
+    keys_root: Metadata[Root],
+    now: datetime,
+    *,
+    must_exist: bool = False,
+    staging: Staging | None = None,
+) -> State:
     """The repository's metadata, each role verified by the one above it; a fresh state when
-    nothing is published yet."""
+    nothing is published yet, unless `must_exist`. `staging` holds the files a change writes."""
     metadata = repo / "metadata"
     repo_root_path = metadata / "root.json"
     if not (metadata / "timestamp.json").exists():
@@ -130,6 +156,8 @@ def load_state(repo: Path, keys_root: Metadata[Root], now: datetime) -> State:
             raise PublishError(
                 f"{metadata} has metadata but no timestamp.json: not a complete repository"
             )
+        if must_exist:
+            raise no_repository(repo)
         return State(
             repo,
             keys_root,
@@ -137,6 +165,7 @@ def load_state(repo: Path, keys_root: Metadata[Root], now: datetime) -> State:
             Metadata(Snapshot(expires=now)),
             Metadata(Timestamp(expires=now)),
             fresh=True,
+            staging=staging or Staging(),
         )
     repo_root = _read_metadata(repo_root_path)
     if not isinstance(repo_root.signed, Root):
@@ -151,7 +180,7 @@ def load_state(repo: Path, keys_root: Metadata[Root], now: datetime) -> State:
     targets = _verified(
         root_md, Targets.type, metadata / f"{targets_version}.targets.json", targets_version
     )
-    return State(repo, root_md, targets, snapshot, timestamp)
+    return State(repo, root_md, targets, snapshot, timestamp, staging=staging or Staging())
 
 
 def _sync_root(state: State, keys_dir: Path, keys_root: Metadata[Root]) -> bool:
@@ -180,9 +209,9 @@ def _sync_root(state: State, keys_dir: Path, keys_root: Metadata[Root]) -> bool:
                 f"{source} is missing; clients walk every root version in turn",
                 hint="restore it from a backup of the keys directory",
             )
-        store(metadata / f"{version}.root.json", source.read_bytes())
+        state.staging.write(metadata / f"{version}.root.json", source.read_bytes())
     if want > have:
-        store(metadata / "root.json", (keys_dir / "root.json").read_bytes())
+        state.staging.write(metadata / "root.json", (keys_dir / "root.json").read_bytes())
         state.root = keys_root
         return True
     return False
@@ -191,7 +220,8 @@ def _sync_root(state: State, keys_dir: Path, keys_root: Metadata[Root]) -> bool:
 def _commit(
     state: State, signers: Mapping[str, Signer], now: datetime, *, targets: bool, snapshot: bool
 ) -> PublishResult:
-    """Bump, sign and write the roles from targets down to timestamp, timestamp last."""
+    """Bump, sign and stage the roles from targets down to timestamp, then put every staged file
+    in place, timestamp last."""
     if targets:
         data = _resign(state, state.targets, signers, now)
         state.snapshot.signed.meta["targets.json"] = MetaFile.from_data(
@@ -205,21 +235,25 @@ def _commit(
             state.snapshot.signed.version, data, ["sha256"]
         )
     _resign(state, state.timestamp, signers, now)
+    state.staging.commit()
     return _result(state, changed=True)
 
 
 def _resign(state: State, md: Metadata[Any], signers: Mapping[str, Signer], now: datetime) -> bytes:
-    """Give one role a new version, expiry and signature; write it and return what was written."""
+    """Give one role a new version, expiry and signature; stage it and return what was staged."""
     role = md.signed.type
     state.bump(md)
     md.signed.expires = now + EXPIRY[role]
     md.signatures.clear()
-    md.sign(signers[role])
+    try:
+        md.sign(signers[role])
+    except UnsignedMetadataError as e:
+        raise PublishError(f"signing the {role} metadata failed: {e}") from None
     data = md.to_bytes(SERIALIZER)
     # Consistent snapshots: every version of a role has its own name, except the timestamp that
     # clients fetch first and by a fixed name.
     name = "timestamp.json" if role == Timestamp.type else f"{md.signed.version}.{role}.json"
-    store(state.metadata_dir / name, data)
+    state.staging.write(state.metadata_dir / name, data)
     return data
 
 
@@ -261,6 +295,29 @@ def add_target(state: State, target: TargetFile) -> None:
     state.targets.signed.targets[target.path] = target
 
 
+@contextlib.contextmanager
+def _changing(
+    repo: Path, keys_root: Metadata[Root], when: datetime, *, create: bool
+) -> Iterator[State]:
+    """The repository's state under its lock, for one change that `_commit` puts in place.
+
+    Whatever fails before the commit, every file and directory the change staged is removed, so
+    the repository is as it was. `create` lets the change make a new repository; without it, a
+    missing one is refused and nothing is created. Disk errors become a PublishError.
+    """
+    staging = Staging()
+    try:
+        with _locked(repo, staging if create else None):
+            try:
+                yield load_state(repo, keys_root, when, must_exist=not create, staging=staging)
+            finally:
+                staging.discard()  # after a commit, nothing is left to discard
+    except OSError as e:
+        raise PublishError(
+            f"{repo}: the change failed and was undone, the repository is as it was: {e}"
+        ) from None
+
+
 def change_targets(
     repo: Path,
     keys_dir: Path,
@@ -268,18 +325,19 @@ def change_targets(
     edit: Callable[[State], None],
     *,
     check: Callable[[State], None] | None = None,
+    create: bool = False,
 ) -> PublishResult:
     """One signed change of the repository's targets, under its lock.
 
-    Loads and verifies the repository, lets `check` refuse before anything is written, copies new
+    Loads and verifies the repository, lets `check` refuse before anything is staged, copies new
     root versions from the keys directory, lets `edit` change the targets, then signs targets,
-    snapshot and timestamp. When neither the targets nor the root changed nothing is re-signed and
-    `changed` is False, so a repeated publish leaves the repository as it was.
+    snapshot and timestamp and puts everything in place. When neither the targets nor the root
+    changed nothing is re-signed and `changed` is False, so a repeated publish leaves the
+    repository as it was. Only with `create` may the repository be new.
     """
-    keys_root = load_trusted_root(keys_dir)
+    keys_root = open_keys(keys_dir)
     signers = online_signers(keys_dir, keys_root.signed, ONLINE_ROLES)
-    with _locked(repo):
-        state = load_state(repo, keys_root, when)
+    with _changing(repo, keys_root, when, create=create) as state:
         if check is not None:
             check(state)
         before = dict(state.targets.signed.targets)
@@ -302,18 +360,13 @@ def refresh(
     Run it well inside the timestamp's one-day expiry (a timer every few hours): an expired
     timestamp stops every machine from updating. `timestamp_only` needs only the timestamp key,
     for a signing host that holds nothing else. New root versions in the keys directory are
-    copied into the repository.
+    copied into the repository. A missing repository is refused, never created.
     """
     when = signing_time(now)
-    keys_root = load_trusted_root(keys_dir)
+    keys_root = open_keys(keys_dir)
     roles = (Timestamp.type,) if timestamp_only else ONLINE_ROLES
     signers = online_signers(keys_dir, keys_root.signed, roles)
-    with _locked(repo):
-        state = load_state(repo, keys_root, when)
-        if state.fresh:
-            raise PublishError(
-                f"{repo} has no repository to refresh", hint="publish a release first"
-            )
+    with _changing(repo, keys_root, when, create=False) as state:
         _sync_root(state, keys_dir, keys_root)
         return _commit(
             state, signers, when, targets=not timestamp_only, snapshot=not timestamp_only
