@@ -51,8 +51,10 @@ from updater.provision.plan import (
     Plan,
     ProvisionError,
     User,
+    check_password_hash,
     check_path,
     check_plan_contents,
+    check_strings,
     field_error,
     gunzip,
     unsupported,
@@ -62,9 +64,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_MODE = 0o644
 ROOT_OWNERS = ("root", "root:root")
 
-# Any of crypt(3)'s `$id$...` hashes (yescrypt `$y$`, sha512 `$6$`, bcrypt `$2b$`, ...). A colon
-# or a newline would corrupt /etc/shadow; a plain-text password must not pass for a hash.
-_CRYPT_HASH = re.compile(r"\$[0-9a-z]+\$[./0-9A-Za-z$=,]+")
+# The largest integer runcmd passes on as an argument (`[sleep, 5]`): a bigger one is a mistake,
+# and past 4300 digits Python cannot even write it out.
+_MAX_ARGUMENT_INT = 10**100
 _JINJA_HEADER = re.compile(rb"##\s*template:\s*jinja")
 
 
@@ -272,11 +274,8 @@ def _parse_cloud_config(data: bytes, source: str) -> Plan:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ProvisionError(f"{source}: cloud-config is not UTF-8 text (byte {e.start})") from e
-    try:
-        # The header stays in: it is a YAML comment, and line numbers then match the file.
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ProvisionError(f"{source}: cloud-config is not valid YAML: {_yaml_problem(e)}") from e
+    # The header stays in: it is a YAML comment, and line numbers then match the file.
+    doc = load_yaml(text, source, "cloud-config")
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -303,6 +302,28 @@ def _parse_cloud_config(data: bytes, source: str) -> Plan:
         commands=commands,
         notes=tuple(notes),
     )
+
+
+def load_yaml(text: str | bytes, source: str, what: str = "") -> object:
+    """One YAML document, its strings checked (`check_strings`), or a ProvisionError naming
+    `source` (and `what` the document is, if the source does not say).
+
+    PyYAML raises more than YAMLError on what a config can hold: ValueError for an integer past
+    Python's 4300-digit limit or a timestamp such as 2001-13-45, RecursionError for lists nested
+    a thousand deep.
+    """
+    invalid = f"{source}: {what + ' is ' if what else ''}not valid YAML"
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ProvisionError(f"{invalid}: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ProvisionError(f"{invalid}: nested too deeply") from None
+    except (ValueError, OverflowError) as e:
+        # The message is Python's own, about one scalar; it holds none of the document.
+        raise ProvisionError(f"{invalid}: {e}") from None
+    check_strings(source, doc)
+    return doc
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -399,16 +420,7 @@ def _user_entry(
     hash_key = "passwd" if "passwd" in entry else "hashed_passwd"
     password_hash = None
     if hash_key in entry:
-        given = entry[hash_key]
-        if not isinstance(given, str) or not _CRYPT_HASH.fullmatch(given):
-            raise field_error(
-                source,
-                f"{path}.{hash_key}",
-                "a crypt(3) hash such as `mkpasswd -m yescrypt` prints ('$y$...', '$6$...')",
-                # Never echo a string here: it may be a plain-text password, bound for a console.
-                given if not isinstance(given, str) else None,
-            )
-        password_hash = given
+        password_hash = check_password_hash(source, f"{path}.{hash_key}", entry[hash_key])
     lock = _bool(entry.get("lock_passwd", True), source, f"{path}.lock_passwd")
     if not lock and password_hash is None:
         raise field_error(
@@ -588,7 +600,11 @@ def _runcmd(value: object, source: str) -> tuple[Command, ...]:
             argv = []
             for j, arg in enumerate(entry):
                 # cloud-init quotes str(arg): `[sleep, 5]` is common.
-                if isinstance(arg, bool) or not isinstance(arg, str | int):
+                if (
+                    isinstance(arg, bool)
+                    or not isinstance(arg, str | int)
+                    or (isinstance(arg, int) and abs(arg) > _MAX_ARGUMENT_INT)
+                ):
                     raise field_error(source, f"{path}[{j}]", "a string", arg)
                 argv.append(str(arg))
             commands.append(Command(argv=tuple(argv)))

@@ -43,6 +43,7 @@ from updater.provision import http
 from updater.provision.plan import (
     HOSTNAME,
     MAX_DECOMPRESSED,
+    SHOWN_LENGTH,
     UNIT_NAME,
     USER_NAME,
     Directory,
@@ -54,8 +55,10 @@ from updater.provision.plan import (
     ProvisionError,
     Unit,
     User,
+    check_password_hash,
     check_path,
     check_plan_contents,
+    check_strings,
     field_error,
     gunzip,
     unsupported,
@@ -368,7 +371,10 @@ def _load_json(data: bytes, source: str) -> object:
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
     except _DuplicateKey as e:
-        raise ProvisionError(f"{source}: a JSON object has the key {_Shown(str(e))!r} twice") from e
+        # ASCII-escaped and cut short: the key may be long or hold a lone surrogate, which the
+        # console cannot print.
+        key = json.dumps(str(e)[:SHOWN_LENGTH])
+        raise ProvisionError(f"{source}: a JSON object has the key {key} twice") from e
     except json.JSONDecodeError as e:
         hint = ""
         if re.search(r"^variant:", text, re.MULTILINE):
@@ -490,6 +496,7 @@ def parse_ignition(data: bytes, source: str, *, fetch: Fetcher | None = None) ->
     `http_fetch`), so a config that parses is complete.
     """
     config = _load_json(data, source)
+    check_strings(source, config)
     version = _spec_version(config, source)
     ctx = _Context(f"{source} (Ignition {version})", version, fetch or http_fetch)
     _check(ctx, _SCHEMA, config, "")
@@ -740,15 +747,8 @@ def _users(ctx: _Context, entries: list[dict[str, Any]]) -> tuple[User, ...]:
                 raise field_error(ctx.source, f"{where}.groups[{k}]", "a group name", _Shown(group))
         password_hash = entry.get("passwordHash")
         if password_hash is not None:
-            assert isinstance(password_hash, str)
-            if not password_hash or any(c in password_hash for c in ":\n\r\0"):
-                raise field_error(
-                    ctx.source,
-                    f"{where}.passwordHash",
-                    "a crypt(3) hash such as the output of `mkpasswd` (an empty one would let "
-                    "anyone log in)",
-                    _Shown(password_hash),
-                )
+            # The one rule of both formats: a plain-text password is refused, and not shown.
+            check_password_hash(ctx.source, f"{where}.passwordHash", password_hash)
         users.append(User(name, tuple(keys), tuple(groups), password_hash))
     return tuple(users)
 

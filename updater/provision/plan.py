@@ -11,7 +11,9 @@ Standard library only: the parsers, the sources and the applier all import this.
 from __future__ import annotations
 
 import re
+import reprlib
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 # Where provisioning may write: the rest of the tree is the read-only, verity-protected image
@@ -38,23 +40,121 @@ UNIT_NAME = re.compile(
 )
 
 
+# The longest a value from a config is shown in a message, and the longest a key or field name.
+SHOWN_LENGTH = 80
+# A crypt(3) hash: `$id$` then the salt and hash alphabet (yescrypt `$y$`, sha512crypt `$6$`,
+# sha256crypt `$5$`, bcrypt `$2b$`, md5crypt `$1$`, ...). Traditional 13-character DES hashes are
+# not accepted: a 13-character plain-text password would pass for one. A colon or a newline would
+# corrupt /etc/shadow. An account is locked by `!` (alone, or before a hash: `passwd -l`) or `*`.
+CRYPT_HASH = re.compile(r"!?\$[0-9a-z]+\$[./0-9A-Za-z$=,]+|[!*]")
+
+
 class ProvisionError(Exception):
     """A config cannot be found, read, understood or applied. Nothing has been changed."""
+
+
+class _Bounded(reprlib.Repr):
+    """repr() of a config's value, cut short: a YAML alias bomb has billions of elements, a
+    self-referencing one is infinite, and an int past 4300 digits cannot be printed at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = 6
+        self.maxother = SHOWN_LENGTH
+        self.maxstring = self.maxlong = SHOWN_LENGTH
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:
+            return f"<an integer of {len(hex(x)) - 2} hex digits>"
+        return super().repr_int(x, level)
+
+
+_BOUNDED = _Bounded()
+
+
+def shown(value: object) -> str:
+    """`value` for a message: repr()'d, nested parts elided, at most SHOWN_LENGTH characters."""
+    text = _BOUNDED.repr(value)
+    return text if len(text) <= SHOWN_LENGTH else text[: SHOWN_LENGTH - 3] + "..."
 
 
 def field_error(source: str, path: str, expected: str, got: object = None) -> ProvisionError:
     """`<source>: <path>: expected <expected>[, got <got>]` — the one shape of a config error."""
     message = f"{source}: {path}: expected {expected}"
     if got is not None:
-        shown = repr(got)
-        message += f", got {shown if len(shown) <= 80 else shown[:77] + '...'}"
+        message += f", got {shown(got)}"
     return ProvisionError(message)
 
 
 def unsupported(source: str, path: str, what: str = "") -> ProvisionError:
     """A field Berth does not implement: refused by name, never silently ignored."""
     detail = f" ({what})" if what else ""
+    if len(path) > 2 * SHOWN_LENGTH:  # the path ends in a key the config made up
+        path = path[: 2 * SHOWN_LENGTH - 3] + "..."
     return ProvisionError(f"{source}: {path}: not supported by Berth{detail}")
+
+
+def check_password_hash(source: str, where: str, value: object) -> str:
+    """A crypt(3) hash or a locked form (CRYPT_HASH); the value is never shown: it may be a
+    plain-text password, bound for a console."""
+    if not isinstance(value, str) or not CRYPT_HASH.fullmatch(value):
+        raise field_error(
+            source,
+            where,
+            "a crypt(3) hash such as `mkpasswd -m yescrypt` prints ('$y$...', '$6$...'), or '!' "
+            "or '*' for a locked password; never a plain-text password",
+            None if isinstance(value, str) else type(value).__name__,
+        )
+    return value
+
+
+def check_strings(source: str, tree: object, top: str = "") -> None:
+    """Refuse a parsed document whose strings (keys included) cannot be written as UTF-8: JSON's
+    `\\ud800` and YAML's `"\\ud800"` decode to lone surrogates, which every later step (a
+    file's bytes, the console) would trip over.
+
+    Walked without recursion, each container once: a document may be nested as deep as its parser
+    allows, and YAML aliases may share (or contain) one container many times over."""
+    seen: set[int] = set()
+    pending: list[tuple[str, object]] = [(top, tree)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, str):
+            _check_utf8(source, where, value)
+        elif isinstance(value, dict | list):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            pending.extend(_children(source, where, value))
+
+
+def _children(
+    source: str, where: str, value: dict[object, object] | list[object]
+) -> Iterator[tuple[str, object]]:
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield f"{where}[{i}]", item
+        return
+    for key, item in value.items():
+        if isinstance(key, str):
+            _check_utf8(source, where or "(top level)", key)
+            name = key if len(key) <= SHOWN_LENGTH else key[: SHOWN_LENGTH - 3] + "..."
+        else:
+            name = shown(key)
+        yield (f"{where}.{name}" if where else name), item
+
+
+def _check_utf8(source: str, where: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise field_error(
+            source,
+            where or "(top level)",
+            f"text that is valid Unicode (a lone surrogate \\u{ord(text[e.start]):04x} is at "
+            f"character {e.start})",
+        ) from None
 
 
 class NotGzip(ProvisionError):
