@@ -41,10 +41,12 @@ def parse_config(data: bytes, source: str) -> Plan | None:
 
 def _with_meta_hostname(plan: Plan, meta: dict[str, str]) -> Plan:
     """A NoCloud/config-2 drive or a metadata service may name the host when the config does not."""
-    if plan.hostname is not None:
-        return plan
+    if plan.hostname is not None or any(f.path == "/etc/hostname" for f in plan.files):
+        return plan  # the config names the host, or writes /etc/hostname itself
     name = (meta.get("local-hostname") or meta.get("hostname") or "").split(".")[0]
-    return dataclasses.replace(plan, hostname=name) if HOSTNAME.fullmatch(name) else plan
+    if not HOSTNAME.fullmatch(name):
+        return plan
+    return dataclasses.replace(plan, hostname=name, hostname_where="the platform's meta-data")
 
 
 def _write_stamp(root: Path, record: dict[str, str]) -> None:

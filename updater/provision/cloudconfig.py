@@ -259,6 +259,7 @@ class _UserDraft:
     keys: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     password_hash: str | None = None
+    where: str = ""  # the first entry that names the user
 
     def user(self, name: str) -> User:
         return User(
@@ -266,6 +267,7 @@ class _UserDraft:
             ssh_authorized_keys=tuple(dict.fromkeys(self.keys)),
             groups=tuple(dict.fromkeys(self.groups)),
             password_hash=self.password_hash,
+            where=self.where,
         )
 
 
@@ -291,12 +293,13 @@ def _parse_cloud_config(data: bytes, source: str) -> Plan:
     notes: list[str] = []
     hostname = _hostname(doc, source, notes)
     users = _users(doc, source, notes)
-    files = _write_files(doc.get("write_files", []), source)
+    files = _write_files(doc.get("write_files", []), source, notes)
     commands = _runcmd(doc.get("runcmd", []), source)
     return Plan(
         source=source,
         format="cloud-config",
         hostname=hostname,
+        hostname_where="hostname" if "hostname" in doc else "fqdn",
         users=users,
         files=files,
         commands=commands,
@@ -372,7 +375,7 @@ def _users(doc: Mapping[str, object], source: str, notes: list[str]) -> tuple[Us
     drafts: dict[str, _UserDraft] = {}
     if "ssh_authorized_keys" in doc:
         keys = _ssh_keys(doc["ssh_authorized_keys"], source, "ssh_authorized_keys")
-        drafts["root"] = _UserDraft(keys=keys)
+        drafts["root"] = _UserDraft(keys=keys, where="ssh_authorized_keys")
     listed: set[str] = set()
     for i, entry in enumerate(_list(doc.get("users", []), source, "users")):
         path = f"users[{i}]"
@@ -383,13 +386,13 @@ def _users(doc: Mapping[str, object], source: str, notes: list[str]) -> tuple[Us
                 if name and name != "default":
                     _check_user_name(name, source, path)
                     _claim(name, listed, source, path)
-                    drafts.setdefault(name, _UserDraft())
+                    drafts.setdefault(name, _UserDraft(where=path))
             continue
         if not isinstance(entry, dict):
             raise field_error(source, path, "'default', a user name or a mapping", entry)
         name, draft = _user_entry(entry, source, path, notes)
         _claim(name, listed, source, f"{path}.name")
-        merged = drafts.setdefault(name, _UserDraft())
+        merged = drafts.setdefault(name, _UserDraft(where=path))
         merged.keys += draft.keys
         merged.groups += draft.groups
         merged.password_hash = draft.password_hash
@@ -497,7 +500,7 @@ _ENCODINGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _write_files(value: object, source: str) -> tuple[File, ...]:
+def _write_files(value: object, source: str, notes: list[str]) -> tuple[File, ...]:
     files: dict[str, File] = {}
     total = 0
     for i, entry in enumerate(_list(value, source, "write_files")):
@@ -527,11 +530,17 @@ def _write_files(value: object, source: str) -> tuple[File, ...]:
         # Berth writes every file before it creates users; nothing to defer.
         _bool(entry.get("defer", False), source, f"{path}.defer")
         earlier = files.get(target)
-        if append and earlier is not None:
+        where = path
+        if earlier is not None and append:
             # cloud-init writes entries in order: a second entry appends to the first's file.
             contents = earlier.contents + contents
             append = earlier.append
-        files[target] = File(target, contents, mode=mode, overwrite=True, append=append)
+            where = f"{earlier.where}, {path}"
+        elif earlier is not None:
+            # ... and a second one without append replaces it. That is cloud-init's rule, so it
+            # stands, but never unsaid: the console and --check tell which entry was dropped.
+            notes.append(f"{path} replaces {earlier.where}: both write {target}")
+        files[target] = File(target, contents, mode, overwrite=True, append=append, where=where)
     return tuple(files.values())
 
 

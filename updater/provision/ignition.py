@@ -516,7 +516,8 @@ def parse_ignition(data: bytes, source: str, *, fetch: Fetcher | None = None) ->
     return Plan(
         source=ctx.source,
         format="ignition",
-        hostname=hostname,
+        hostname=hostname[0] if hostname else None,
+        hostname_where=hostname[1] if hostname else "hostname",
         users=users,
         directories=directories,
         files=files,
@@ -628,8 +629,10 @@ def _check_files(
     return pending
 
 
-def _load_files(ctx: _Context, pending: list[_PendingFile]) -> tuple[str | None, tuple[File, ...]]:
-    hostname: str | None = None
+def _load_files(
+    ctx: _Context, pending: list[_PendingFile]
+) -> tuple[tuple[str, str] | None, tuple[File, ...]]:
+    hostname: tuple[str, str] | None = None  # (name, where)
     files: list[File] = []
     total = 0
 
@@ -645,19 +648,19 @@ def _load_files(ctx: _Context, pending: list[_PendingFile]) -> tuple[str | None,
         appended = b"".join(load(r) for r in entry.append)
         if entry.contents is None:
             # Ignition: create the file if it is missing, then append. `append=True` says the same.
-            files.append(File(entry.path, appended, entry.mode, overwrite=False, append=True))
+            files.append(File(entry.path, appended, entry.mode, append=True, where=entry.where))
             continue
         data = load(entry.contents) + appended
         name = _hostname(data) if entry.path == "/etc/hostname" else None
         if name is not None:
-            hostname = name
+            hostname = (name, entry.where)
             ctx.notes.append(f"{entry.where}: /etc/hostname sets the host name {name}")
             continue
         if len(data) > MAX_CONTENTS:
             raise field_error(
                 ctx.source, entry.where, f"at most {MAX_CONTENTS // MiB} MiB of contents", len(data)
             )
-        files.append(File(entry.path, data, entry.mode, overwrite=entry.overwrite))
+        files.append(File(entry.path, data, entry.mode, entry.overwrite, where=entry.where))
     return hostname, tuple(files)
 
 
@@ -677,7 +680,8 @@ def _directories(
         where = f"storage.directories[{i}]"
         path = check_path(ctx.source, f"{where}.path", entry.get("path"))
         _claim_path(ctx, seen, path, where)
-        directories.append(Directory(path, _mode(ctx, entry, where, _DEFAULT_DIRECTORY_MODE)))
+        mode = _mode(ctx, entry, where, _DEFAULT_DIRECTORY_MODE)
+        directories.append(Directory(path, mode, where=where))
     return tuple(directories)
 
 
@@ -696,7 +700,9 @@ def _links(ctx: _Context, entries: list[dict[str, Any]], seen: dict[str, str]) -
             raise field_error(
                 ctx.source, f"{where}.target", "the path the link points to", _Shown(target)
             )
-        links.append(Link(path, target, hard=hard, overwrite=entry.get("overwrite") is True))
+        links.append(
+            Link(path, target, hard=hard, overwrite=entry.get("overwrite") is True, where=where)
+        )
     return tuple(links)
 
 
@@ -749,7 +755,7 @@ def _users(ctx: _Context, entries: list[dict[str, Any]]) -> tuple[User, ...]:
         if password_hash is not None:
             # The one rule of both formats: a plain-text password is refused, and not shown.
             check_password_hash(ctx.source, f"{where}.passwordHash", password_hash)
-        users.append(User(name, tuple(keys), tuple(groups), password_hash))
+        users.append(User(name, tuple(keys), tuple(groups), password_hash, where=where))
     return tuple(users)
 
 
@@ -814,6 +820,7 @@ def _units(ctx: _Context, entries: list[dict[str, Any]]) -> tuple[Unit, ...]:
                 enabled=entry.get("enabled"),
                 mask=entry.get("mask") is True,
                 dropins=tuple(dropins),
+                where=where,
             )
         )
     return tuple(units)

@@ -5,16 +5,20 @@ both, and "nothing half-applied" is proven once. Every parser error is a `Provis
 message names the config's source, the field (as a path such as `storage.files[2].mode`) and what
 was expected: the operator reads it on the serial console of a machine that cannot be logged in to.
 
-Standard library only: the parsers, the sources and the applier all import this.
+Standard library (and updater.files) only: the parsers, the sources and the applier all import this.
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
 import reprlib
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+from updater.files import resolve_in_root
 
 # Where provisioning may write: the rest of the tree is the read-only, verity-protected image
 # (`/usr`, `/bin`, ...) or volatile (`/run`, `/tmp`), where a file would silently vanish.
@@ -230,6 +234,28 @@ def check_plan_contents(source: str, where: str, total: int) -> None:
         )
 
 
+# Where units go: quadlet files are read by podman's systemd generator from QUADLET_DIR, other
+# units from systemd's admin directory. Both are in /etc, the writable overlay that survives
+# updates.
+SYSTEMD_DIR = "/etc/systemd/system"
+QUADLET_DIR = "/etc/containers/systemd"
+QUADLET_SUFFIXES = (".container", ".volume", ".network", ".kube", ".pod", ".image", ".build")
+# What creating or changing accounts rewrites (see apply.py), and where new homes go.
+ACCOUNT_FILES = ("/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow")
+HOME_DIR = "/home"
+
+
+def unit_path(name: str) -> str:
+    """Where the unit (or quadlet file) `name` is written."""
+    return f"{QUADLET_DIR if name.endswith(QUADLET_SUFFIXES) else SYSTEMD_DIR}/{name}"
+
+
+def user_home(name: str) -> str:
+    """The home a plan's user is known to have before the machine is read: root's, or the one
+    a new account gets. (An existing account's home is in /etc/passwd; apply checks it.)"""
+    return "/root" if name == "root" else f"{HOME_DIR}/{name}"
+
+
 @dataclass(frozen=True)
 class User:
     """A login. An existing account (root) only gains keys and groups; others are created."""
@@ -238,6 +264,8 @@ class User:
     ssh_authorized_keys: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()  # supplementary groups; they must exist on the image
     password_hash: str | None = None  # crypt(3) hash; None leaves the account without a password
+    # Where in the config the entry came from, for messages ("passwd.users[0]").
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -249,12 +277,14 @@ class File:
     overwrite: bool = False
     # Append to an existing file (cloud-config `append: true`, Ignition `append`).
     append: bool = False
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
 class Directory:
     path: str
     mode: int = 0o755
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -263,6 +293,7 @@ class Link:
     target: str
     hard: bool = False
     overwrite: bool = False
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -284,6 +315,7 @@ class Unit:
     enabled: bool | None = None  # None: leave as the image has it
     mask: bool = False
     dropins: tuple[Dropin, ...] = ()
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -297,7 +329,10 @@ class Command:
 @dataclass(frozen=True)
 class Plan:
     """Everything one config asks for, validated. Applied in this order: hostname, directories,
-    files, links, users, units; then commands and the script, once everything else committed."""
+    files, links, users, units; then commands and the script, once everything else committed.
+
+    No two entries may write one path, nor may one write under a path that another makes a file
+    or a link (see `check_collisions`): constructing a Plan checks it, so every parser gets it."""
 
     source: str  # for messages: "QEMU fw_cfg opt/org.berth/config (Ignition 3.4.0)"
     format: str  # "ignition" | "cloud-config" | "script"
@@ -310,6 +345,97 @@ class Plan:
     commands: tuple[Command, ...] = ()
     script: bytes | None = None  # a user-data that starts with `#!`, run once
     notes: tuple[str, ...] = field(default=())  # things worth telling the operator on the console
+    hostname_where: str = field(default="hostname", compare=False)
+
+    def __post_init__(self) -> None:
+        check_collisions(self)
+
+
+class _Claim(StrEnum):
+    """What an entry makes of its path. Only a directory may have entries under it."""
+
+    DIRECTORY = "a directory"
+    FILE = "a file"
+    LINK = "a link"
+    KEYS = "a user's authorized_keys"  # merges with a FILE there: the keys are appended
+
+
+def _claims(plan: Plan) -> Iterator[tuple[str, _Claim, str]]:
+    """(path, claim, where) for everything the plan writes that is known before apply."""
+    if plan.hostname:
+        yield "/etc/hostname", _Claim.FILE, plan.hostname_where
+    for directory in plan.directories:
+        yield directory.path, _Claim.DIRECTORY, _named(directory.where, directory.path)
+    for file in plan.files:
+        yield file.path, _Claim.FILE, _named(file.where, file.path)
+    for link in plan.links:
+        yield link.path, _Claim.LINK, _named(link.where, link.path)
+    for unit in plan.units:
+        where = _named(unit.where, unit.name)
+        path = unit_path(unit.name)
+        if unit.mask:
+            yield path, _Claim.LINK, where
+        elif unit.contents is not None:
+            yield path, _Claim.FILE, where
+        for k, dropin in enumerate(unit.dropins):
+            yield f"{path}.d/{dropin.name}", _Claim.FILE, f"{where}.dropins[{k}]"
+    if plan.users:
+        where = _named(plan.users[0].where, f"user {plan.users[0].name}")
+        for path in ACCOUNT_FILES:
+            yield path, _Claim.FILE, f"{where} (accounts are written to {path})"
+    for user in plan.users:
+        where = _named(user.where, f"user {user.name}")
+        home = user_home(user.name)
+        if user.name != "root":
+            yield home, _Claim.DIRECTORY, f"{where} (its home)"
+        if user.ssh_authorized_keys:
+            if user.name != "root":
+                yield f"{home}/.ssh", _Claim.DIRECTORY, f"{where} (its ~/.ssh)"
+            yield f"{home}/.ssh/authorized_keys", _Claim.KEYS, f"{where}.sshAuthorizedKeys"
+
+
+def _named(where: str, fallback: str) -> str:
+    return where or fallback
+
+
+def check_collisions(plan: Plan) -> None:
+    """Refuse two entries that write one path, or one that writes under another's file or link,
+    naming both. Paths are compared where they lead once the plan's own symbolic links are
+    followed (a file under a link of the plan lands where the link leads). A file and a user's
+    SSH keys at one authorized_keys are not a collision: the keys are appended to the file."""
+    links = {link.path: link.target for link in plan.links if not link.hard}
+    claimed: dict[str, tuple[_Claim, str, str]] = {}  # where it leads -> (claim, where, path)
+    for path, claim, where in _claims(plan):
+        try:
+            found = resolve_in_root(path, links.get, follow=False).path
+        except OSError:
+            raise field_error(
+                plan.source, where, f"links that lead somewhere: {path} loops through them"
+            ) from None
+        earlier = claimed.get(found)
+        if earlier is not None:
+            if {earlier[0], claim} == {_Claim.FILE, _Claim.KEYS}:
+                continue
+            both = f" (both lead to {found})" if (path, earlier[2]) != (found, found) else ""
+            raise field_error(
+                plan.source,
+                where,
+                f"a path of its own, but {earlier[1]} writes {earlier[2]} too{both}: "
+                "give each path once",
+            )
+        claimed[found] = (claim, where, path)
+    for found, (_, where, _) in claimed.items():
+        parent = posixpath.dirname(found)
+        while parent != "/":
+            above = claimed.get(parent)
+            if above is not None and above[0] is not _Claim.DIRECTORY:
+                raise field_error(
+                    plan.source,
+                    where,
+                    f"a path whose parents are directories, but {above[1]} makes {parent} "
+                    f"{above[0].value}",
+                )
+            parent = posixpath.dirname(parent)
 
 
 def in_writable_roots(path: str) -> bool:
