@@ -149,10 +149,6 @@ class _Stage:
         missing: list[Path] = []
         probe = host
         while not probe.exists():
-            if probe.is_symlink():
-                raise ProvisionError(
-                    f"{self.source}: {what}: {self._in_root(probe)} is a link to nothing"
-                )
             missing.append(probe)
             probe = probe.parent
         if not probe.is_dir():
