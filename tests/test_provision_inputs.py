@@ -41,6 +41,14 @@ def ignition(**sections: object) -> bytes:
         (b"#cloud-config\n? [a]\n: b\n", "cloud-config is not valid YAML"),
         (b"#cloud-config\n1: b\n", "cloud-config: expected keys that are strings, got 1"),
         (
+            b"#cloud-config\nusers:\n  - name: a\n    ? 0x" + b"f" * 4000 + b"\n    : 1\n",
+            "users[0].<an integer of 4000 hex digits>: not supported",
+        ),
+        (
+            b"#cloud-config\nwrite_files: [{path: /etc/a, 2001-01-01: 1}]\n",
+            "write_files[0].datetime.date(2001, 1, 1): not supported",
+        ),
+        (
             b"#cloud-config\nruncmd: [[sleep, 0x" + b"f" * 4000 + b"]]\n",
             "runcmd[0][1]: expected a string, got <an integer of 4000 hex digits>",
         ),

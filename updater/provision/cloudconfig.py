@@ -57,6 +57,7 @@ from updater.provision.plan import (
     check_strings,
     field_error,
     gunzip,
+    key_name,
     unsupported,
 )
 
@@ -409,7 +410,9 @@ def _user_entry(
 ) -> tuple[str, _UserDraft]:
     for key in entry:
         if key not in _USER_KEYS:
-            raise unsupported(source, f"{path}.{key}", _USER_KEY_HINTS.get(str(key), ""))
+            raise unsupported(
+                source, f"{path}.{key_name(key)}", _USER_KEY_HINTS.get(key_name(key), "")
+            )
     if "name" not in entry:
         raise field_error(source, f"{path}.name", "a user name (the key is required)")
     name = _check_user_name(entry["name"], source, f"{path}.name")
@@ -509,7 +512,8 @@ def _write_files(value: object, source: str, notes: list[str]) -> tuple[File, ..
             raise field_error(source, path, "a mapping with path and content", entry)
         for key in entry:
             if key not in _FILE_KEYS:
-                raise unsupported(source, f"{path}.{key}", _FILE_KEY_HINTS.get(str(key), ""))
+                hint = _FILE_KEY_HINTS.get(key_name(key), "")
+                raise unsupported(source, f"{path}.{key_name(key)}", hint)
         if "path" not in entry:
             raise field_error(source, f"{path}.path", "an absolute path (the key is required)")
         target = check_path(source, f"{path}.path", entry["path"])

@@ -83,6 +83,14 @@ def shown(value: object) -> str:
     return text if len(text) <= SHOWN_LENGTH else text[: SHOWN_LENGTH - 3] + "..."
 
 
+def key_name(key: object) -> str:
+    """A mapping's key as part of a field path: a YAML key may be a number, `null`, a date, or
+    an integer too long to print."""
+    if isinstance(key, str):
+        return key if len(key) <= SHOWN_LENGTH else key[: SHOWN_LENGTH - 3] + "..."
+    return shown(key)
+
+
 def field_error(source: str, path: str, expected: str, got: object = None) -> ProvisionError:
     """`<source>: <path>: expected <expected>[, got <got>]` — the one shape of a config error."""
     message = f"{source}: {path}: expected {expected}"
@@ -143,9 +151,7 @@ def _children(
     for key, item in value.items():
         if isinstance(key, str):
             _check_utf8(source, where or "(top level)", key)
-            name = key if len(key) <= SHOWN_LENGTH else key[: SHOWN_LENGTH - 3] + "..."
-        else:
-            name = shown(key)
+        name = key_name(key)
         yield (f"{where}.{name}" if where else name), item
 
 
