@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -271,3 +271,21 @@ def test_check_shows_no_secrets_unless_asked(
     assert HASH in out and "token=secret-value" in out
     with pytest.raises(SystemExit):
         main(["--root", str(tmp_path)])
+
+
+def test_units_systemd_cannot_start_undo_the_commit(root: Path) -> None:  # noqa: F811
+    original = snapshot(root)
+    calls: list[list[str]] = []
+
+    def systemctl(argv: Sequence[str]) -> None:
+        calls.append(list(argv))
+        if argv[1] == "start":
+            raise ProvisionError("systemctl start --no-block web.service exited with status 1")
+
+    with pytest.raises(ProvisionError, match="exited with status 1; every change was undone"):
+        apply_plan(everything(), root, runner=systemctl, live=True)
+    assert snapshot(root) == original
+    assert [c[1] for c in calls] == ["daemon-reload", "start", "daemon-reload"]
+    apply_plan(everything(), root, runner=lambda _: None, live=True)
+    assert (root / "etc/systemd/system/web.service").read_text() == HTTPD
+    assert not list(root.rglob(".berth-provision.*"))

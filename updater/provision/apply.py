@@ -1,20 +1,27 @@
-"""Apply a `Plan` to the machine: stage everything, then commit it in one short step.
+"""Apply a `Plan` to the machine: prepare everything, then commit it in one short step.
 
-"Nothing is half-applied" is the contract. Staging does all the work that can fail — reading the
-account databases, checking that a file Ignition may not overwrite is absent, finding the
-`[Install]` section of a unit to enable, writing every new file's bytes to a temporary name beside
-its destination and fsyncing it. If any of that fails, the temporaries and the directories made for
-them are removed and the machine is as it was. Commit is then only renames (atomic, on the same
-file system as their destination), unlinks of enablement links, and `sethostname`.
+"All or nothing" is the contract. `prepare` does all the work that can fail — reading the
+account databases, checking that a file Ignition may not overwrite is absent, that no directory
+stands where an entry goes and that parents are directories, finding the `[Install]` section of
+a unit to enable, writing every new file's bytes to a temporary name beside its destination and
+fsyncing it, and hard-linking a backup beside every entry the commit will replace or remove. If
+any of that fails, the temporaries, backups and the directories made for them are removed and
+the machine is as it was. `--check --root` runs the same `prepare` and discards it.
+
+Commit is then only renames (atomic, on the same file system as their destination), unlinks of
+enablement links and chmods of existing directories. If one fails (the tree changed since it was
+prepared), the steps before it are undone from the backups; if systemd will not reload or start
+the units afterwards, the whole commit is. Either way the tree is as it was, and a corrected
+config meets a clean machine. The caller writes the provisioned stamp only after all of this.
 
 Accounts are written as whole new `/etc/passwd`, `/etc/shadow`, `/etc/group` and `/etc/gshadow`
 files, staged like any other file, rather than with `useradd`: a tool run at commit time could fail
 half way, and the image does not need to carry the shadow suite for it.
 
 After the commit, systemd is reloaded and the units the config enabled (and quadlet containers with
-an `[Install]` section) are started: this runs during boot, after the boot transaction was computed,
-so units enabled now would otherwise wait for the next boot. `runcmd` entries and a user-data
-script run last, once.
+an `[Install]` section) are started (`--no-block`: queued, not waited for): this runs during boot,
+after the boot transaction was computed, so units enabled now would otherwise wait for the next
+boot. `runcmd` entries and a user-data script run last, once.
 """
 
 from __future__ import annotations
@@ -97,6 +104,9 @@ class _Stage:
     staged: dict[str, Path] = field(default_factory=dict)  # image path -> its temporary
     owners: dict[Path, str] = field(default_factory=dict)  # destination -> what stages it
     backups: dict[Path, Path] = field(default_factory=dict)  # entry the commit changes -> backup
+    done: list[tuple[str, Path, int]] = field(
+        default_factory=list
+    )  # committed: (step, entry, mode)
 
     def _readlink(self, candidate: str) -> str | None:
         if candidate in self.links:
@@ -263,8 +273,9 @@ class _Stage:
 
     def commit(self) -> None:
         """Rename, unlink and chmod; if any step fails, undo the steps before it, discard, and
-        raise ProvisionError: the tree is as it was before staging."""
-        done: list[tuple[str, Path, int]] = []  # (step, entry, old mode), in the order done
+        raise ProvisionError: the tree is as it was before staging. The backups stay until
+        `finish` (or `revert` puts them back)."""
+        done = self.done
         try:
             for temp, destination in self.renames:
                 if destination.is_dir() and not destination.is_symlink():
@@ -298,9 +309,20 @@ class _Stage:
             self._undo(done)
             self.discard()
             raise
+
+    def finish(self) -> None:
+        """The commit stands: its backups go."""
         for backup in self.backups.values():
             with contextlib.suppress(FileNotFoundError):
                 backup.unlink()
+        self.backups.clear()
+
+    def revert(self) -> bool:
+        """Undo a whole commit and discard; False if some of it could not be undone."""
+        undone = self._undo(self.done)
+        self.done.clear()
+        self.discard()
+        return undone
 
     def _undo(self, done: list[tuple[str, Path, int]]) -> bool:
         """Put back what `done` changed, latest first; False if some of it could not be."""
@@ -311,8 +333,10 @@ class _Stage:
                     os.chmod(entry, old)
                 elif entry in self.backups:
                     os.replace(self.backups.pop(entry), entry)
-                else:
+                elif step == "rename":
                     entry.unlink()  # a new entry: there was nothing
+                else:
+                    raise FileNotFoundError(errno.ENOENT, "its backup is gone", entry)
             except OSError as e:
                 print(f"berth-provision: cannot undo the change to {entry}: {e}", flush=True)
                 ok = False
@@ -338,8 +362,25 @@ def apply_plan(
     """
     live = root == Path("/") if live is None else live
     prepared = prepare(plan, root)
-    prepared.commit()
+    prepared.stage.commit()
     summary, start, reload = prepared.summary, prepared.start, prepared.reload
+    try:
+        # systemd must take the units (a unit file it cannot load fails `start`): until it has,
+        # the commit can still be undone, so that a corrected config meets a clean machine.
+        if live and reload:
+            runner(["systemctl", "daemon-reload"])
+        if live and start:
+            runner(["systemctl", "start", "--no-block", *start])
+    except ProvisionError as e:
+        undone = prepared.stage.revert()
+        if live and reload:
+            with contextlib.suppress(ProvisionError):
+                runner(["systemctl", "daemon-reload"])  # forget the units again
+        raise ProvisionError(
+            f"{plan.source}: {e}; "
+            + ("every change was undone" if undone else "undoing the commit failed too")
+        ) from e
+    prepared.stage.finish()
     if live:
         # An Ignition config names the host by writing /etc/hostname; systemd read that file
         # before we ran, so the running name is set too.
@@ -357,10 +398,6 @@ def apply_plan(
             except OSError as e:
                 # The file is committed and names the host from the next boot on.
                 print(f"berth-provision: cannot set the hostname {hostname!r} now: {e}")
-    if live and reload:
-        runner(["systemctl", "daemon-reload"])
-    if live and start:
-        runner(["systemctl", "start", "--no-block", *start])
     return Applied(summary, start, reload)
 
 
@@ -375,7 +412,10 @@ class Prepared:
     reload: bool
 
     def commit(self) -> None:
+        """Commit, and drop the backups: for callers with nothing to do before the commit stands
+        (apply_plan keeps them until systemd has taken the units)."""
         self.stage.commit()
+        self.stage.finish()
 
     def discard(self) -> None:
         self.stage.discard()
