@@ -199,7 +199,7 @@ def test_a_cloud_config_file_written_twice_says_which_was_dropped() -> None:
 def test_a_file_under_a_new_users_home_leaves_the_home_theirs(root: Path) -> None:  # noqa: F811
     plan = parse_config(
         ignition(
-            storage={"files": [file("/home/alice/.config/app.conf")]},
+            storage={"files": [file("/home/alice/.config/app.conf"), file("/home/alice/.ssh/rc")]},
             passwd={"users": [{"name": "alice", "sshAuthorizedKeys": [KEY]}]},
         ),
         SOURCE,
@@ -208,6 +208,8 @@ def test_a_file_under_a_new_users_home_leaves_the_home_theirs(root: Path) -> Non
     apply_plan(plan, root)
     home = (root / "home/alice").stat()
     assert (home.st_uid, home.st_mode & 0o777) == (1000, 0o700)
+    ssh = (root / "home/alice/.ssh").stat()
+    assert (ssh.st_uid, ssh.st_mode & 0o777) == (1000, 0o700)
     assert (root / "home/alice/.config/app.conf").read_bytes() == b"x"
 
 

@@ -640,12 +640,14 @@ def _writable_home(plan: Plan, stage: _Stage, user: User, home: str) -> None:
 
 def _stage_home(stage: _Stage, user: User, home: str, uid: int, gid: int) -> None:
     what = f"user {user.name}'s home"
-    made = stage.host(home, follow=True)
-    if made in stage.made_dirs:
-        # A file of the config under a new home made it on the way, as root's and 0755: the
-        # home is the user's all the same.
-        os.chown(made, uid, gid)
-        os.chmod(made, 0o700)
+    ssh = f"{home}/.ssh"
+    for path in (home, ssh):
+        made = stage.host(path, follow=True)
+        if made in stage.made_dirs:
+            # A file of the config under a new home made it on the way, as root's and 0755:
+            # the home (and ~/.ssh, which sshd wants private) is the user's all the same.
+            os.chown(made, uid, gid)
+            os.chmod(made, 0o700)
     if not user.ssh_authorized_keys:
         # Only a missing home is made, and only where provisioning writes: an existing system
         # account that joins a group keeps its /nonexistent.
@@ -658,7 +660,6 @@ def _stage_home(stage: _Stage, user: User, home: str, uid: int, gid: int) -> Non
         return
     if not stage.writable(home, what, follow=True).exists():
         stage.ensure_dir(home, 0o700, uid, gid, what)
-    ssh = f"{home}/.ssh"
     if not stage.writable(ssh, what, follow=True).exists():
         stage.ensure_dir(ssh, 0o700, uid, gid, what)
     keys = f"{ssh}/authorized_keys"
