@@ -65,6 +65,22 @@ def ignition(**sections: object) -> bytes:
         ),
         (b'{"ignition": {"version": "3.4.0\xff"}}', "not UTF-8 text"),
         (
+            ignition(storage={"files": [{"path": "/etc/" + "a" * 256}]}),
+            "storage.files[0].path: expected a path shorter than 4096 bytes, each name at most 255",
+        ),
+        (
+            ignition(storage={"links": [{"path": "/etc/l", "target": "a/" * 3000}]}),
+            "storage.links[0].target: expected a link target shorter than 4096 bytes",
+        ),
+        (
+            ignition(systemd={"units": [{"name": "a" * 300 + ".service"}]}),
+            "systemd.units[0].name: expected a unit name",
+        ),
+        (
+            b"#cloud-config\nwrite_files: [{path: /etc/" + b"a/" * 3000 + b"b}]\n",
+            "write_files[0].path: expected a path shorter than 4096 bytes",
+        ),
+        (
             b'{"ignition": {"version": "3.4.0"}, "storage": {"files": [{"path": "/etc/\\ud800"}]}}',
             "storage.files[0].path: expected text that is valid Unicode",
         ),

@@ -43,6 +43,8 @@ from updater.provision import http
 from updater.provision.plan import (
     HOSTNAME,
     MAX_DECOMPRESSED,
+    NAME_MAX,
+    PATH_MAX,
     SHOWN_LENGTH,
     UNIT_NAME,
     USER_NAME,
@@ -700,6 +702,10 @@ def _links(ctx: _Context, entries: list[dict[str, Any]], seen: dict[str, str]) -
             raise field_error(
                 ctx.source, f"{where}.target", "the path the link points to", _Shown(target)
             )
+        elif len(target.encode()) >= PATH_MAX:
+            raise field_error(
+                ctx.source, f"{where}.target", f"a link target shorter than {PATH_MAX} bytes"
+            )
         links.append(
             Link(path, target, hard=hard, overwrite=entry.get("overwrite") is True, where=where)
         )
@@ -796,6 +802,7 @@ def _units(ctx: _Context, entries: list[dict[str, Any]]) -> tuple[Unit, ...]:
                 or dropin_name == ".conf"
                 or "/" in dropin_name
                 or "\0" in dropin_name
+                or len(dropin_name.encode()) > NAME_MAX
             ):
                 raise field_error(
                     ctx.source,

@@ -35,12 +35,17 @@ MAX_GZIP_MEMBERS = 64
 # All the file contents of one plan together: many files just under the cap are as bad as one bomb.
 MAX_PLAN_CONTENTS = 128 * MiB
 
+# Linux's limits on a path and on one name in it (bytes).
+PATH_MAX = 4096
+NAME_MAX = 255
+
 # useradd's rule (Debian's default NAME_REGEX without the `$` machine-account suffix).
 USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 HOSTNAME = re.compile(r"(?=.{1,64}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# systemd's UNIT_NAME_MAX is 255 characters, a file name's length on Linux.
 UNIT_NAME = re.compile(
-    r"[A-Za-z0-9:_.\\@-]+\.(service|socket|target|timer|path|mount|automount|swap|slice|scope"
-    r"|device|container|volume|network|kube|pod|image|build)"
+    r"(?=.{1,255}$)[A-Za-z0-9:_.\\@-]+\.(service|socket|target|timer|path|mount|automount|swap"
+    r"|slice|scope|device|container|volume|network|kube|pod|image|build)"
 )
 
 
@@ -462,6 +467,14 @@ def check_path(source: str, where: str, path: object) -> str:
             where,
             "a path under " + ", ".join(WRITABLE_ROOTS) + " (the rest of the root is the "
             "read-only image)",
+            path,
+        )
+    if len(path.encode()) >= PATH_MAX or any(len(p.encode()) > NAME_MAX for p in parts):
+        # Refused here, by its field, rather than as ENAMETOOLONG halfway through staging.
+        raise field_error(
+            source,
+            where,
+            f"a path shorter than {PATH_MAX} bytes, each name at most {NAME_MAX}",
             path,
         )
     return path
