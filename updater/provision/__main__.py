@@ -63,7 +63,7 @@ def _say(message: str) -> None:
 
 def _nobody_can_log_in(root: Path) -> str:
     keys = root / "root/.ssh/authorized_keys"
-    if keys.is_file() and keys.read_text().strip():
+    if keys.is_file() and keys.read_bytes().strip():  # bytes: any encoding is someone's key
         return "root logs in with the SSH keys already in /root/.ssh/authorized_keys"
     return (
         "nobody can log in: no account has a password or an SSH key. Give this machine an "
