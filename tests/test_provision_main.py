@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from updater.provision.__main__ import _with_meta_hostname, main, parse_config
+from updater.provision.__main__ import _nobody_can_log_in, _with_meta_hostname, main, parse_config
 from updater.provision.plan import Plan
 
 IGNITION = json.dumps(
@@ -58,3 +58,10 @@ def test_check_validates_without_applying(
     out = capsys.readouterr().out
     assert "FAILED" in out and "storage.disks: not supported" in out
     assert "the boot stops here" not in out  # a check is not a boot
+
+
+def test_root_keys_in_any_encoding_count_as_a_login(tmp_path: Path) -> None:
+    keys = tmp_path / "root/.ssh/authorized_keys"
+    keys.parent.mkdir(parents=True)
+    keys.write_bytes(b"ssh-ed25519 AAAA caf\xe9\n")  # Latin-1 in the comment
+    assert _nobody_can_log_in(tmp_path).startswith("root logs in")

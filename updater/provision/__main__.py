@@ -4,7 +4,8 @@ Run by berth-provision.service on every boot until it has succeeded once; the st
 STATE (`/var/lib/berth/provisioned`) skips it afterwards. sshd requires the service, so a config
 that cannot be read or applied stops the boot before anyone can log in, with the reason on the
 console and in the journal; the next boot tries again. `--check FILE` validates a config anywhere
-(a build host included) without applying it.
+(a build host included) without applying it; `--root DIR` adds every check of a real apply
+against the tree at DIR.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from updater.files import write_file_atomic
-from updater.provision.apply import apply_plan, describe, run_commands
+from updater.provision.apply import apply_plan, describe, prepare, run_commands
 from updater.provision.plan import HOSTNAME, Plan, ProvisionError
 
 STAMP = "/var/lib/berth/provisioned"
@@ -41,10 +43,12 @@ def parse_config(data: bytes, source: str) -> Plan | None:
 
 def _with_meta_hostname(plan: Plan, meta: dict[str, str]) -> Plan:
     """A NoCloud/config-2 drive or a metadata service may name the host when the config does not."""
-    if plan.hostname is not None:
-        return plan
+    if plan.hostname is not None or any(f.path == "/etc/hostname" for f in plan.files):
+        return plan  # the config names the host, or writes /etc/hostname itself
     name = (meta.get("local-hostname") or meta.get("hostname") or "").split(".")[0]
-    return dataclasses.replace(plan, hostname=name) if HOSTNAME.fullmatch(name) else plan
+    if not HOSTNAME.fullmatch(name):
+        return plan
+    return dataclasses.replace(plan, hostname=name, hostname_where="the platform's meta-data")
 
 
 def _write_stamp(root: Path, record: dict[str, str]) -> None:
@@ -59,7 +63,7 @@ def _say(message: str) -> None:
 
 def _nobody_can_log_in(root: Path) -> str:
     keys = root / "root/.ssh/authorized_keys"
-    if keys.is_file() and keys.read_text().strip():
+    if keys.is_file() and keys.read_bytes().strip():  # bytes: any encoding is someone's key
         return "root logs in with the SSH keys already in /root/.ssh/authorized_keys"
     return (
         "nobody can log in: no account has a password or an SSH key. Give this machine an "
@@ -127,15 +131,26 @@ def _check_in(platform: str) -> None:
         _say(f"could not report Ready to the Azure fabric: {e}")
 
 
-def check(path: Path) -> int:
+def check(path: Path, root: Path | None = None, *, show_secrets: bool = False) -> int:
+    """Validate the config at `path`; with `root`, also stage it onto the tree there, making
+    every check apply makes, and discard it again (the tree is left as it was)."""
     from updater.provision.sources import read_config_file
 
     plan = parse_config(read_config_file(path, str(path)), str(path))
     if plan is None:
         print(f"{path}: empty: nothing to apply")
         return 0
+    if root is not None:
+        prepared = prepare(plan, root)
+        prepared.discard()
+        print(f"{plan.source}: applies to {root}: {'; '.join(prepared.summary) or 'no change'}")
     print(f"{plan.source}: valid {plan.format}")
-    print(json.dumps(dataclasses.asdict(plan), indent=2, default=_json_default))
+    for note in plan.notes:
+        print(f"{plan.source}: {note}")
+    shown = dataclasses.asdict(plan)
+    if not show_secrets:
+        _redact(shown)
+    print(json.dumps(shown, indent=2, default=_json_default))
     return 0
 
 
@@ -148,6 +163,29 @@ def _json_default(value: object) -> object:
     raise TypeError(type(value).__name__)
 
 
+REDACTED = "<redacted>"
+
+
+def _redact(plan: dict[str, Any]) -> None:
+    """Password hashes and file contents out of --check's output (it goes to terminals, logs and
+    CI output): sizes and hashes tell two configs apart well enough."""
+    for user in plan["users"]:
+        if user["password_hash"] is not None:
+            user["password_hash"] = REDACTED
+    for entry in [*plan["files"], *plan["units"]] + [
+        d for u in plan["units"] for d in u["dropins"]
+    ]:
+        if entry["contents"] is not None:
+            entry["contents"] = _digest(entry["contents"])
+    if plan["script"] is not None:
+        plan["script"] = _digest(plan["script"])
+
+
+def _digest(value: str | bytes) -> str:
+    data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    return f"{REDACTED} {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="berth-provision",
@@ -155,12 +193,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--check", type=Path, metavar="FILE", help="validate FILE, apply nothing")
     parser.add_argument(
+        "--root",
+        type=Path,
+        metavar="DIR",
+        help="with --check: also make every check of a real apply against the tree at DIR "
+        "(staged there and removed again)",
+    )
+    parser.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="with --check: print password hashes and file contents (redacted by default)",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="run even though the machine was provisioned"
     )
     args = parser.parse_args(argv)
+    if (args.root or args.show_secrets) and not args.check:
+        parser.error("--root and --show-secrets go with --check")
     try:
         if args.check:
-            return check(args.check)
+            return check(args.check, args.root, show_secrets=args.show_secrets)
         if Path(STAMP).exists() and not args.force:
             _say(f"already provisioned (see {STAMP}); --force runs it again")
             return 0

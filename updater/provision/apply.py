@@ -1,25 +1,33 @@
-"""Apply a `Plan` to the machine: stage everything, then commit it in one short step.
+"""Apply a `Plan` to the machine: prepare everything, then commit it in one short step.
 
-"Nothing is half-applied" is the contract. Staging does all the work that can fail — reading the
-account databases, checking that a file Ignition may not overwrite is absent, finding the
-`[Install]` section of a unit to enable, writing every new file's bytes to a temporary name beside
-its destination and fsyncing it. If any of that fails, the temporaries and the directories made for
-them are removed and the machine is as it was. Commit is then only renames (atomic, on the same
-file system as their destination), unlinks of enablement links, and `sethostname`.
+"All or nothing" is the contract. `prepare` does all the work that can fail — reading the
+account databases, checking that a file Ignition may not overwrite is absent, that no directory
+stands where an entry goes and that parents are directories, finding the `[Install]` section of
+a unit to enable, writing every new file's bytes to a temporary name beside its destination and
+fsyncing it, and hard-linking a backup beside every entry the commit will replace or remove. If
+any of that fails, the temporaries, backups and the directories made for them are removed and
+the machine is as it was. `--check --root` runs the same `prepare` and discards it.
+
+Commit is then only renames (atomic, on the same file system as their destination), unlinks of
+enablement links and chmods of existing directories. If one fails (the tree changed since it was
+prepared), the steps before it are undone from the backups; if systemd will not reload or start
+the units afterwards, the whole commit is. Either way the tree is as it was, and a corrected
+config meets a clean machine. The caller writes the provisioned stamp only after all of this.
 
 Accounts are written as whole new `/etc/passwd`, `/etc/shadow`, `/etc/group` and `/etc/gshadow`
 files, staged like any other file, rather than with `useradd`: a tool run at commit time could fail
 half way, and the image does not need to carry the shadow suite for it.
 
 After the commit, systemd is reloaded and the units the config enabled (and quadlet containers with
-an `[Install]` section) are started: this runs during boot, after the boot transaction was computed,
-so units enabled now would otherwise wait for the next boot. `runcmd` entries and a user-data
-script run last, once.
+an `[Install]` section) are started (`--no-block`: queued, not waited for): this runs during boot,
+after the boot transaction was computed, so units enabled now would otherwise wait for the next
+boot. `runcmd` entries and a user-data script run last, once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import socket
@@ -35,6 +43,9 @@ from updater import run
 from updater.errors import CommandError
 from updater.files import Resolved, fsync_dir, resolve_in_root
 from updater.provision.plan import (
+    QUADLET_DIR,
+    QUADLET_SUFFIXES,
+    SYSTEMD_DIR,
     WRITABLE_ROOTS,
     Command,
     Plan,
@@ -43,13 +54,9 @@ from updater.provision.plan import (
     User,
     field_error,
     in_writable_roots,
+    unit_path,
 )
 
-# Quadlet files are read by podman's systemd generator from here; other units go to systemd's
-# admin directory. Both are in /etc, the writable overlay that survives updates.
-SYSTEMD_DIR = "/etc/systemd/system"
-QUADLET_DIR = "/etc/containers/systemd"
-QUADLET_SUFFIXES = (".container", ".volume", ".network", ".kube", ".pod", ".image", ".build")
 # Where an enabled unit's [Install] section is looked for when the config gives no contents.
 UNIT_SEARCH = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 SCRIPT_PATH = "/var/lib/berth/provision/user-data"
@@ -82,6 +89,9 @@ class _Stage:
     absolute target starts again at `root`), the plan's own links included, as if already made.
     Whatever is written must then lie under WRITABLE_ROOTS (`writable`): a link in /etc to /usr
     or /run is never written through, and a test's root never leaks onto the host.
+
+    Whatever the commit replaces or removes is first hard-linked to a backup name beside it
+    (`_keep`), so that a commit that fails part way puts every entry back (`_undo`).
     """
 
     root: Path
@@ -89,9 +99,14 @@ class _Stage:
     links: dict[str, str] = field(default_factory=dict)  # the plan's symbolic links: path -> target
     renames: list[tuple[Path, Path]] = field(default_factory=list)  # (temporary, destination)
     unlinks: list[Path] = field(default_factory=list)
-    chmods: list[tuple[Path, int]] = field(default_factory=list)  # existing dirs, at commit
+    chmods: list[tuple[Path, int, int]] = field(default_factory=list)  # (dir, new mode, old mode)
     made_dirs: list[Path] = field(default_factory=list)
     staged: dict[str, Path] = field(default_factory=dict)  # image path -> its temporary
+    owners: dict[Path, str] = field(default_factory=dict)  # destination -> what stages it
+    backups: dict[Path, Path] = field(default_factory=dict)  # entry the commit changes -> backup
+    done: list[tuple[str, Path, int]] = field(
+        default_factory=list
+    )  # committed: (step, entry, mode)
 
     def _readlink(self, candidate: str) -> str | None:
         if candidate in self.links:
@@ -139,14 +154,18 @@ class _Stage:
         self, path: str, mode: int = 0o755, uid: int = 0, gid: int = 0, what: str = ""
     ) -> None:
         """Make `path` and missing parents now; they are removed again if staging fails."""
-        host = self.writable(path, what or f"directory {path}", follow=True)
+        what = what or f"directory {path}"
+        host = self.writable(path, what, follow=True)
         missing: list[Path] = []
         probe = host
         while not probe.exists():
             missing.append(probe)
             probe = probe.parent
         if not probe.is_dir():
-            raise ProvisionError(f"{path}: {probe} exists and is not a directory")
+            raise ProvisionError(
+                f"{self.source}: {what}: {self._in_root(probe)} is a file on this machine, not a "
+                f"directory, so {path} cannot be made"
+            )
         for directory in reversed(missing):
             directory.mkdir()
             self.made_dirs.append(directory)
@@ -158,12 +177,31 @@ class _Stage:
             else:
                 os.chmod(directory, 0o755)
 
+    def _in_root(self, host: Path) -> str:
+        """A host path as the root sees it, for messages."""
+        return "/" + os.path.relpath(host, self.root).removeprefix(".")
+
     def _destination(self, path: str, what: str) -> Path:
         """Where a new entry for `path` goes (a link there is replaced, not written through),
-        with its directory made."""
+        with its directory made; refused if something else of this config goes there too, or a
+        directory is there (a rename cannot replace it)."""
         destination = self.writable(path, what)
+        if destination in self.owners:
+            # check_collisions sees the paths a config names; this sees what only the machine
+            # says: an existing account's home, enablement links named by [Install] sections.
+            raise ProvisionError(
+                f"{self.source}: {what}: {path} is written by {self.owners[destination]} too"
+            )
+        if destination.is_dir() and not destination.is_symlink():
+            raise ProvisionError(
+                f"{self.source}: {what}: {path} is a directory on this machine; it is not replaced"
+            )
         self.ensure_dir(str(PurePosixPath(path).parent), what=what)
+        self.owners[destination] = what
         return destination
+
+    def _temporary(self, destination: Path) -> Path:
+        return destination.parent / f".berth-provision.{os.getpid()}.{len(self.renames)}"
 
     def file(
         self, path: str, data: bytes, mode: int, uid: int = 0, gid: int = 0, what: str = ""
@@ -180,9 +218,22 @@ class _Stage:
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
 
+    def take(self, path: str) -> bytes | None:
+        """The bytes staged for `path`, unstaged again (to be staged anew, merged); None if
+        nothing is staged there."""
+        temp = self.staged.pop(path, None)
+        if temp is None:
+            return None
+        index = next(i for i, (t, _) in enumerate(self.renames) if t == temp)
+        _, destination = self.renames.pop(index)
+        del self.owners[destination]
+        data = temp.read_bytes()
+        temp.unlink()
+        return data
+
     def symlink(self, path: str, target: str, what: str = "") -> None:
         destination = self._destination(path, what or f"link {path}")
-        temp = destination.parent / f".berth-provision.{os.getpid()}.{len(self.renames)}"
+        temp = self._temporary(destination)
         os.symlink(target, temp)
         self.renames.append((temp, destination))
         self.staged[path] = temp
@@ -194,13 +245,26 @@ class _Stage:
         source = self.staged.get(target) or self.writable(target, f"{what} target", follow=True)
         if not source.exists():
             raise ProvisionError(f"{path}: hard link target {target} does not exist")
-        temp = destination.parent / f".berth-provision.{os.getpid()}.{len(self.renames)}"
+        if source.is_dir():
+            raise ProvisionError(f"{self.source}: {what}: the target {target} is a directory")
+        temp = self._temporary(destination)
         os.link(source, temp)
         self.renames.append((temp, destination))
         self.staged[path] = temp
 
+    def keep_backups(self) -> None:
+        """The last staging step: a hard link beside every entry the commit will replace or
+        remove, to put it back with. Costs no space; a link keeps a link, not its target."""
+        for number, entry in enumerate([d for _, d in self.renames] + self.unlinks):
+            if entry in self.backups or not os.path.lexists(entry):
+                continue
+            backup = entry.parent / f".berth-provision.{os.getpid()}.old.{number}"
+            os.link(entry, backup, follow_symlinks=False)
+            self.backups[entry] = backup
+
     def discard(self) -> None:
-        for temp, _ in self.renames:
+        """Remove every temporary, backup and directory staging made."""
+        for temp in [t for t, _ in self.renames] + list(self.backups.values()):
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
         for directory in reversed(self.made_dirs):
@@ -208,20 +272,75 @@ class _Stage:
                 directory.rmdir()
 
     def commit(self) -> None:
-        for temp, destination in self.renames:
-            if destination.is_dir() and not destination.is_symlink():
-                # Only reachable for overwrite=True onto a directory; refused while staging.
-                raise ProvisionError(f"{destination} is a directory")
-            os.replace(temp, destination)
-        for link in self.unlinks:
+        """Rename, unlink and chmod; if any step fails, undo the steps before it, discard, and
+        raise ProvisionError: the tree is as it was before staging. The backups stay until
+        `finish` (or `revert` puts them back)."""
+        done = self.done
+        try:
+            for temp, destination in self.renames:
+                if destination.is_dir() and not destination.is_symlink():
+                    # Refused while staging; here only if the tree changed since.
+                    raise IsADirectoryError(errno.EISDIR, "a directory is there", destination)
+                os.replace(temp, destination)
+                done.append(("rename", destination, 0))
+            for link in self.unlinks:
+                with contextlib.suppress(FileNotFoundError):
+                    link.unlink()
+                    done.append(("unlink", link, 0))
+            for directory, mode, old in self.chmods:
+                os.chmod(directory, mode)
+                done.append(("chmod", directory, old))
+            for directory in sorted(
+                {d.parent for _, d in self.renames} | {u.parent for u in self.unlinks}
+            ):
+                fsync_dir(directory)
+        except OSError as e:
+            undone = self._undo(done)
+            self.discard()
+            raise ProvisionError(
+                f"{self.source}: committing the config failed: {e}; "
+                + (
+                    "every change was undone"
+                    if undone
+                    else "undoing it failed too: see the journal for what is left"
+                )
+            ) from e
+        except BaseException:
+            self._undo(done)
+            self.discard()
+            raise
+
+    def finish(self) -> None:
+        """The commit stands: its backups go."""
+        for backup in self.backups.values():
             with contextlib.suppress(FileNotFoundError):
-                link.unlink()
-        for directory, mode in self.chmods:
-            os.chmod(directory, mode)
-        for directory in sorted(
-            {d.parent for _, d in self.renames} | {u.parent for u in self.unlinks}
-        ):
-            fsync_dir(directory)
+                backup.unlink()
+        self.backups.clear()
+
+    def revert(self) -> bool:
+        """Undo a whole commit and discard; False if some of it could not be undone."""
+        undone = self._undo(self.done)
+        self.done.clear()
+        self.discard()
+        return undone
+
+    def _undo(self, done: list[tuple[str, Path, int]]) -> bool:
+        """Put back what `done` changed, latest first; False if some of it could not be."""
+        ok = True
+        for step, entry, old in reversed(done):
+            try:
+                if step == "chmod":
+                    os.chmod(entry, old)
+                elif entry in self.backups:
+                    os.replace(self.backups.pop(entry), entry)
+                elif step == "rename":
+                    entry.unlink()  # a new entry: there was nothing
+                else:
+                    raise FileNotFoundError(errno.ENOENT, "its backup is gone", entry)
+            except OSError as e:
+                print(f"berth-provision: cannot undo the change to {entry}: {e}", flush=True)
+                ok = False
+        return ok
 
 
 @dataclass(frozen=True)
@@ -242,19 +361,26 @@ def apply_plan(
     apply to a directory tree with it off. Commands and scripts are run by `run_commands`.
     """
     live = root == Path("/") if live is None else live
-    stage = _Stage(
-        root, plan.source, {link.path: link.target for link in plan.links if not link.hard}
-    )
+    prepared = prepare(plan, root)
+    prepared.stage.commit()
+    summary, start, reload = prepared.summary, prepared.start, prepared.reload
     try:
-        summary, start, reload = _stage_plan(plan, stage)
-    except BaseException:
-        stage.discard()
-        raise
-    try:
-        stage.commit()
-    except OSError as e:
-        stage.discard()
-        raise ProvisionError(f"{plan.source}: committing the config failed: {e}") from e
+        # systemd must take the units (a unit file it cannot load fails `start`): until it has,
+        # the commit can still be undone, so that a corrected config meets a clean machine.
+        if live and reload:
+            runner(["systemctl", "daemon-reload"])
+        if live and start:
+            runner(["systemctl", "start", "--no-block", *start])
+    except ProvisionError as e:
+        undone = prepared.stage.revert()
+        if live and reload:
+            with contextlib.suppress(ProvisionError):
+                runner(["systemctl", "daemon-reload"])  # forget the units again
+        raise ProvisionError(
+            f"{plan.source}: {e}; "
+            + ("every change was undone" if undone else "undoing the commit failed too")
+        ) from e
+    prepared.stage.finish()
     if live:
         # An Ignition config names the host by writing /etc/hostname; systemd read that file
         # before we ran, so the running name is set too.
@@ -272,11 +398,46 @@ def apply_plan(
             except OSError as e:
                 # The file is committed and names the host from the next boot on.
                 print(f"berth-provision: cannot set the hostname {hostname!r} now: {e}")
-    if live and reload:
-        runner(["systemctl", "daemon-reload"])
-    if live and start:
-        runner(["systemctl", "start", "--no-block", *start])
-    return Applied(tuple(summary), tuple(start), reload)
+    return Applied(summary, start, reload)
+
+
+@dataclass
+class Prepared:
+    """A plan staged onto a tree: every check made, every byte written beside its destination.
+    `commit` puts it in place (or nothing), `discard` leaves the tree as it was."""
+
+    stage: _Stage
+    summary: tuple[str, ...]
+    start: tuple[str, ...]
+    reload: bool
+
+    def commit(self) -> None:
+        """Commit, and drop the backups: for callers with nothing to do before the commit stands
+        (apply_plan keeps them until systemd has taken the units)."""
+        self.stage.commit()
+        self.stage.finish()
+
+    def discard(self) -> None:
+        self.stage.discard()
+
+
+def prepare(plan: Plan, root: Path = Path("/")) -> Prepared:
+    """Stage `plan` onto the tree at `root`, making every check that apply makes (`--check
+    --root` calls this, then `discard`); raise ProvisionError, with the tree as it was, if one
+    fails or the tree cannot be written (a full disk, a read-only directory)."""
+    stage = _Stage(
+        root, plan.source, {link.path: link.target for link in plan.links if not link.hard}
+    )
+    try:
+        summary, start, reload = _stage_plan(plan, stage)
+        stage.keep_backups()
+    except OSError as e:
+        stage.discard()
+        raise ProvisionError(f"{plan.source}: staging the config failed: {e}") from e
+    except BaseException:
+        stage.discard()
+        raise
+    return Prepared(stage, tuple(summary), tuple(start), reload)
 
 
 def run_commands(plan: Plan, root: Path = Path("/"), *, runner: Runner = run_command) -> None:
@@ -318,7 +479,7 @@ def _stage_plan(plan: Plan, stage: _Stage) -> tuple[list[str], list[str], bool]:
             raise ProvisionError(f"{plan.source}: directory {directory.path}: a file is there")
         if host.is_dir():
             # Ignition sets the mode of a directory that already exists, too (at commit).
-            stage.chmods.append((host, directory.mode))
+            stage.chmods.append((host, directory.mode, stat.S_IMODE(host.stat().st_mode)))
         else:
             stage.ensure_dir(directory.path, directory.mode)
         summary.append(f"directory {directory.path}")
@@ -369,13 +530,23 @@ def _read_db(stage: _Stage, path: str) -> list[list[str]]:
     host = stage.host(path, follow=True)
     if not host.exists():
         return []
-    return [line.split(":") for line in host.read_text().splitlines() if line.strip()]
+    # Bytes that are not UTF-8 (a GECOS field in Latin-1) are carried through unchanged.
+    text = host.read_bytes().decode("utf-8", "surrogateescape")
+    return [line.split(":") for line in text.splitlines() if line.strip()]
 
 
 def _write_db(stage: _Stage, path: str, rows: list[list[str]], mode: int) -> None:
     host = stage.host(path, follow=True)
     gid = host.stat().st_gid if host.exists() else 0
-    stage.file(path, "".join(":".join(r) + "\n" for r in rows).encode(), mode, 0, gid)
+    text = "".join(":".join(r) + "\n" for r in rows)
+    stage.file(path, text.encode("utf-8", "surrogateescape"), mode, 0, gid, f"accounts {path}")
+
+
+def _number(row: list[str], index: int) -> int | None:
+    """A uid or gid field of an account database row; None if the row has no such number."""
+    if len(row) > index and row[index].isascii() and row[index].isdigit():
+        return int(row[index])
+    return None
 
 
 def _stage_users(plan: Plan, stage: _Stage) -> list[str]:
@@ -388,8 +559,8 @@ def _stage_users(plan: Plan, stage: _Stage) -> list[str]:
     for user in plan.users:
         entry = next((r for r in passwd if r[0] == user.name), None)
         if entry is None:
-            uid = _free_id({int(r[2]) for r in passwd if len(r) > 2 and r[2].isdigit()})
-            used_gids = {int(r[2]) for r in group if len(r) > 2 and r[2].isdigit()}
+            uid = _free_id({n for r in passwd if (n := _number(r, 2)) is not None})
+            used_gids = {n for r in group if (n := _number(r, 2)) is not None}
             if any(g[0] == user.name for g in group):
                 raise ProvisionError(
                     f"{plan.source}: user {user.name}: a group of that name already exists"
@@ -405,7 +576,13 @@ def _stage_users(plan: Plan, stage: _Stage) -> list[str]:
             summary.append(f"user {user.name} created (uid {uid})")
             homes.append((user, home, uid, gid))
         else:
-            uid, gid, home = int(entry[2]), int(entry[3]), posixpath.normpath(entry[5] or ".")
+            found_uid, found_gid = _number(entry, 2), _number(entry, 3)
+            if found_uid is None or found_gid is None or len(entry) < 7:
+                raise ProvisionError(
+                    f"{plan.source}: user {user.name}: its line in /etc/passwd on this machine "
+                    "is not name:password:uid:gid:gecos:home:shell"
+                )
+            uid, gid, home = found_uid, found_gid, posixpath.normpath(entry[5] or ".")
             summary.append(f"user {user.name} updated")
             if user.ssh_authorized_keys:
                 # Refused now, before anything else is staged, naming where the home is.
@@ -463,6 +640,14 @@ def _writable_home(plan: Plan, stage: _Stage, user: User, home: str) -> None:
 
 def _stage_home(stage: _Stage, user: User, home: str, uid: int, gid: int) -> None:
     what = f"user {user.name}'s home"
+    ssh = f"{home}/.ssh"
+    for path in (home, ssh):
+        made = stage.host(path, follow=True)
+        if made in stage.made_dirs:
+            # A file of the config under a new home made it on the way, as root's and 0755:
+            # the home (and ~/.ssh, which sshd wants private) is the user's all the same.
+            os.chown(made, uid, gid)
+            os.chmod(made, 0o700)
     if not user.ssh_authorized_keys:
         # Only a missing home is made, and only where provisioning writes: an existing system
         # account that joins a group keeps its /nonexistent.
@@ -475,16 +660,20 @@ def _stage_home(stage: _Stage, user: User, home: str, uid: int, gid: int) -> Non
         return
     if not stage.writable(home, what, follow=True).exists():
         stage.ensure_dir(home, 0o700, uid, gid, what)
-    ssh = f"{home}/.ssh"
     if not stage.writable(ssh, what, follow=True).exists():
         stage.ensure_dir(ssh, 0o700, uid, gid, what)
     keys = f"{ssh}/authorized_keys"
     keys_file = stage.host(keys, follow=True)
-    # Keys already there (say, from the ssh.authorized_keys.root credential) are kept.
-    existing = keys_file.read_text().splitlines() if keys_file.exists() else []
+    # A file of the config at this path comes first, then the keys (check_collisions lets the
+    # two meet only here); else keys already there (say, from the ssh.authorized_keys.root
+    # credential) are kept.
+    given = stage.take(keys)
+    if given is None and keys_file.is_file():
+        given = keys_file.read_bytes()
+    existing = (given or b"").decode("utf-8", "surrogateescape").splitlines()
     new = [k for k in user.ssh_authorized_keys if k.strip() not in {e.strip() for e in existing}]
     lines = existing + new
-    data = "".join(k + "\n" for k in lines).encode()
+    data = "".join(k + "\n" for k in lines).encode("utf-8", "surrogateescape")
     stage.file(keys, data, 0o600, uid, gid, what)
 
 
@@ -528,8 +717,7 @@ def _stage_unit(source: str, unit: Unit, stage: _Stage, start: list[str]) -> lis
     summary: list[str] = []
     what = f"unit {unit.name}"
     quadlet = _is_quadlet(unit.name)
-    directory = QUADLET_DIR if quadlet else SYSTEMD_DIR
-    path = f"{directory}/{unit.name}"
+    path = unit_path(unit.name)
     if unit.mask:
         if quadlet:
             raise ProvisionError(f"{source}: unit {unit.name}: quadlet files cannot be masked")
@@ -609,7 +797,8 @@ def _image_unit(source: str, name: str, stage: _Stage) -> str:
     for directory in UNIT_SEARCH:
         host = stage.host(f"{directory}/{name}", follow=True)
         if host.is_file():
-            return host.read_text()
+            # Read for its [Install] section only: bytes that are not UTF-8 elsewhere do not matter.
+            return host.read_bytes().decode("utf-8", "replace")
     raise ProvisionError(
         f"{source}: unit {name}: enabled is true but no such unit is on the image and the config "
         "gives no contents"

@@ -51,10 +51,13 @@ from updater.provision.plan import (
     Plan,
     ProvisionError,
     User,
+    check_password_hash,
     check_path,
     check_plan_contents,
+    check_strings,
     field_error,
     gunzip,
+    key_name,
     unsupported,
 )
 
@@ -62,9 +65,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_MODE = 0o644
 ROOT_OWNERS = ("root", "root:root")
 
-# Any of crypt(3)'s `$id$...` hashes (yescrypt `$y$`, sha512 `$6$`, bcrypt `$2b$`, ...). A colon
-# or a newline would corrupt /etc/shadow; a plain-text password must not pass for a hash.
-_CRYPT_HASH = re.compile(r"\$[0-9a-z]+\$[./0-9A-Za-z$=,]+")
+# The largest integer runcmd passes on as an argument (`[sleep, 5]`): a bigger one is a mistake,
+# and past 4300 digits Python cannot even write it out.
+_MAX_ARGUMENT_INT = 10**100
 _JINJA_HEADER = re.compile(rb"##\s*template:\s*jinja")
 
 
@@ -257,6 +260,7 @@ class _UserDraft:
     keys: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     password_hash: str | None = None
+    where: str = ""  # the first entry that names the user
 
     def user(self, name: str) -> User:
         return User(
@@ -264,6 +268,7 @@ class _UserDraft:
             ssh_authorized_keys=tuple(dict.fromkeys(self.keys)),
             groups=tuple(dict.fromkeys(self.groups)),
             password_hash=self.password_hash,
+            where=self.where,
         )
 
 
@@ -272,11 +277,8 @@ def _parse_cloud_config(data: bytes, source: str) -> Plan:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ProvisionError(f"{source}: cloud-config is not UTF-8 text (byte {e.start})") from e
-    try:
-        # The header stays in: it is a YAML comment, and line numbers then match the file.
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ProvisionError(f"{source}: cloud-config is not valid YAML: {_yaml_problem(e)}") from e
+    # The header stays in: it is a YAML comment, and line numbers then match the file.
+    doc = load_yaml(text, source, "cloud-config")
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -292,17 +294,40 @@ def _parse_cloud_config(data: bytes, source: str) -> Plan:
     notes: list[str] = []
     hostname = _hostname(doc, source, notes)
     users = _users(doc, source, notes)
-    files = _write_files(doc.get("write_files", []), source)
+    files = _write_files(doc.get("write_files", []), source, notes)
     commands = _runcmd(doc.get("runcmd", []), source)
     return Plan(
         source=source,
         format="cloud-config",
         hostname=hostname,
+        hostname_where="hostname" if "hostname" in doc else "fqdn",
         users=users,
         files=files,
         commands=commands,
         notes=tuple(notes),
     )
+
+
+def load_yaml(text: str | bytes, source: str, what: str = "") -> object:
+    """One YAML document, its strings checked (`check_strings`), or a ProvisionError naming
+    `source` (and `what` the document is, if the source does not say).
+
+    PyYAML raises more than YAMLError on what a config can hold: ValueError for an integer past
+    Python's 4300-digit limit or a timestamp such as 2001-13-45, RecursionError for lists nested
+    a thousand deep.
+    """
+    invalid = f"{source}: {what + ' is ' if what else ''}not valid YAML"
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ProvisionError(f"{invalid}: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ProvisionError(f"{invalid}: nested too deeply") from None
+    except (ValueError, OverflowError) as e:
+        # The message is Python's own, about one scalar; it holds none of the document.
+        raise ProvisionError(f"{invalid}: {e}") from None
+    check_strings(source, doc)
+    return doc
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -351,7 +376,7 @@ def _users(doc: Mapping[str, object], source: str, notes: list[str]) -> tuple[Us
     drafts: dict[str, _UserDraft] = {}
     if "ssh_authorized_keys" in doc:
         keys = _ssh_keys(doc["ssh_authorized_keys"], source, "ssh_authorized_keys")
-        drafts["root"] = _UserDraft(keys=keys)
+        drafts["root"] = _UserDraft(keys=keys, where="ssh_authorized_keys")
     listed: set[str] = set()
     for i, entry in enumerate(_list(doc.get("users", []), source, "users")):
         path = f"users[{i}]"
@@ -362,13 +387,13 @@ def _users(doc: Mapping[str, object], source: str, notes: list[str]) -> tuple[Us
                 if name and name != "default":
                     _check_user_name(name, source, path)
                     _claim(name, listed, source, path)
-                    drafts.setdefault(name, _UserDraft())
+                    drafts.setdefault(name, _UserDraft(where=path))
             continue
         if not isinstance(entry, dict):
             raise field_error(source, path, "'default', a user name or a mapping", entry)
         name, draft = _user_entry(entry, source, path, notes)
         _claim(name, listed, source, f"{path}.name")
-        merged = drafts.setdefault(name, _UserDraft())
+        merged = drafts.setdefault(name, _UserDraft(where=path))
         merged.keys += draft.keys
         merged.groups += draft.groups
         merged.password_hash = draft.password_hash
@@ -385,7 +410,9 @@ def _user_entry(
 ) -> tuple[str, _UserDraft]:
     for key in entry:
         if key not in _USER_KEYS:
-            raise unsupported(source, f"{path}.{key}", _USER_KEY_HINTS.get(str(key), ""))
+            raise unsupported(
+                source, f"{path}.{key_name(key)}", _USER_KEY_HINTS.get(key_name(key), "")
+            )
     if "name" not in entry:
         raise field_error(source, f"{path}.name", "a user name (the key is required)")
     name = _check_user_name(entry["name"], source, f"{path}.name")
@@ -399,16 +426,7 @@ def _user_entry(
     hash_key = "passwd" if "passwd" in entry else "hashed_passwd"
     password_hash = None
     if hash_key in entry:
-        given = entry[hash_key]
-        if not isinstance(given, str) or not _CRYPT_HASH.fullmatch(given):
-            raise field_error(
-                source,
-                f"{path}.{hash_key}",
-                "a crypt(3) hash such as `mkpasswd -m yescrypt` prints ('$y$...', '$6$...')",
-                # Never echo a string here: it may be a plain-text password, bound for a console.
-                given if not isinstance(given, str) else None,
-            )
-        password_hash = given
+        password_hash = check_password_hash(source, f"{path}.{hash_key}", entry[hash_key])
     lock = _bool(entry.get("lock_passwd", True), source, f"{path}.lock_passwd")
     if not lock and password_hash is None:
         raise field_error(
@@ -485,7 +503,7 @@ _ENCODINGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _write_files(value: object, source: str) -> tuple[File, ...]:
+def _write_files(value: object, source: str, notes: list[str]) -> tuple[File, ...]:
     files: dict[str, File] = {}
     total = 0
     for i, entry in enumerate(_list(value, source, "write_files")):
@@ -494,7 +512,8 @@ def _write_files(value: object, source: str) -> tuple[File, ...]:
             raise field_error(source, path, "a mapping with path and content", entry)
         for key in entry:
             if key not in _FILE_KEYS:
-                raise unsupported(source, f"{path}.{key}", _FILE_KEY_HINTS.get(str(key), ""))
+                hint = _FILE_KEY_HINTS.get(key_name(key), "")
+                raise unsupported(source, f"{path}.{key_name(key)}", hint)
         if "path" not in entry:
             raise field_error(source, f"{path}.path", "an absolute path (the key is required)")
         target = check_path(source, f"{path}.path", entry["path"])
@@ -515,11 +534,17 @@ def _write_files(value: object, source: str) -> tuple[File, ...]:
         # Berth writes every file before it creates users; nothing to defer.
         _bool(entry.get("defer", False), source, f"{path}.defer")
         earlier = files.get(target)
-        if append and earlier is not None:
+        where = path
+        if earlier is not None and append:
             # cloud-init writes entries in order: a second entry appends to the first's file.
             contents = earlier.contents + contents
             append = earlier.append
-        files[target] = File(target, contents, mode=mode, overwrite=True, append=append)
+            where = f"{earlier.where}, {path}"
+        elif earlier is not None:
+            # ... and a second one without append replaces it. That is cloud-init's rule, so it
+            # stands, but never unsaid: the console and --check tell which entry was dropped.
+            notes.append(f"{path} replaces {earlier.where}: both write {target}")
+        files[target] = File(target, contents, mode, overwrite=True, append=append, where=where)
     return tuple(files.values())
 
 
@@ -588,7 +613,11 @@ def _runcmd(value: object, source: str) -> tuple[Command, ...]:
             argv = []
             for j, arg in enumerate(entry):
                 # cloud-init quotes str(arg): `[sleep, 5]` is common.
-                if isinstance(arg, bool) or not isinstance(arg, str | int):
+                if (
+                    isinstance(arg, bool)
+                    or not isinstance(arg, str | int)
+                    or (isinstance(arg, int) and abs(arg) > _MAX_ARGUMENT_INT)
+                ):
                     raise field_error(source, f"{path}[{j}]", "a string", arg)
                 argv.append(str(arg))
             commands.append(Command(argv=tuple(argv)))

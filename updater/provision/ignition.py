@@ -43,6 +43,9 @@ from updater.provision import http
 from updater.provision.plan import (
     HOSTNAME,
     MAX_DECOMPRESSED,
+    NAME_MAX,
+    PATH_MAX,
+    SHOWN_LENGTH,
     UNIT_NAME,
     USER_NAME,
     Directory,
@@ -54,8 +57,10 @@ from updater.provision.plan import (
     ProvisionError,
     Unit,
     User,
+    check_password_hash,
     check_path,
     check_plan_contents,
+    check_strings,
     field_error,
     gunzip,
     unsupported,
@@ -368,7 +373,10 @@ def _load_json(data: bytes, source: str) -> object:
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
     except _DuplicateKey as e:
-        raise ProvisionError(f"{source}: a JSON object has the key {_Shown(str(e))!r} twice") from e
+        # ASCII-escaped and cut short: the key may be long or hold a lone surrogate, which the
+        # console cannot print.
+        key = json.dumps(str(e)[:SHOWN_LENGTH])
+        raise ProvisionError(f"{source}: a JSON object has the key {key} twice") from e
     except json.JSONDecodeError as e:
         hint = ""
         if re.search(r"^variant:", text, re.MULTILINE):
@@ -490,6 +498,7 @@ def parse_ignition(data: bytes, source: str, *, fetch: Fetcher | None = None) ->
     `http_fetch`), so a config that parses is complete.
     """
     config = _load_json(data, source)
+    check_strings(source, config)
     version = _spec_version(config, source)
     ctx = _Context(f"{source} (Ignition {version})", version, fetch or http_fetch)
     _check(ctx, _SCHEMA, config, "")
@@ -509,7 +518,8 @@ def parse_ignition(data: bytes, source: str, *, fetch: Fetcher | None = None) ->
     return Plan(
         source=ctx.source,
         format="ignition",
-        hostname=hostname,
+        hostname=hostname[0] if hostname else None,
+        hostname_where=hostname[1] if hostname else "hostname",
         users=users,
         directories=directories,
         files=files,
@@ -621,8 +631,10 @@ def _check_files(
     return pending
 
 
-def _load_files(ctx: _Context, pending: list[_PendingFile]) -> tuple[str | None, tuple[File, ...]]:
-    hostname: str | None = None
+def _load_files(
+    ctx: _Context, pending: list[_PendingFile]
+) -> tuple[tuple[str, str] | None, tuple[File, ...]]:
+    hostname: tuple[str, str] | None = None  # (name, where)
     files: list[File] = []
     total = 0
 
@@ -638,19 +650,19 @@ def _load_files(ctx: _Context, pending: list[_PendingFile]) -> tuple[str | None,
         appended = b"".join(load(r) for r in entry.append)
         if entry.contents is None:
             # Ignition: create the file if it is missing, then append. `append=True` says the same.
-            files.append(File(entry.path, appended, entry.mode, overwrite=False, append=True))
+            files.append(File(entry.path, appended, entry.mode, append=True, where=entry.where))
             continue
         data = load(entry.contents) + appended
         name = _hostname(data) if entry.path == "/etc/hostname" else None
         if name is not None:
-            hostname = name
+            hostname = (name, entry.where)
             ctx.notes.append(f"{entry.where}: /etc/hostname sets the host name {name}")
             continue
         if len(data) > MAX_CONTENTS:
             raise field_error(
                 ctx.source, entry.where, f"at most {MAX_CONTENTS // MiB} MiB of contents", len(data)
             )
-        files.append(File(entry.path, data, entry.mode, overwrite=entry.overwrite))
+        files.append(File(entry.path, data, entry.mode, entry.overwrite, where=entry.where))
     return hostname, tuple(files)
 
 
@@ -670,7 +682,8 @@ def _directories(
         where = f"storage.directories[{i}]"
         path = check_path(ctx.source, f"{where}.path", entry.get("path"))
         _claim_path(ctx, seen, path, where)
-        directories.append(Directory(path, _mode(ctx, entry, where, _DEFAULT_DIRECTORY_MODE)))
+        mode = _mode(ctx, entry, where, _DEFAULT_DIRECTORY_MODE)
+        directories.append(Directory(path, mode, where=where))
     return tuple(directories)
 
 
@@ -689,7 +702,13 @@ def _links(ctx: _Context, entries: list[dict[str, Any]], seen: dict[str, str]) -
             raise field_error(
                 ctx.source, f"{where}.target", "the path the link points to", _Shown(target)
             )
-        links.append(Link(path, target, hard=hard, overwrite=entry.get("overwrite") is True))
+        elif len(target.encode()) >= PATH_MAX:
+            raise field_error(
+                ctx.source, f"{where}.target", f"a link target shorter than {PATH_MAX} bytes"
+            )
+        links.append(
+            Link(path, target, hard=hard, overwrite=entry.get("overwrite") is True, where=where)
+        )
     return tuple(links)
 
 
@@ -740,16 +759,9 @@ def _users(ctx: _Context, entries: list[dict[str, Any]]) -> tuple[User, ...]:
                 raise field_error(ctx.source, f"{where}.groups[{k}]", "a group name", _Shown(group))
         password_hash = entry.get("passwordHash")
         if password_hash is not None:
-            assert isinstance(password_hash, str)
-            if not password_hash or any(c in password_hash for c in ":\n\r\0"):
-                raise field_error(
-                    ctx.source,
-                    f"{where}.passwordHash",
-                    "a crypt(3) hash such as the output of `mkpasswd` (an empty one would let "
-                    "anyone log in)",
-                    _Shown(password_hash),
-                )
-        users.append(User(name, tuple(keys), tuple(groups), password_hash))
+            # The one rule of both formats: a plain-text password is refused, and not shown.
+            check_password_hash(ctx.source, f"{where}.passwordHash", password_hash)
+        users.append(User(name, tuple(keys), tuple(groups), password_hash, where=where))
     return tuple(users)
 
 
@@ -790,6 +802,7 @@ def _units(ctx: _Context, entries: list[dict[str, Any]]) -> tuple[Unit, ...]:
                 or dropin_name == ".conf"
                 or "/" in dropin_name
                 or "\0" in dropin_name
+                or len(dropin_name.encode()) > NAME_MAX
             ):
                 raise field_error(
                     ctx.source,
@@ -814,6 +827,7 @@ def _units(ctx: _Context, entries: list[dict[str, Any]]) -> tuple[Unit, ...]:
                 enabled=entry.get("enabled"),
                 mask=entry.get("mask") is True,
                 dropins=tuple(dropins),
+                where=where,
             )
         )
     return tuple(units)

@@ -44,7 +44,7 @@ from pathlib import Path
 from updater import run
 from updater.errors import CommandError, CommandTimeout, ToolMissing
 from updater.provision import http
-from updater.provision.plan import NotGzip, ProvisionError, field_error, gunzip
+from updater.provision.plan import NotGzip, ProvisionError, check_strings, field_error, gunzip
 
 log = logging.getLogger(__name__)
 
@@ -409,12 +409,9 @@ def _meta_value(source: str, key: str, value: object) -> str:
 
 def parse_nocloud_meta(text: bytes, source: str) -> dict[str, str]:
     """`local-hostname` and `instance-id` from NoCloud meta-data (YAML; JSON is YAML too)."""
-    import yaml
+    from updater.provision.cloudconfig import load_yaml
 
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ProvisionError(f"{source}: not valid YAML: {e}") from None
+    doc = load_yaml(text, source)
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -430,8 +427,11 @@ def parse_openstack_meta(text: bytes, source: str) -> dict[str, str]:
     """meta_data.json's `hostname` and `uuid`, under NoCloud's names."""
     try:
         doc = json.loads(text)
-    except ValueError as e:
+    except ValueError as e:  # not UTF-8 included
         raise ProvisionError(f"{source}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ProvisionError(f"{source}: not valid JSON: nested too deeply") from None
+    check_strings(source, doc)
     if not isinstance(doc, dict):
         raise field_error(source, "(document)", "a JSON object", doc)
     meta: dict[str, str] = {}
