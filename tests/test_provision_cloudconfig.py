@@ -591,17 +591,29 @@ def test_entries_for_one_path_are_written_in_order() -> None:
         write_files:
           - {path: /etc/a, content: "1\\n", permissions: '0600'}
           - {path: /etc/a, content: "2\\n", append: true, permissions: '0640'}
-          - {path: /etc/b, content: "old"}
-          - {path: /etc/b, content: "new"}
           - {path: /etc/c, content: "x", append: true}
           - {path: /etc/c, content: "y", append: true}
         """
     )
     assert plan.files == (
         File("/etc/a", b"1\n2\n", mode=0o640, overwrite=True),
-        File("/etc/b", b"new", overwrite=True),
         File("/etc/c", b"xy", overwrite=True, append=True),
     )
+
+
+def test_a_second_entry_that_would_replace_the_first_is_refused_naming_both() -> None:
+    # cloud-init would silently drop the first entry's content; Berth names both entries.
+    with pytest.raises(ProvisionError) as e:
+        parse(
+            """\
+            write_files:
+              - {path: /etc/b, content: "old"}
+              - {path: /etc/a, content: "a"}
+              - {path: /etc/b, content: "new"}
+            """
+        )
+    assert "write_files[2] and write_files[0] both write /etc/b" in str(e.value)
+    assert "append: true" in str(e.value)
 
 
 @pytest.mark.parametrize(

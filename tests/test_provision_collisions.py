@@ -186,14 +186,13 @@ def test_cloud_config_collisions_name_both(body: str, later: str, earlier: str) 
     assert later in message and earlier in message
 
 
-def test_a_cloud_config_file_written_twice_says_which_was_dropped() -> None:
-    plan = parse_config(
-        b"#cloud-config\nwrite_files: [{path: /etc/b, content: old}, {path: /etc/b, content: new}]"
-        b"\n",
-        SOURCE,
-    )
-    assert plan is not None and plan.files[0].contents == b"new"
-    assert "write_files[1] replaces write_files[0]: both write /etc/b" in plan.notes
+def test_a_cloud_config_file_written_twice_is_refused_naming_both() -> None:
+    with pytest.raises(ProvisionError, match=r"write_files\[1\] and write_files\[0\] both write"):
+        parse_config(
+            b"#cloud-config\n"
+            b"write_files: [{path: /etc/b, content: old}, {path: /etc/b, content: new}]\n",
+            SOURCE,
+        )
 
 
 def test_a_file_under_a_new_users_home_leaves_the_home_theirs(root: Path) -> None:  # noqa: F811

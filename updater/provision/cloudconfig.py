@@ -294,7 +294,7 @@ def _parse_cloud_config(data: bytes, source: str) -> Plan:
     notes: list[str] = []
     hostname = _hostname(doc, source, notes)
     users = _users(doc, source, notes)
-    files = _write_files(doc.get("write_files", []), source, notes)
+    files = _write_files(doc.get("write_files", []), source)
     commands = _runcmd(doc.get("runcmd", []), source)
     return Plan(
         source=source,
@@ -503,7 +503,7 @@ _ENCODINGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _write_files(value: object, source: str, notes: list[str]) -> tuple[File, ...]:
+def _write_files(value: object, source: str) -> tuple[File, ...]:
     files: dict[str, File] = {}
     total = 0
     for i, entry in enumerate(_list(value, source, "write_files")):
@@ -541,9 +541,13 @@ def _write_files(value: object, source: str, notes: list[str]) -> tuple[File, ..
             append = earlier.append
             where = f"{earlier.where}, {path}"
         elif earlier is not None:
-            # ... and a second one without append replaces it. That is cloud-init's rule, so it
-            # stands, but never unsaid: the console and --check tell which entry was dropped.
-            notes.append(f"{path} replaces {earlier.where}: both write {target}")
+            # cloud-init lets a second entry without append replace the first, which drops the
+            # first entry's content without a word. Berth refuses it: one entry per file, or
+            # append: true where the parts are meant to add up.
+            raise ProvisionError(
+                f"{source}: {path} and {earlier.where} both write {target}: keep one entry, "
+                "or set append: true on the later one to add to the file"
+            )
         files[target] = File(target, contents, mode, overwrite=True, append=append, where=where)
     return tuple(files.values())
 
