@@ -145,28 +145,48 @@ def _qemu_escape(value: str | os.PathLike[str]) -> str:
     return os.fspath(value).replace(",", ",,")
 
 
+# How long the KVM probe lets the firmware run before it must have printed something. OVMF
+# under working KVM prints within a second or two; under TCG it takes 6-25 s, so a probe that
+# timed out only means "use TCG", the safe answer.
+KVM_PROBE_SECONDS = 10
+
+
 @functools.cache
 def kvm_usable() -> bool:
     """Whether QEMU can really run a KVM guest here, probed once per process."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
-    # /dev/kvm may exist and answer ioctls while the host still refuses to run a vCPU (nested or
-    # restricted hosts fail setting MSRs at CPU reset and QEMU aborts), so let QEMU build the
-    # same machine we would boot and see whether it survives.
-    commands = b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
-    result = run(
-        [
-            "timeout",
-            "30",
-            find_tool("qemu-system-x86_64"),
-            *("-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "64"),
-            *("-nodefaults", "-no-user-config", "-display", "none", "-S", "-qmp", "stdio"),
-        ],
-        check=False,
-        quiet=True,
-        input=commands,
-    )
-    return result.returncode == 0
+    if not (OVMF_CODE.is_file() and OVMF_VARS.is_file()):
+        return False
+    # /dev/kvm may exist and answer ioctls while the host still refuses to run a vCPU: nested
+    # or restricted hosts fail setting MSRs at CPU reset (QEMU aborts), or let the vCPU start
+    # and then stop it in the firmware's first instructions with "KVM internal error ...
+    # emulation failure" (QEMU then sits paused and silent). Only running the firmware we
+    # boot with tells them apart, so the probe does that and waits for its first words.
+    with tempfile.TemporaryDirectory(prefix="berth-kvm-probe-") as tmp:
+        vars_copy = Path(tmp) / "vars.fd"
+        shutil.copyfile(OVMF_VARS, vars_copy)
+        result = run(
+            [
+                "timeout",
+                str(KVM_PROBE_SECONDS),
+                find_tool("qemu-system-x86_64"),
+                *("-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "256"),
+                *("-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"),
+                "-drive",
+                f"if=pflash,format=raw,unit=0,readonly=on,file={_qemu_escape(OVMF_CODE)}",
+                "-drive",
+                f"if=pflash,format=raw,unit=1,file={_qemu_escape(vars_copy)}",
+            ],
+            check=False,
+            quiet=True,
+        )
+    return kvm_probe_passed(result.stdout, result.stderr)
+
+
+def kvm_probe_passed(console: bytes, errors: bytes) -> bool:
+    """The probe's verdict: the firmware printed, and KVM reported no internal error."""
+    return b"KVM internal error" not in errors and bool(console.strip())
 
 
 def finalize_accel(accel: Accel) -> Accel:

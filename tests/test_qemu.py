@@ -21,6 +21,7 @@ from qemu.vm import (
     disk_arguments,
     free_port,
     fw_cfg_argument,
+    kvm_probe_passed,
     resolve_disk,
     smbios_credential,
     strip_ansi,
@@ -285,3 +286,25 @@ def test_testinfra_host_uses_the_vm_ssh_config(tmp_path: Path, blank: Path) -> N
     assert line.endswith("127.0.0.1 true")
     # A multiplexing master from before a reboot would hang later commands.
     assert "ControlMaster" not in line
+
+
+# stderr of QEMU on a host whose /dev/kvm starts a vCPU and stops it in OVMF's first
+# instructions (seen on a CI-like machine): the old probe, which never ran the vCPU, said yes.
+KVM_EMULATION_FAILURE = b"KVM internal error. Suberror: 1\nextra data[0]: 0x1\nemulation failure\n"
+
+
+@pytest.mark.parametrize(
+    ("console", "errors", "usable"),
+    [
+        (b"\x1b[2J\x1b[01;01HBdsDxe: loading Boot0001", b"", True),
+        (b"", KVM_EMULATION_FAILURE, False),
+        (b"BdsDxe", KVM_EMULATION_FAILURE, False),
+        # Silent for the whole probe: too slow for KVM, or aborted before the firmware ran.
+        (b"", b"", False),
+        (b"\r\n", b"qemu-system-x86_64: error: failed to set MSR 0x38f\n", False),
+    ],
+)
+def test_kvm_counts_as_usable_only_when_the_firmware_ran_and_printed(
+    console: bytes, errors: bytes, usable: bool
+) -> None:
+    assert kvm_probe_passed(console, errors) is usable
