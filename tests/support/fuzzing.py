@@ -281,10 +281,10 @@ def to_toml(doc: Mapping[str, object]) -> str:
 
 
 @st.composite
-def spoiled(draw: st.DrawFn, text: str) -> bytes:
+def spoiled(draw: st.DrawFn, text: str, encoding: str = "utf-8") -> bytes:
     """`text` as bytes, sometimes spoiled: cut short, a non-UTF-8 byte or a NUL put in, a BOM in
     front, a line doubled."""
-    data = text.encode("utf-8", "surrogatepass")
+    data = text.encode(encoding, "surrogatepass")
     how = draw(st.sampled_from(["as is", "as is", "cut", "byte", "bom", "double", "crlf"]))
     if how == "cut":
         return data[: draw(st.integers(0, len(data)))]

@@ -298,7 +298,8 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.LENGTH_REQUIRED, "bad_body", "a body with Content-Length, not chunked"
             )
         text = self.headers.get("Content-Length") or "0"
-        if not text.isdigit():
+        # isdigit() alone takes "²", which int() refuses.
+        if not (text.isascii() and text.isdigit()):
             raise RequestError(HTTPStatus.BAD_REQUEST, "bad_body", "bad Content-Length")
         if int(text) > MAX_BODY:
             raise RequestError(
