@@ -267,6 +267,9 @@ class LockServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: LockServer
     protocol_version = "HTTP/1.1"
+    # The stdlib answers a request line it cannot read as HTTP/0.9 would: a bare HTML page with
+    # no status line, which no client can parse. berth-lockd never speaks 0.9.
+    default_request_version = "HTTP/1.0"
 
     def setup(self) -> None:
         super().setup()
