@@ -68,7 +68,7 @@ def raw_requests(draw: st.DrawFn) -> bytes:
         b"fleet-lock-protocol": b"true",
         b"Content-Length": b"%d" % len(body),
     }
-    for name in draw(st.lists(st.sampled_from(sorted(headers) + [b"Transfer-Encoding", b"X"]))):
+    for name in draw(st.lists(st.sampled_from([*sorted(headers), b"Transfer-Encoding", b"X"]))):
         headers[name] = draw(header_value)
     line = b" ".join(part for part in (method, path, version) if part)
     head = line + b"\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers.items())
