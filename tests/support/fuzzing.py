@@ -261,8 +261,11 @@ def _toml_value(value: object) -> str:
     return '"null"'
 
 
-def to_toml(doc: Mapping[str, object]) -> str:
-    """`doc` as TOML: tables as [name], arrays of tables as [[name]], the rest inline."""
+def to_toml(doc: object) -> str:
+    """`doc` as TOML: tables as [name], arrays of tables as [[name]], the rest inline. A `doc`
+    that is no table (a mutation replaced the whole document) is written as a bare value."""
+    if not isinstance(doc, dict):
+        return _unmark(_toml_value(doc) + "\n")
     lines: list[str] = []
     for key, value in doc.items():
         if not isinstance(value, dict | list) or (
@@ -304,8 +307,6 @@ def spoiled(draw: st.DrawFn, text: str, encoding: str = "utf-8") -> bytes:
 def documents(
     valid: object, render: Callable[[Any], str], leaves: st.SearchStrategy[object] = weird_value
 ) -> st.SearchStrategy[bytes]:
-    """Bytes of `valid` mutated and rendered, or spoiled, or (rarely) just random bytes."""
-    return st.one_of(
-        mutated(valid, leaves).map(render).flatmap(spoiled),
-        st.binary(max_size=64),
-    )
+    """Bytes of `valid` mutated and rendered, or spoiled, or (one time in ten) random bytes."""
+    structured = mutated(valid, leaves).map(render).flatmap(spoiled)
+    return st.integers(0, 9).flatmap(lambda n: st.binary(max_size=64) if n == 0 else structured)
