@@ -332,6 +332,9 @@ def _read_toml(source: _Source) -> dict[str, Any]:
         raise ConfigError(f"{source.shown}: cannot read: {error.strerror}") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{source.shown}: not UTF-8 text (byte {error.start})") from None
+    except RecursionError:
+        # tomllib recurses once per nested array or inline table.
+        raise ConfigError(f"{source.shown}: invalid TOML: nested too deeply") from None
     except tomllib.TOMLDecodeError as error:
         match = _TOML_POSITION_RE.fullmatch(str(error))
         if match is None:

@@ -381,6 +381,12 @@ def test_toml_error_at_end_of_file(images: Path) -> None:
     assert "invalid TOML" in message
 
 
+def test_toml_nested_too_deeply(images: Path) -> None:
+    # Found by tests/test_fuzz_builder.py: tomllib's RecursionError escaped.
+    write(images, "bad", "description = " + "[" * 50_000 + "]" * 50_000)
+    assert error_of(images, "bad") == "images/bad.toml: invalid TOML: nested too deeply"
+
+
 def test_bad_format_name(images: Path) -> None:
     write(images, "foo", 'formats = ["raw", "qcow"]')
     with pytest.raises(ConfigError) as info:
