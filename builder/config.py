@@ -347,6 +347,9 @@ def _read_toml(source: _Source) -> dict[str, Any]:
             f"{source.shown}{where}: invalid TOML: {reason}",
             hint="see https://toml.io for the syntax",
         ) from None
+    except ValueError as error:
+        # An integer of more than 4300 digits: int()'s limit, raised through tomllib.
+        raise ConfigError(f"{source.shown}: invalid TOML: {error}") from None
 
 
 def _parse_layer(source: _Source, table: dict[str, Any], images_dir: Path) -> _Layer:

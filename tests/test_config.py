@@ -387,6 +387,12 @@ def test_toml_nested_too_deeply(images: Path) -> None:
     assert error_of(images, "bad") == "images/bad.toml: invalid TOML: nested too deeply"
 
 
+def test_toml_integer_too_long(images: Path) -> None:
+    # Found by tests/test_fuzz_builder.py: int()'s ValueError escaped through tomllib.
+    write(images, "bad", "description = 1" + "0" * 5000)
+    assert error_of(images, "bad").startswith("images/bad.toml: invalid TOML: Exceeds the limit")
+
+
 def test_bad_format_name(images: Path) -> None:
     write(images, "foo", 'formats = ["raw", "qcow"]')
     with pytest.raises(ConfigError) as info:

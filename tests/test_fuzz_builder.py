@@ -54,6 +54,8 @@ def test_the_valid_definition_loads(checkout: Path) -> None:
 
 # Arrays nested 50000 deep: tomllib's RecursionError escaped.
 @example(b"description = " + b"[" * 50_000 + b"]" * 50_000)
+# An integer over int()'s 4300-digit limit: a bare ValueError escaped through tomllib.
+@example(b"description = 1" + b"0" * 5000)
 @given(documents(IMAGE, to_toml))
 def test_image_definition(checkout: Path, data: bytes) -> None:
     (checkout / "images" / "fuzz.toml").write_bytes(data)
