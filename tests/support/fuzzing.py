@@ -200,14 +200,25 @@ def _drop_deleted(doc: object) -> object:
 def mutated(
     draw: st.DrawFn, document: object, leaves: st.SearchStrategy[object] = weird_value
 ) -> Any:
-    """`document` with one to three places changed: replaced by a weird value, deleted, or (in an
-    object) given an extra key. Sometimes the document is left as it was, to reach the end."""
+    """`document` with one to three places changed: replaced by a weird value, deleted, a string
+    given a weird prefix or suffix, or (in an object) given an extra key. Sometimes the document
+    is left as it was, to reach the end."""
     doc = document
     for _ in range(draw(st.integers(0, 3))):
         places = list(_paths(doc))
         place = draw(st.sampled_from(places))
-        how = draw(st.sampled_from(["replace", "replace", "delete", "add"]))
-        if how == "replace" or (not place and how == "delete"):
+        how = draw(st.sampled_from(["replace", "replace", "delete", "add", "affix"]))
+        if how == "affix":
+            # A valid string with something stuck on: "2G" becomes "99…92G", "root" "root\x00".
+            extra, before = draw(weird_text), draw(st.booleans())
+
+            def affix(old: object, extra: str = extra, before: bool = before) -> object:
+                if not isinstance(old, str):
+                    return old
+                return extra + old if before else old + extra
+
+            doc = _replace(doc, place, affix)
+        elif how == "replace" or (not place and how == "delete"):
             value = draw(leaves)
 
             def put(_old: object, value: object = value) -> object:
