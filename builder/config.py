@@ -144,7 +144,8 @@ _SUITE_RE = re.compile(r"[a-z][a-z0-9-]*")
 _CHANNEL_RE = re.compile(r"[a-z0-9-]+")
 # Variables become jinja2 template names, so they must be identifiers.
 _VARIABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SIZE_RE = re.compile(r"([0-9]+)\s*([KMGT])(iB)?", re.IGNORECASE)
+# At most 20 digits: int() refuses more than 4300, and no disk needs more than 20.
+_SIZE_RE = re.compile(r"([0-9]{1,20})\s*([KMGT])(iB)?", re.IGNORECASE)
 _SIZE_UNITS = {"K": KiB, "M": MiB, "G": GiB, "T": TiB}
 _TOML_POSITION_RE = re.compile(r"(.*) \(at (?:line (\d+), column (\d+)|end of document)\)", re.S)
 # The build appends roothash= from the verity tree it made; a second one would clash with it.

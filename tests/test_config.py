@@ -393,6 +393,14 @@ def test_toml_integer_too_long(images: Path) -> None:
     assert error_of(images, "bad").startswith("images/bad.toml: invalid TOML: Exceeds the limit")
 
 
+def test_size_with_too_many_digits(images: Path) -> None:
+    # Found by tests/test_fuzz_builder.py: int() raised ValueError on 5000 digits.
+    write(images, "bad", f'[partitions]\nroot = "{"9" * 5000}M"')
+    assert error_of(images, "bad").startswith(
+        "images/bad.toml: key 'partitions.root': expected a size"
+    )
+
+
 def test_bad_format_name(images: Path) -> None:
     write(images, "foo", 'formats = ["raw", "qcow"]')
     with pytest.raises(ConfigError) as info:

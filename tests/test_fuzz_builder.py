@@ -56,6 +56,8 @@ def test_the_valid_definition_loads(checkout: Path) -> None:
 @example(b"description = " + b"[" * 50_000 + b"]" * 50_000)
 # An integer over int()'s 4300-digit limit: a bare ValueError escaped through tomllib.
 @example(b"description = 1" + b"0" * 5000)
+# A size of 5000 digits: the size's int() raised ValueError.
+@example(b'[partitions]\nroot = "' + b"9" * 5000 + b'M"')
 @given(documents(IMAGE, to_toml))
 def test_image_definition(checkout: Path, data: bytes) -> None:
     (checkout / "images" / "fuzz.toml").write_bytes(data)
