@@ -108,6 +108,9 @@ def _read_modes(overlay: Path) -> dict[str, ModeEntry]:
                 f"got {raw!r}"
             )
         path = words[0].rstrip("/") or "/"
+        if "\0" in path:
+            # No file name holds one, and the system calls refuse it with a ValueError.
+            raise ConfigError(f"{where}: expected a path without NUL characters, got {words[0]!r}")
         parts = path.split("/")[1:] if path != "/" else []
         if any(part in ("", ".", "..") for part in parts):
             raise ConfigError(

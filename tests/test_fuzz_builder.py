@@ -3,14 +3,17 @@ overlay's `.modes` file. Each returns a value or raises ConfigError naming the f
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import example, given
+from hypothesis import strategies as st
 
 from builder.config import load_image
 from builder.errors import ConfigError
-from tests.support.fuzzing import documents, fuzz, refuses_cleanly, to_toml
+from builder.overlay import MODES_FILE, apply_overlay
+from tests.support.fuzzing import documents, fuzz, refuses_cleanly, to_toml, weird_value
 
 pytestmark = fuzz
 
@@ -64,3 +67,78 @@ def test_image_definition(checkout: Path, data: bytes) -> None:
     refuses_cleanly(
         lambda: load_image("fuzz", checkout / "images"), ConfigError, ("images/fuzz.toml",)
     )
+
+
+MODES = [
+    ["/etc/motd", "0600", "berth", "berth"],
+    ["/etc", "0755", "root", "wheel"],
+    ["# the files that are not root's 0644"],
+    ["/usr/bin/tool", "4755", "root", "root", "# setuid"],
+]
+TEMPLATE = ["Hello {{ name }}", "\n", "{% if flag %}", "on", "{% endif %}", "\n"]
+# What a template writer gets wrong, besides the weird values every fuzzer tries.
+JINJA = st.sampled_from(
+    [
+        "{{",
+        "}}",
+        "{%",
+        "%}",
+        "{#",
+        "{% for x in %}",
+        "{{ nosuch }}",
+        "{{ name|nosuchfilter }}",
+        "{{ 1/0 }}",
+        "{{ name + 1 }}",
+        "{{ name.attr.deeper }}",
+        "{{ name[99] }}",
+        "{% raw %}",
+        "{{ range(10**9)|list }}",
+        "{{ '%d' % name }}",
+        "{{ name * 10**9 }}",
+    ]
+)
+
+
+def render_modes(doc: object) -> str:
+    lines = doc if isinstance(doc, list) else [doc]
+    return "\n".join(
+        " ".join(str(word) for word in line) if isinstance(line, list) else str(line)
+        for line in lines
+    )
+
+
+def render_template(doc: object) -> str:
+    return "".join(str(part) for part in doc) if isinstance(doc, list) else str(doc)
+
+
+def tree_and_overlay(root: Path) -> tuple[Path, Path]:
+    tree, overlay = root / "tree", root / "overlay"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\nberth:x:4242:4343::/:/bin/sh\n")
+    (tree / "etc/group").write_text("root:x:0:\nberth:x:4343:\nwheel:x:4444:berth\n")
+    (overlay / "etc").mkdir(parents=True)
+    (overlay / "usr/bin").mkdir(parents=True)
+    (overlay / "etc/motd").write_text("hello\n")
+    (overlay / "usr/bin/tool").write_text("#!/bin/sh\n")
+    return tree, overlay
+
+
+# A path with a NUL: os.readlink raised ValueError while resolving it in the tree.
+@example(b"/etc/mo\x00td 0600 root root\n")
+@given(documents(MODES, render_modes))
+def test_overlay_modes_file(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        tree, overlay = tree_and_overlay(Path(scratch))
+        (overlay / MODES_FILE).write_bytes(data)
+        refuses_cleanly(lambda: apply_overlay(overlay, tree, {}), ConfigError, (MODES_FILE,))
+
+
+@given(documents(TEMPLATE, render_template, weird_value | JINJA))
+def test_overlay_template(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        tree, overlay = tree_and_overlay(Path(scratch))
+        (overlay / "etc/issue.j2").write_bytes(data)
+        variables = {"name": "berth", "flag": True}
+        refuses_cleanly(
+            lambda: apply_overlay(overlay, tree, variables), ConfigError, ("etc/issue.j2",)
+        )
