@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 import stat
 from collections.abc import Mapping
@@ -118,6 +119,9 @@ def _read_modes(overlay: Path) -> dict[str, ModeEntry]:
                 f"or '//'), got {words[0]!r}"
             )
         try:
+            # int() alone also takes "-1" (which chmod makes 07777), "+7", "0o7" and "6_44".
+            if not re.fullmatch("[0-7]+", words[1]):
+                raise ValueError
             mode = int(words[1], 8)
         except ValueError:
             raise ConfigError(f"{where}: mode {words[1]!r} is not an octal number") from None

@@ -3,6 +3,7 @@ overlay's `.modes` file. Each returns a value or raises ConfigError naming the f
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -123,6 +124,8 @@ def tree_and_overlay(root: Path) -> tuple[Path, Path]:
     return tree, overlay
 
 
+# A mode of "-1": int("-1", 8) is -1, and chmod(-1) set 07777, setuid and all.
+@example(b"/etc/motd -1 root root\n")
 # A path with a NUL: os.readlink raised ValueError while resolving it in the tree.
 @example(b"/etc/mo\x00td 0600 root root\n")
 @given(documents(MODES, render_modes))
@@ -130,7 +133,14 @@ def test_overlay_modes_file(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         tree, overlay = tree_and_overlay(Path(scratch))
         (overlay / MODES_FILE).write_bytes(data)
-        refuses_cleanly(lambda: apply_overlay(overlay, tree, {}), ConfigError, (MODES_FILE,))
+        outcome = refuses_cleanly(
+            lambda: apply_overlay(overlay, tree, {}), ConfigError, (MODES_FILE,)
+        )
+        if not isinstance(outcome, ConfigError):
+            # Accepted: then every mode was octal digits, as chmod(1) reads them.
+            for line in data.decode().splitlines():
+                words = line.split("#", 1)[0].split()
+                assert not words or re.fullmatch("[0-7]+", words[1]), line
 
 
 @given(documents(TEMPLATE, render_template, weird_value | JINJA))

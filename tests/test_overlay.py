@@ -145,6 +145,9 @@ def test_modes_can_name_files_already_in_the_tree(overlay: Path, tree: Path) -> 
         ("/etc/secret 0689 root root", "mode '0689' is not an octal number"),
         ("/etc/secret rw root root", "mode 'rw' is not an octal number"),
         ("/etc/secret 17777 root root", "mode '17777' is out of range"),
+        # Found by tests/test_fuzz_builder.py: int("-1", 8) is -1, which chmod made 07777.
+        ("/etc/secret -1 root root", "mode '-1' is not an octal number"),
+        ("/etc/secret 0o600 root root", "mode '0o600' is not an octal number"),
         # Found by tests/test_fuzz_builder.py: os.readlink raised ValueError on the NUL.
         ("/etc/sec\x00ret 0600 root root", "expected a path without NUL characters"),
     ],
