@@ -164,8 +164,10 @@ def render_template(source: Path, variables: Mapping[str, Any]) -> str:
         autoescape=False,
     )
     try:
-        template = env.from_string(source.read_text())
+        template = env.from_string(source.read_bytes().decode())
         return template.render(**variables)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: expected UTF-8 text (byte {e.start} is not)") from None
     except jinja2.TemplateSyntaxError as e:
         raise ConfigError(f"{source}:{e.lineno}: template syntax error: {e.message}") from None
     except jinja2.UndefinedError as e:

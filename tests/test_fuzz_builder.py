@@ -143,6 +143,8 @@ def test_overlay_modes_file(data: bytes) -> None:
                 assert not words or re.fullmatch("[0-7]+", words[1]), line
 
 
+# Not UTF-8: read_text() raised UnicodeDecodeError.
+@example(b"Hello \xff {{ name }}\n")
 @given(documents(TEMPLATE, render_template, weird_value | JINJA))
 def test_overlay_template(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as scratch:

@@ -96,6 +96,14 @@ def test_undefined_variable_in_condition_is_an_error_too(tmp_path: Path) -> None
         render_template(template, {})
 
 
+def test_a_template_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    # Found by tests/test_fuzz_builder.py: read_text() raised UnicodeDecodeError.
+    template = tmp_path / "t.j2"
+    template.write_bytes(b"Hello \xff {{ name }}\n")
+    with pytest.raises(ConfigError, match=r"t\.j2: expected UTF-8 text \(byte 6 is not\)"):
+        render_template(template, {"name": "x"})
+
+
 def test_syntax_error_names_file_and_line(overlay: Path, tree: Path) -> None:
     template = put(overlay, "etc/broken.j2", "ok\nok\n{% if x %}\nnever closed\n")
     with pytest.raises(ConfigError, match="template syntax error") as info:
