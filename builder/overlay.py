@@ -168,6 +168,9 @@ def render_template(source: Path, variables: Mapping[str, Any]) -> str:
         return template.render(**variables)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{source}: expected UTF-8 text (byte {e.start} is not)") from None
+    except RecursionError:
+        # jinja2's parser recurses once per nested bracket: '{{ [[[[…' a few hundred deep.
+        raise ConfigError(f"{source}: template syntax error: nested too deeply") from None
     except jinja2.TemplateSyntaxError as e:
         raise ConfigError(f"{source}:{e.lineno}: template syntax error: {e.message}") from None
     except jinja2.UndefinedError as e:

@@ -77,7 +77,8 @@ MODES = [
     ["/usr/bin/tool", "4755", "root", "root", "# setuid"],
 ]
 TEMPLATE = ["Hello {{ name }}", "\n", "{% if flag %}", "on", "{% endif %}", "\n"]
-# What a template writer gets wrong, besides the weird values every fuzzer tries.
+# What a template writer gets wrong, besides the weird values every fuzzer tries. Templates are
+# the checkout's own: one that asks for a billion-item list is slow on purpose, not refused.
 JINJA = st.sampled_from(
     [
         "{{",
@@ -93,9 +94,7 @@ JINJA = st.sampled_from(
         "{{ name.attr.deeper }}",
         "{{ name[99] }}",
         "{% raw %}",
-        "{{ range(10**9)|list }}",
         "{{ '%d' % name }}",
-        "{{ name * 10**9 }}",
     ]
 )
 
@@ -143,6 +142,8 @@ def test_overlay_modes_file(data: bytes) -> None:
                 assert not words or re.fullmatch("[0-7]+", words[1]), line
 
 
+# Brackets nested 1000 deep: jinja2's parser raised RecursionError.
+@example(b"{{ " + b"[" * 1000 + b" }}")
 # Not UTF-8: read_text() raised UnicodeDecodeError.
 @example(b"Hello \xff {{ name }}\n")
 @given(documents(TEMPLATE, render_template, weird_value | JINJA))

@@ -104,6 +104,13 @@ def test_a_template_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> Non
         render_template(template, {"name": "x"})
 
 
+def test_a_template_nested_too_deeply_is_refused_naming_it(tmp_path: Path) -> None:
+    # Found by tests/test_fuzz_builder.py: jinja2's parser raised RecursionError.
+    template = put(tmp_path, "t.j2", "{{ " + "[" * 1000 + " }}")
+    with pytest.raises(ConfigError, match=r"t\.j2: template syntax error: nested too deeply"):
+        render_template(template, {})
+
+
 def test_syntax_error_names_file_and_line(overlay: Path, tree: Path) -> None:
     template = put(overlay, "etc/broken.j2", "ok\nok\n{% if x %}\nnever closed\n")
     with pytest.raises(ConfigError, match="template syntax error") as info:
