@@ -175,6 +175,10 @@ def render_template(source: Path, variables: Mapping[str, Any]) -> str:
         raise ConfigError(f"{source}:{e.lineno}: template syntax error: {e.message}") from None
     except jinja2.UndefinedError as e:
         raise ConfigError(f"{source}: undefined variable in template: {e.message}") from None
+    except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as e:
+        # What an expression raises while rendering: {{ 1/0 }}, {{ name + 1 }}, or an unknown
+        # filter inside a block, which jinja2 only reports when the block runs.
+        raise ConfigError(f"{source}: template failed: {type(e).__name__}: {e}") from None
 
 
 def apply_overlay(overlay: Path, tree: Path, variables: Mapping[str, Any]) -> list[str]:

@@ -142,6 +142,9 @@ def test_overlay_modes_file(data: bytes) -> None:
                 assert not words or re.fullmatch("[0-7]+", words[1]), line
 
 
+# Errors raised while rendering: ZeroDivisionError, jinja2's TemplateRuntimeError.
+@example(b"{{ 0/0 }}")
+@example(b"{% if flag %}{{ 0|A }}{% endif %}")
 # Brackets nested 1000 deep: jinja2's parser raised RecursionError.
 @example(b"{{ " + b"[" * 1000 + b" }}")
 # Not UTF-8: read_text() raised UnicodeDecodeError.

@@ -111,6 +111,23 @@ def test_a_template_nested_too_deeply_is_refused_naming_it(tmp_path: Path) -> No
         render_template(template, {})
 
 
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("{{ 0/0 }}", "ZeroDivisionError: division by zero"),
+        ("{% if flag %}{{ 0|A }}{% endif %}", "TemplateRuntimeError: No filter named 'A'"),
+        ("{{ name + 1 }}", "TypeError: "),
+    ],
+)
+def test_a_template_that_fails_to_render_is_refused_naming_it(
+    tmp_path: Path, text: str, error: str
+) -> None:
+    # Found by tests/test_fuzz_builder.py: these escaped render_template.
+    template = put(tmp_path, "t.j2", text)
+    with pytest.raises(ConfigError, match=rf"t\.j2: template failed: {re.escape(error)}"):
+        render_template(template, {"name": "berth", "flag": True})
+
+
 def test_syntax_error_names_file_and_line(overlay: Path, tree: Path) -> None:
     template = put(overlay, "etc/broken.j2", "ok\nok\n{% if x %}\nnever closed\n")
     with pytest.raises(ConfigError, match="template syntax error") as info:
