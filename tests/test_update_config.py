@@ -69,6 +69,24 @@ def test_malformed_override_names_file_key_and_expectation(
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # Found by tests/test_fuzz_provision.py: each escaped _read as another exception.
+        (b'[update]\nchannel = "b\xffta"\n', "not UTF-8 text (byte 21)"),
+    ],
+)
+def test_an_unreadable_override_names_the_file(
+    paths: tuple[Path, Path], data: bytes, message: str
+) -> None:
+    default, etc = paths
+    etc.parent.mkdir(parents=True)
+    etc.write_bytes(data)
+    with pytest.raises(ConfigError, match=f"^{etc}: ") as info:
+        load_config(default, etc)
+    assert message in str(info.value)
+
+
 def test_a_test_may_poll_faster(paths: tuple[Path, Path]) -> None:
     default, etc = paths
     override(etc, '[update]\ninterval = "5s"\n')
