@@ -46,6 +46,8 @@ def test_the_valid_update_toml_loads(tmp_path: Path) -> None:
     assert len(config.windows) == 2 and config.etcd_slots == 2
 
 
+# An integer over int()'s 4300-digit limit: a bare ValueError escaped through tomllib.
+@example(b"[update]\ninterval = 1" + b"0" * 5000)
 # Arrays nested 50000 deep: tomllib's RecursionError escaped.
 @example(b"x = " + b"[" * 50_000 + b"]" * 50_000)
 # Not UTF-8: tomllib's UnicodeDecodeError escaped.

@@ -75,6 +75,7 @@ def test_malformed_override_names_file_key_and_expectation(
         # Found by tests/test_fuzz_provision.py: each escaped _read as another exception.
         (b'[update]\nchannel = "b\xffta"\n', "not UTF-8 text (byte 21)"),
         (b"x = " + b"[" * 50_000 + b"]" * 50_000, "not valid TOML: nested too deeply"),
+        (b"[update]\ninterval = 1" + b"0" * 5000, "not valid TOML: Exceeds the limit"),
     ],
 )
 def test_an_unreadable_override_names_the_file(

@@ -233,6 +233,9 @@ def _read(path: Path) -> dict[str, Any]:
     except RecursionError:
         # tomllib recurses once per nested array or inline table.
         raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
+    except ValueError as e:
+        # An integer of more than 4300 digits: int()'s limit, raised through tomllib.
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
 
