@@ -46,6 +46,8 @@ def test_the_valid_update_toml_loads(tmp_path: Path) -> None:
     assert len(config.windows) == 2 and config.etcd_slots == 2
 
 
+# A 401-digit interval: float() raised OverflowError.
+@example(b"[update]\ninterval = 1" + b"0" * 400)
 # An integer over int()'s 4300-digit limit: a bare ValueError escaped through tomllib.
 @example(b"[update]\ninterval = 1" + b"0" * 5000)
 # Arrays nested 50000 deep: tomllib's RecursionError escaped.

@@ -51,6 +51,9 @@ def test_overrides_win_key_by_key(paths: tuple[Path, Path], interval: str, secon
         ),
         ('[update]\ninterval = "10s"\n', "key 'update.interval': expected at least 60 seconds"),
         ('[update]\ninterval = "soon"\n', "key 'update.interval': expected a duration"),
+        # Found by tests/test_fuzz_provision.py: float() raised OverflowError.
+        (f"[update]\ninterval = {10**400}\n", "key 'update.interval': expected at most 3650 days"),
+        (f'[update]\nreboot_delay = "{10**400}s"\n', "key 'update.reboot_delay': expected at most"),
         ('[update]\nurl = "ftp://x"\n', "key 'update.url': expected an http:// or https:// URL"),
         ('[update]\nchannel = "Stable!"\n', "key 'update.channel': expected a channel name"),
         ('[update]\nchanel = "beta"\n', "unknown key 'update.chanel'"),

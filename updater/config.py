@@ -47,6 +47,7 @@ from updater.release.channel import CHANNEL_NAME
 DEFAULT_PATH = Path("/usr/lib/berth/update.toml")
 OVERRIDE_PATH = Path("/etc/berth/update.toml")
 MIN_INTERVAL = 60.0
+MAX_INTERVAL = 3650 * 86400
 DEFAULT_INTERVAL = 3600.0
 DEFAULT_REBOOT_DELAY = 600.0
 DEFAULT_GROUP = "default"
@@ -133,11 +134,15 @@ def _strategy(value: object, _min: float) -> Strategy:
 def parse_interval(value: object, minimum: float = MIN_INTERVAL) -> float:
     """Seconds from 3600, "3600", "90s", "30m", "1h" or "1d"; at least `minimum`."""
     if isinstance(value, int) and not isinstance(value, bool):
-        seconds = float(value)
+        whole = value
     elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
-        seconds = float(int(match[1]) * _UNIT_SECONDS[match[2]])
+        whole = int(match[1]) * _UNIT_SECONDS[match[2]]
     else:
         raise ValueError(f'expected a duration like "1h", "30m", "90s" or seconds, got {value!r}')
+    if whole > MAX_INTERVAL:
+        # float() of a 400-digit number overflows, and sleep() refuses a few hundred years.
+        raise ValueError(f"expected at most {MAX_INTERVAL // 86400} days, got {value!r}")
+    seconds = float(whole)
     if seconds < minimum:
         raise ValueError(
             f"expected at least {minimum:.0f} seconds (checking more often only loads the "
