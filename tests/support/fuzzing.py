@@ -21,6 +21,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,25 +58,45 @@ E = TypeVar("E", bound=BaseException)
 T = TypeVar("T")
 
 
-class Hang(BaseException):
-    """An example ran past its time bound. A BaseException, so that no parser's handler eats it."""
+class Hang(Exception):
+    """An example ran past its time bound.
+
+    An Exception (Hypothesis reports only those as a test's failure), so a parser's broad
+    `except` could catch it: `refuses_cleanly` checks whether the bound expired all the same.
+    """
+
+
+@dataclass
+class _Bound:
+    expired: bool = False
 
 
 @contextmanager
-def time_bound(seconds: float = 2 * EXAMPLE_SECONDS) -> Iterator[None]:
+def time_bound(seconds: float = 2 * EXAMPLE_SECONDS) -> Iterator[_Bound]:
     """Interrupt the block with `Hang` after `seconds`: a deadline only notices a slow example
     once it has ended, an alarm also ends one that never would."""
+    bound = _Bound()
 
     def expire(signum: int, frame: object) -> None:
+        bound.expired = True
         raise Hang(f"no answer within {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
+    caught = Hang(f"no answer within {seconds} s (the parser caught the interruption)")
     try:
-        yield
+        yield bound
+    except Hang:
+        raise
+    except BaseException:
+        if bound.expired:
+            raise caught from None
+        raise
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    if bound.expired:
+        raise caught
 
 
 def refuses_cleanly(parse: Callable[[], T], error: type[E], names: tuple[str, ...]) -> T | E:
@@ -86,6 +107,8 @@ def refuses_cleanly(parse: Callable[[], T], error: type[E], names: tuple[str, ..
     try:
         with time_bound():
             return parse()
+    except Hang:
+        raise
     except error as e:
         message = str(e)
         assert any(name in message for name in names), (
