@@ -4,13 +4,20 @@ naming the file."""
 
 from __future__ import annotations
 
+import base64
+import gzip
+import hashlib
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from hypothesis import example, given
 
-from tests.support.fuzzing import documents, fuzz, refuses_cleanly, to_toml
+from tests.support.fuzzing import documents, fuzz, refuses_cleanly, to_json, to_toml
 from updater.config import ConfigError, load_config
+from updater.provision.cloudconfig import parse_user_data
+from updater.provision.ignition import parse_ignition
+from updater.provision.plan import ProvisionError
 
 pytestmark = fuzz
 
@@ -63,3 +70,131 @@ def test_update_toml(data: bytes) -> None:
         refuses_cleanly(
             lambda: load_config(defaults, override), ConfigError, (str(defaults), str(override))
         )
+
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtbGYM1FMgVHE1DX1d8bzqf7ICcRoM2O1ZEGMGA0jmg op@laptop"
+FETCHED = b"fetched over http\n"
+
+
+def fetch(url: str, headers: Mapping[str, str], /) -> bytes:
+    """The fuzzers' stand-in for the network: every http(s) URL holds the same bytes."""
+    return FETCHED
+
+
+def data_url(data: bytes) -> str:
+    return "data:;base64," + base64.b64encode(data).decode()
+
+
+IGNITION = {
+    "ignition": {"version": "3.4.0"},
+    "passwd": {
+        "users": [
+            {"name": "core", "sshAuthorizedKeys": [KEY], "groups": ["wheel"]},
+            {"name": "root", "sshAuthorizedKeys": [KEY]},
+        ]
+    },
+    "storage": {
+        "files": [
+            {"path": "/etc/hostname", "contents": {"source": "data:,berth-1"}, "mode": 420},
+            {
+                "path": "/etc/app/config.toml",
+                "contents": {
+                    "source": data_url(gzip.compress(b"a = 1\n")),
+                    "compression": "gzip",
+                },
+                "append": [{"source": "data:,b%20%3D%202%0A"}],
+                "mode": 384,
+                "overwrite": True,
+            },
+            {
+                "path": "/var/lib/app/blob",
+                "contents": {
+                    "source": "https://config.example/blob",
+                    "httpHeaders": [{"name": "Authorization", "value": "Bearer x"}],
+                    "verification": {"hash": "sha512-" + hashlib.sha512(FETCHED).hexdigest()},
+                },
+            },
+        ],
+        "directories": [{"path": "/var/lib/app", "mode": 493}],
+        "links": [{"path": "/etc/app/current", "target": "/var/lib/app/blob", "hard": False}],
+    },
+    "systemd": {
+        "units": [
+            {
+                "name": "app.service",
+                "enabled": True,
+                "contents": (
+                    "[Service]\nExecStart=/usr/bin/true\n[Install]\nWantedBy=multi-user.target\n"
+                ),
+                "dropins": [{"name": "10-env.conf", "contents": "[Service]\nEnvironment=A=1\n"}],
+            },
+            {"name": "web.container", "contents": "[Container]\nImage=docker.io/nginx\n"},
+            {"name": "telnet.socket", "mask": True},
+        ]
+    },
+}
+
+
+def test_the_valid_ignition_config_parses() -> None:
+    plan = parse_ignition(to_json(IGNITION).encode(), "fw_cfg", fetch=fetch)
+    assert plan.hostname == "berth-1" and len(plan.files) == 2 and len(plan.units) == 3
+
+
+# A lone surrogate (JSON escape \ud800) in a data: URL: UnicodeEncodeError.
+@example(
+    b'{"ignition": {"version": "3.4.0"}, "storage": {"files": '
+    b'[{"path": "/etc/f", "contents": {"source": "data:,\\ud800"}}]}}'
+)
+@given(documents(IGNITION, to_json))
+def test_ignition(data: bytes) -> None:
+    refuses_cleanly(
+        lambda: parse_ignition(data, "fw_cfg", fetch=fetch), ProvisionError, ("fw_cfg",)
+    )
+
+
+CLOUD_CONFIG = {
+    "hostname": "berth-1",
+    "fqdn": "berth-1.example.org",
+    "prefer_fqdn_over_hostname": False,
+    "ssh_authorized_keys": [KEY],
+    "users": [
+        "default",
+        {
+            "name": "ops",
+            "ssh_authorized_keys": [KEY],
+            "groups": "wheel, users",
+            "passwd": "$6$salt$" + "a" * 86,
+            "lock_passwd": False,
+        },
+    ],
+    "write_files": [
+        {"path": "/etc/app.conf", "content": "a = 1\n", "permissions": "0600", "owner": "root"},
+        {
+            "path": "/etc/app.conf",
+            "content": base64.b64encode(b"b = 2\n").decode(),
+            "encoding": "b64",
+            "append": True,
+        },
+        {
+            "path": "/var/lib/app/blob.gz",
+            "content": base64.b64encode(gzip.compress(b"blob")).decode(),
+            "encoding": "gz+b64",
+        },
+    ],
+    "runcmd": [["systemctl", "enable", "--now", "app.service"], "echo done > /run/done"],
+}
+
+
+def render_cloud_config(doc: object) -> str:
+    # JSON is YAML's flow style, and keeps surrogates as escapes the YAML reader must refuse.
+    return "#cloud-config\n" + to_json(doc)
+
+
+def test_the_valid_cloud_config_parses() -> None:
+    plan = parse_user_data(render_cloud_config(CLOUD_CONFIG).encode(), "user-data")
+    assert plan is not None and plan.hostname == "berth-1" and len(plan.files) == 2
+
+
+@given(documents(CLOUD_CONFIG, render_cloud_config))
+def test_cloud_config(data: bytes) -> None:
+    refuses_cleanly(lambda: parse_user_data(data, "user-data"), ProvisionError, ("user-data",))

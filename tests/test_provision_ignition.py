@@ -353,6 +353,9 @@ def test_data_urls(url: str, expected: bytes) -> None:
         ("/etc/passwd", "expected a data:, http: or https: URL"),
         ("http:///path", "expected an http(s) URL with a host"),
         ("http://[::1/x", "storage.files[0].contents.source: expected a URL"),
+        # Found by tests/test_fuzz_provision.py: unquote_to_bytes raised UnicodeEncodeError.
+        ("data:,a\ud800b", "contents.source: expected a data: URL without lone surrogates"),
+        ("data:;base64,\udfff", "contents.source: expected a data: URL without lone surrogates"),
     ],
 )
 def test_bad_sources(url: str, expected: str) -> None:

@@ -945,6 +945,11 @@ def _data_url(ctx: _Context, url: str, where: str) -> bytes:
         raise field_error(
             ctx.source, where, "a data: URL (data:[<media type>][;base64],<data>)", _Shown(url)
         )
+    if any("\ud800" <= c <= "\udfff" for c in payload):
+        # JSON's "\ud800" escape: no character, and unquote_to_bytes cannot encode it.
+        raise field_error(
+            ctx.source, where, "a data: URL without lone surrogates (\\ud800-\\udfff)", _Shown(url)
+        )
     if header.split(";")[-1].strip().lower() == "base64":
         encoded = re.sub(rb"\s+", b"", urllib.parse.unquote_to_bytes(payload))
         try:
