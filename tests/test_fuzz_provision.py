@@ -195,6 +195,8 @@ def test_the_valid_cloud_config_parses() -> None:
     assert plan is not None and plan.hostname == "berth-1" and len(plan.files) == 2
 
 
+# Lists nested 50000 deep: PyYAML's RecursionError escaped.
+@example(b"#cloud-config\nhostname: " + b"[" * 50_000 + b"]" * 50_000)
 @given(documents(CLOUD_CONFIG, render_cloud_config))
 def test_cloud_config(data: bytes) -> None:
     refuses_cleanly(lambda: parse_user_data(data, "user-data"), ProvisionError, ("user-data",))

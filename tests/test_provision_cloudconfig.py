@@ -177,6 +177,12 @@ def test_invalid_yaml_tab_indentation() -> None:
     assert "not valid YAML: line 3, column 1:" in message
 
 
+def test_yaml_nested_too_deeply() -> None:
+    # Found by tests/test_fuzz_provision.py: PyYAML's RecursionError escaped.
+    message = refused("hostname: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    assert "cloud-config is not valid YAML: nested too deeply" in message
+
+
 @pytest.mark.parametrize("body", ["- hostname: a\n", "just text\n", "42\n"])
 def test_cloud_config_must_be_a_mapping(body: str) -> None:
     assert "cloud-config: expected a mapping of keys" in refused(body)

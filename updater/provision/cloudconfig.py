@@ -277,6 +277,11 @@ def _parse_cloud_config(data: bytes, source: str) -> Plan:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ProvisionError(f"{source}: cloud-config is not valid YAML: {_yaml_problem(e)}") from e
+    except RecursionError:
+        # PyYAML's composer recurses once per nested collection.
+        raise ProvisionError(
+            f"{source}: cloud-config is not valid YAML: nested too deeply"
+        ) from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
