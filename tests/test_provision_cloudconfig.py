@@ -183,6 +183,12 @@ def test_yaml_nested_too_deeply() -> None:
     assert "cloud-config is not valid YAML: nested too deeply" in message
 
 
+def test_yaml_integer_too_long() -> None:
+    # Found by tests/test_fuzz_provision.py: int()'s ValueError escaped through PyYAML.
+    message = refused("hostname: 1" + "0" * 5000 + "\n")
+    assert "cloud-config is not valid YAML: Exceeds the limit (4300 digits)" in message
+
+
 @pytest.mark.parametrize("body", ["- hostname: a\n", "just text\n", "42\n"])
 def test_cloud_config_must_be_a_mapping(body: str) -> None:
     assert "cloud-config: expected a mapping of keys" in refused(body)

@@ -282,6 +282,9 @@ def _parse_cloud_config(data: bytes, source: str) -> Plan:
         raise ProvisionError(
             f"{source}: cloud-config is not valid YAML: nested too deeply"
         ) from None
+    except ValueError as e:
+        # PyYAML converts integers with int(), whose 4300-digit limit raises a plain ValueError.
+        raise ProvisionError(f"{source}: cloud-config is not valid YAML: {e}") from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
