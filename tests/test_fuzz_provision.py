@@ -195,6 +195,8 @@ def test_the_valid_cloud_config_parses() -> None:
     assert plan is not None and plan.hostname == "berth-1" and len(plan.files) == 2
 
 
+# YAML escapes of lone surrogates in a file's content: UnicodeEncodeError.
+@example(b'#cloud-config\nwrite_files: [{"path": "/etc/a", "content": "\\ud800\\udc00"}]')
 # An integer over int()'s 4300-digit limit: a bare ValueError escaped through PyYAML.
 @example(b"#cloud-config\nhostname: 1" + b"0" * 5000)
 # Lists nested 50000 deep: PyYAML's RecursionError escaped.

@@ -183,6 +183,12 @@ def test_yaml_nested_too_deeply() -> None:
     assert "cloud-config is not valid YAML: nested too deeply" in message
 
 
+def test_write_files_content_with_a_lone_surrogate() -> None:
+    # Found by tests/test_fuzz_provision.py: content.encode() raised UnicodeEncodeError.
+    message = refused('write_files:\n  - path: /etc/a\n    content: "\\ud800\\udc00"\n')
+    assert "write_files[0].content: expected text without lone surrogates" in message
+
+
 def test_yaml_integer_too_long() -> None:
     # Found by tests/test_fuzz_provision.py: int()'s ValueError escaped through PyYAML.
     message = refused("hostname: 1" + "0" * 5000 + "\n")

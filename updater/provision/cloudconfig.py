@@ -549,7 +549,11 @@ def _contents(entry: Mapping[object, object], source: str, path: str) -> bytes:
             f"{path}.content",
             "!!binary bytes with encoding gzip (base64 text needs encoding gz+b64)",
         )
-    data = content.encode() if isinstance(content, str) else content
+    try:
+        data = content.encode() if isinstance(content, str) else content
+    except UnicodeEncodeError:
+        # YAML's "\ud800" escape is no character (PyYAML does not even pair two of them).
+        raise field_error(source, f"{path}.content", "text without lone surrogates") from None
     for step in steps:
         if step == "base64":
             try:
