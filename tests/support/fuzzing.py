@@ -36,12 +36,15 @@ EXAMPLES = int(os.environ.get("BERTH_FUZZ_EXAMPLES", "40"))
 EXAMPLE_SECONDS = 2.0
 _ROOT = Path(__file__).resolve().parents[2]
 
+_CI = os.environ.get("CI") == "true"
+
 settings.register_profile(
     "berth-fuzz",
     max_examples=EXAMPLES,
-    derandomize=os.environ.get("CI") == "true",
+    # Derandomized, CI runs the same examples every time, and keeps no database of failures.
+    derandomize=_CI,
     deadline=timedelta(seconds=EXAMPLE_SECONDS),
-    database=DirectoryBasedExampleDatabase(_ROOT / ".hypothesis" / "examples"),
+    database=None if _CI else DirectoryBasedExampleDatabase(_ROOT / ".hypothesis" / "examples"),
     # Generated documents are large on purpose; the fuzzers' fixtures are shared on purpose.
     suppress_health_check=[
         HealthCheck.too_slow,
