@@ -5,6 +5,7 @@ naming the file."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import hashlib
 import tempfile
@@ -17,7 +18,7 @@ from tests.support.fuzzing import documents, fuzz, refuses_cleanly, to_json, to_
 from updater.config import ConfigError, load_config
 from updater.provision.cloudconfig import parse_user_data
 from updater.provision.ignition import parse_ignition
-from updater.provision.plan import ProvisionError
+from updater.provision.plan import Plan, ProvisionError
 
 pytestmark = fuzz
 
@@ -70,6 +71,24 @@ def test_update_toml(data: bytes) -> None:
         refuses_cleanly(
             lambda: load_config(defaults, override), ConfigError, (str(defaults), str(override))
         )
+
+
+def writable(outcome: object) -> None:
+    """An accepted plan can be written: every string in it encodes as UTF-8 (a lone surrogate
+    would fail only when the applier writes it, half-way through)."""
+    if not isinstance(outcome, Plan):
+        return
+    pending: list[object] = [outcome]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            value.encode()
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            pending.extend(getattr(value, f.name) for f in dataclasses.fields(value))
+        elif isinstance(value, tuple | list):
+            pending.extend(value)
+        elif isinstance(value, dict):
+            pending.extend([*value, *value.values()])
 
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtbGYM1FMgVHE1DX1d8bzqf7ICcRoM2O1ZEGMGA0jmg op@laptop"
@@ -145,10 +164,17 @@ def test_the_valid_ignition_config_parses() -> None:
     b'{"ignition": {"version": "3.4.0"}, "storage": {"files": '
     b'[{"path": "/etc/f", "contents": {"source": "data:,\\ud800"}}]}}'
 )
+# A lone surrogate in a unit: accepted, and only writing it would have failed.
+@example(
+    b'{"ignition": {"version": "3.4.0"}, "systemd": {"units": '
+    b'[{"name": "a.service", "contents": "\\ud800"}]}}'
+)
 @given(documents(IGNITION, to_json))
 def test_ignition(data: bytes) -> None:
-    refuses_cleanly(
-        lambda: parse_ignition(data, "fw_cfg", fetch=fetch), ProvisionError, ("fw_cfg",)
+    writable(
+        refuses_cleanly(
+            lambda: parse_ignition(data, "fw_cfg", fetch=fetch), ProvisionError, ("fw_cfg",)
+        )
     )
 
 
@@ -201,6 +227,10 @@ def test_the_valid_cloud_config_parses() -> None:
 @example(b"#cloud-config\nhostname: 1" + b"0" * 5000)
 # Lists nested 50000 deep: PyYAML's RecursionError escaped.
 @example(b"#cloud-config\nhostname: " + b"[" * 50_000 + b"]" * 50_000)
+# A lone surrogate in a command: accepted, and only running it would have failed.
+@example(b'#cloud-config\nruncmd: ["echo \\ud800"]')
 @given(documents(CLOUD_CONFIG, render_cloud_config))
 def test_cloud_config(data: bytes) -> None:
-    refuses_cleanly(lambda: parse_user_data(data, "user-data"), ProvisionError, ("user-data",))
+    writable(
+        refuses_cleanly(lambda: parse_user_data(data, "user-data"), ProvisionError, ("user-data",))
+    )

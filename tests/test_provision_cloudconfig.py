@@ -189,6 +189,19 @@ def test_write_files_content_with_a_lone_surrogate() -> None:
     assert "write_files[0].content: expected text without lone surrogates" in message
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('runcmd: ["echo \\ud800"]\n', "runcmd[0]"),
+        ('write_files: [{path: "/etc/a\\ud800", content: x}]\n', "write_files[0].path"),
+        ('ssh_authorized_keys: ["ssh-ed25519 AAAA \\udcff"]\n', "ssh_authorized_keys[0]"),
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_refused_naming_the_field(body: str, field: str) -> None:
+    # The parser took these, and writing the plan would have failed half-way.
+    assert f"{field}: expected text without lone surrogates" in refused(body)
+
+
 def test_yaml_integer_too_long() -> None:
     # Found by tests/test_fuzz_provision.py: int()'s ValueError escaped through PyYAML.
     message = refused("hostname: 1" + "0" * 5000 + "\n")

@@ -53,6 +53,7 @@ from updater.provision.plan import (
     User,
     check_path,
     check_plan_contents,
+    check_text,
     field_error,
     gunzip,
     unsupported,
@@ -285,6 +286,7 @@ def _parse_cloud_config(data: bytes, source: str) -> Plan:
     except ValueError as e:
         # PyYAML converts integers with int(), whose 4300-digit limit raises a plain ValueError.
         raise ProvisionError(f"{source}: cloud-config is not valid YAML: {e}") from None
+    check_text(doc, source)
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -549,11 +551,7 @@ def _contents(entry: Mapping[object, object], source: str, path: str) -> bytes:
             f"{path}.content",
             "!!binary bytes with encoding gzip (base64 text needs encoding gz+b64)",
         )
-    try:
-        data = content.encode() if isinstance(content, str) else content
-    except UnicodeEncodeError:
-        # YAML's "\ud800" escape is no character (PyYAML does not even pair two of them).
-        raise field_error(source, f"{path}.content", "text without lone surrogates") from None
+    data = content.encode() if isinstance(content, str) else content
     for step in steps:
         if step == "base64":
             try:

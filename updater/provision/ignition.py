@@ -56,6 +56,7 @@ from updater.provision.plan import (
     User,
     check_path,
     check_plan_contents,
+    check_text,
     field_error,
     gunzip,
     unsupported,
@@ -490,6 +491,7 @@ def parse_ignition(data: bytes, source: str, *, fetch: Fetcher | None = None) ->
     `http_fetch`), so a config that parses is complete.
     """
     config = _load_json(data, source)
+    check_text(config, source)
     version = _spec_version(config, source)
     ctx = _Context(f"{source} (Ignition {version})", version, fetch or http_fetch)
     _check(ctx, _SCHEMA, config, "")
@@ -944,11 +946,6 @@ def _data_url(ctx: _Context, url: str, where: str) -> bytes:
     if not comma:
         raise field_error(
             ctx.source, where, "a data: URL (data:[<media type>][;base64],<data>)", _Shown(url)
-        )
-    if any("\ud800" <= c <= "\udfff" for c in payload):
-        # JSON's "\ud800" escape: no character, and unquote_to_bytes cannot encode it.
-        raise field_error(
-            ctx.source, where, "a data: URL without lone surrogates (\\ud800-\\udfff)", _Shown(url)
         )
     if header.split(";")[-1].strip().lower() == "base64":
         encoded = re.sub(rb"\s+", b"", urllib.parse.unquote_to_bytes(payload))

@@ -51,6 +51,29 @@ def field_error(source: str, path: str, expected: str, got: object = None) -> Pr
     return ProvisionError(message)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(doc: object, source: str) -> None:
+    """Refuse a lone surrogate anywhere in a parsed config: a JSON or YAML "\\ud800" escape
+    decodes to one, it is no character, and every path, key, unit or file made of it would fail
+    only when written (PyYAML does not even pair two escapes into one character)."""
+    pending: list[tuple[str, object]] = [("", doc)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str) and _SURROGATE.search(value):
+            raise field_error(source, path or "(top level)", "text without lone surrogates")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    raise field_error(
+                        source, path or "(top level)", "keys without lone surrogates", key
+                    )
+                pending.append((f"{path}.{key}" if path else str(key), item))
+        elif isinstance(value, list):
+            pending.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
+
+
 def unsupported(source: str, path: str, what: str = "") -> ProvisionError:
     """A field Berth does not implement: refused by name, never silently ignored."""
     detail = f" ({what})" if what else ""
