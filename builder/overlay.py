@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 import stat
 from collections.abc import Mapping
@@ -109,6 +110,9 @@ def _read_modes(overlay: Path) -> dict[str, ModeEntry]:
                 f"got {raw!r}"
             )
         path = words[0].rstrip("/") or "/"
+        if "\0" in path:
+            # No file name holds one, and the system calls refuse it with a ValueError.
+            raise ConfigError(f"{where}: expected a path without NUL characters, got {words[0]!r}")
         parts = path.split("/")[1:] if path != "/" else []
         if any(part in ("", ".", "..") for part in parts):
             raise ConfigError(
@@ -116,6 +120,9 @@ def _read_modes(overlay: Path) -> dict[str, ModeEntry]:
                 f"or '//'), got {words[0]!r}"
             )
         try:
+            # int() alone also takes "-1" (which chmod makes 07777), "+7", "0o7" and "6_44".
+            if not re.fullmatch("[0-7]+", words[1]):
+                raise ValueError
             mode = int(words[1], 8)
         except ValueError:
             raise ConfigError(f"{where}: mode {words[1]!r} is not an octal number") from None
@@ -174,13 +181,18 @@ def render_template(source: Path, variables: Mapping[str, Any]) -> str:
     text = read_utf8(source, ConfigError)
     try:
         template = env.from_string(text)
-        return template.render(**variables)
+    except RecursionError:
+        # jinja2's parser recurses once per nested bracket: '{{ [[[[…' a few hundred deep.
+        raise ConfigError(f"{source}: template syntax error: nested too deeply") from None
     except jinja2.TemplateSyntaxError as e:
         raise ConfigError(f"{source}:{e.lineno}: template syntax error: {e.message}") from None
+    try:
+        return template.render(**variables)
     except jinja2.UndefinedError as e:
         raise ConfigError(f"{source}: undefined variable in template: {e.message}") from None
     # What an expression in a template can raise ({{ x.y() }} on None, {{ 1 / 0 }}, a loop that
-    # recurses): the template's bug, named with its file, never a traceback of the build.
+    # recurses, an unknown filter inside a block, which jinja2 reports only when the block runs):
+    # the template's bug, named with its file, never a traceback of the build.
     except (
         jinja2.TemplateError,
         RecursionError,

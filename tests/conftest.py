@@ -17,4 +17,5 @@ pytest_plugins = [
     "tests.support.oci",
     "tests.support.containers",
     "tests.support.e2e",
+    "tests.support.fuzzing",
 ]

@@ -382,6 +382,26 @@ def test_toml_error_at_end_of_file(images: Path) -> None:
     assert "not valid TOML" in message
 
 
+def test_toml_nested_too_deeply(images: Path) -> None:
+    # Found by tests/test_fuzz_builder.py: tomllib's RecursionError escaped.
+    write(images, "bad", "description = " + "[" * 50_000 + "]" * 50_000)
+    assert error_of(images, "bad") == "images/bad.toml: not valid TOML: nested too deeply"
+
+
+def test_toml_integer_too_long(images: Path) -> None:
+    # Found by tests/test_fuzz_builder.py: int()'s ValueError escaped through tomllib.
+    write(images, "bad", "description = 1" + "0" * 5000)
+    assert error_of(images, "bad").startswith("images/bad.toml: not valid TOML: Exceeds the limit")
+
+
+def test_size_with_too_many_digits(images: Path) -> None:
+    # Found by tests/test_fuzz_builder.py: int() raised ValueError on 5000 digits.
+    write(images, "bad", f'[partitions]\nroot = "{"9" * 5000}M"')
+    assert error_of(images, "bad").startswith(
+        "images/bad.toml: key 'partitions.root': expected a size"
+    )
+
+
 def test_bad_format_name(images: Path) -> None:
     write(images, "foo", 'formats = ["raw", "qcow"]')
     with pytest.raises(ConfigError) as info:

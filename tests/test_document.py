@@ -27,6 +27,8 @@ class Refused(Exception):
         (DEEP, "nested too deeply"),
         ('{"a": ' * 50_000 + "1" + "}" * 50_000, "nested too deeply"),
         (b'{"a": "\xff"}', "not UTF-8 text"),
+        # Found by tests/test_fuzz_release.py: int()'s digit limit raised a bare ValueError.
+        ('{"size": 1' + "0" * 5000 + "}", "not valid JSON: Exceeds the limit"),
         ("{", "not valid JSON"),
         ('{"a": ' + "9" * 5000 + "}", "not valid JSON: Exceeds the limit"),
         ('{"a": NaN}', "not valid JSON: NaN is not a JSON number"),

@@ -128,6 +128,40 @@ def test_the_unit_filter_escapes_specifiers_quotes_and_backslashes(tmp_path: Pat
         render_template(template, {"v": "two\nlines"})
 
 
+def test_a_template_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    # Found by tests/test_fuzz_builder.py: read_text() raised UnicodeDecodeError.
+    template = tmp_path / "t.j2"
+    template.write_bytes(b"Hello \xff {{ name }}\n")
+    with pytest.raises(ConfigError, match=r"t\.j2: not UTF-8 text \(byte 6\)"):
+        render_template(template, {"name": "x"})
+
+
+def test_a_template_nested_too_deeply_is_refused_naming_it(tmp_path: Path) -> None:
+    # Found by tests/test_fuzz_builder.py: jinja2's parser raised RecursionError.
+    template = put(tmp_path, "t.j2", "{{ " + "[" * 1000 + " }}")
+    with pytest.raises(ConfigError, match=r"t\.j2: template syntax error: nested too deeply"):
+        render_template(template, {})
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("{{ 0/0 }}", "ZeroDivisionError: division by zero"),
+        ("{% if flag %}{{ 0|A }}{% endif %}", "TemplateRuntimeError: No filter named 'A'"),
+        ("{{ name + 1 }}", "TypeError: "),
+    ],
+)
+def test_a_template_that_fails_to_render_is_refused_naming_it(
+    tmp_path: Path, text: str, error: str
+) -> None:
+    # Found by tests/test_fuzz_builder.py: these escaped render_template.
+    template = put(tmp_path, "t.j2", text)
+    with pytest.raises(
+        ConfigError, match=rf"t\.j2: template cannot be rendered: {re.escape(error)}"
+    ):
+        render_template(template, {"name": "berth", "flag": True})
+
+
 def test_syntax_error_names_file_and_line(overlay: Path, tree: Path) -> None:
     template = put(overlay, "etc/broken.j2", "ok\nok\n{% if x %}\nnever closed\n")
     with pytest.raises(ConfigError, match="template syntax error") as info:
@@ -177,6 +211,11 @@ def test_modes_can_name_files_already_in_the_tree(overlay: Path, tree: Path) -> 
         ("/etc/secret 0689 root root", "mode '0689' is not an octal number"),
         ("/etc/secret rw root root", "mode 'rw' is not an octal number"),
         ("/etc/secret 17777 root root", "mode '17777' is out of range"),
+        # Found by tests/test_fuzz_builder.py: int("-1", 8) is -1, which chmod made 07777.
+        ("/etc/secret -1 root root", "mode '-1' is not an octal number"),
+        ("/etc/secret 0o600 root root", "mode '0o600' is not an octal number"),
+        # Found by tests/test_fuzz_builder.py: os.readlink raised ValueError on the NUL.
+        ("/etc/sec\x00ret 0600 root root", "expected a path without NUL characters"),
     ],
 )
 def test_bad_modes_lines_are_rejected_with_file_and_line(

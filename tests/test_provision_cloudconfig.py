@@ -177,6 +177,37 @@ def test_invalid_yaml_tab_indentation() -> None:
     assert "not valid YAML: line 3, column 1:" in message
 
 
+def test_yaml_nested_too_deeply() -> None:
+    # Found by tests/test_fuzz_provision.py: PyYAML's RecursionError escaped.
+    message = refused("hostname: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    assert "cloud-config is not valid YAML: nested too deeply" in message
+
+
+def test_write_files_content_with_a_lone_surrogate() -> None:
+    # Found by tests/test_fuzz_provision.py: content.encode() raised UnicodeEncodeError.
+    message = refused('write_files:\n  - path: /etc/a\n    content: "\\ud800\\udc00"\n')
+    assert "write_files[0].content: expected text that is valid Unicode" in message
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('runcmd: ["echo \\ud800"]\n', "runcmd[0]"),
+        ('write_files: [{path: "/etc/a\\ud800", content: x}]\n', "write_files[0].path"),
+        ('ssh_authorized_keys: ["ssh-ed25519 AAAA \\udcff"]\n', "ssh_authorized_keys[0]"),
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_refused_naming_the_field(body: str, field: str) -> None:
+    # The parser took these, and writing the plan would have failed half-way.
+    assert f"{field}: expected text that is valid Unicode" in refused(body)
+
+
+def test_yaml_integer_too_long() -> None:
+    # Found by tests/test_fuzz_provision.py: int()'s ValueError escaped through PyYAML.
+    message = refused("hostname: 1" + "0" * 5000 + "\n")
+    assert "cloud-config is not valid YAML: Exceeds the limit (4300 digits)" in message
+
+
 @pytest.mark.parametrize("body", ["- hostname: a\n", "just text\n", "42\n"])
 def test_cloud_config_must_be_a_mapping(body: str) -> None:
     assert "cloud-config: expected a mapping of keys" in refused(body)

@@ -353,10 +353,40 @@ def test_data_urls(url: str, expected: bytes) -> None:
         ("/etc/passwd", "expected a data:, http: or https: URL"),
         ("http:///path", "expected an http(s) URL with a host"),
         ("http://[::1/x", "storage.files[0].contents.source: expected a URL"),
+        # Found by tests/test_fuzz_provision.py: unquote_to_bytes raised UnicodeEncodeError.
+        ("data:,a\ud800b", "storage.files[0].contents.source: expected text that is valid Unicode"),
+        (
+            "data:;base64,\udfff",
+            "storage.files[0].contents.source: expected text that is valid Unicode",
+        ),
     ],
 )
 def test_bad_sources(url: str, expected: str) -> None:
     assert expected in refusal(files({"path": "/etc/f", "contents": {"source": url}}))
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        (
+            config(systemd={"units": [{"name": "a.service", "contents": "x\ud800"}]}),
+            "units[0].contents",
+        ),
+        (files({"path": "/etc/a\udcff", "contents": {"source": "data:,x"}}), "files[0].path"),
+        (
+            config(passwd={"users": [{"name": "core", "sshAuthorizedKeys": [KEY + "\ud800"]}]}),
+            "users[0].sshAuthorizedKeys[0]",
+        ),
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_refused_naming_the_field(doc: object, field: str) -> None:
+    # The parser took these, and writing the plan would have failed half-way.
+    assert f"{field}: expected text that is valid Unicode" in refusal(doc)
+
+
+def test_a_lone_surrogate_in_a_key_is_refused() -> None:
+    message = refusal(config(storage={"files": [{"path\ud800": "/etc/a"}]}))
+    assert "storage.files[0]: expected text that is valid Unicode" in message
 
 
 @pytest.mark.parametrize(

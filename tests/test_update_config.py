@@ -54,6 +54,9 @@ def test_overrides_win_key_by_key(paths: tuple[Path, Path], interval: str, secon
         ),
         ('[update]\ninterval = "10s"\n', "key 'update.interval': expected at least 60 seconds"),
         ('[update]\ninterval = "soon"\n', "key 'update.interval': expected a duration"),
+        # Found by tests/test_fuzz_provision.py: float() raised OverflowError.
+        (f"[update]\ninterval = {10**400}\n", "key 'update.interval': expected at most 31 days"),
+        (f'[update]\nreboot_delay = "{10**400}s"\n', "key 'update.reboot_delay': expected"),
         ('[update]\nurl = "ftp://x"\n', "key 'update.url': expected an http:// or https:// URL"),
         ('[update]\nchannel = "Stable!"\n', "key 'update.channel': expected a channel name"),
         ('[update]\nchanel = "beta"\n', "unknown key 'update.chanel'"),
@@ -69,6 +72,26 @@ def test_malformed_override_names_file_key_and_expectation(
     override(etc, text)
     # A TOML syntax error names the line and column too, as a compiler would: path:line:col.
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(etc))}(:\d+:\d+)?: ") as info:
+        load_config(default, etc)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # Found by tests/test_fuzz_provision.py: each escaped _read as another exception.
+        (b'[update]\nchannel = "b\xffta"\n', "not UTF-8 text (byte 21)"),
+        (b"x = " + b"[" * 50_000 + b"]" * 50_000, "not valid TOML: nested too deeply"),
+        (b"[update]\ninterval = 1" + b"0" * 5000, "not valid TOML: Exceeds the limit"),
+    ],
+)
+def test_an_unreadable_override_names_the_file(
+    paths: tuple[Path, Path], data: bytes, message: str
+) -> None:
+    default, etc = paths
+    etc.parent.mkdir(parents=True)
+    etc.write_bytes(data)
+    with pytest.raises(ConfigError, match=f"^{etc}: ") as info:
         load_config(default, etc)
     assert message in str(info.value)
 

@@ -48,6 +48,7 @@ from updater.release.channel import CHANNEL_NAME
 DEFAULT_PATH = Path("/usr/lib/berth/update.toml")
 OVERRIDE_PATH = Path("/etc/berth/update.toml")
 MIN_INTERVAL = 60.0
+MAX_INTERVAL = 3650 * 86400
 DEFAULT_INTERVAL = 3600.0
 DEFAULT_REBOOT_DELAY = 600.0
 DEFAULT_GROUP = "default"

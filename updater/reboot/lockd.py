@@ -267,6 +267,9 @@ class LockServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: LockServer
     protocol_version = "HTTP/1.1"
+    # The stdlib answers a request line it cannot read as HTTP/0.9 would: a bare HTML page with
+    # no status line, which no client can parse. berth-lockd never speaks 0.9.
+    default_request_version = "HTTP/1.0"
 
     def setup(self) -> None:
         super().setup()
@@ -298,7 +301,8 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.LENGTH_REQUIRED, "bad_body", "a body with Content-Length, not chunked"
             )
         text = self.headers.get("Content-Length") or "0"
-        if not text.isdigit():
+        # isdigit() alone takes "²", which int() refuses.
+        if not (text.isascii() and text.isdigit()):
             raise RequestError(HTTPStatus.BAD_REQUEST, "bad_body", "bad Content-Length")
         if int(text) > MAX_BODY:
             raise RequestError(
