@@ -22,17 +22,17 @@ Three checks, all run even when one fails so that the journal has the whole pict
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from updater import run
 from updater.agent import Agent, SlotRole
 from updater.disk import bootentries, slots
-from updater.errors import CommandError, CommandTimeout, UpdateError
+from updater.errors import CommandError, UpdateError
 from updater.service.daemon import REBOOT_COMMAND, run_command
+from updater.service.hooks import Result as Result  # each check's result, as the hooks'
+from updater.service.hooks import run_hooks, tail
 from updater.update.state import State, state_path
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ HOOKS_DIR = Path("/etc/berth/health.d")
 OWN_UNIT = "berth-health.service"
 SETTLE_TIMEOUT = 120.0
 HOOK_TIMEOUT = 60.0
-OUTPUT_TAIL = 2000
 
 # Runs a systemctl command line (without "systemctl") and returns its standard output.
 Systemctl = Callable[[Sequence[str]], str]
@@ -57,18 +56,6 @@ def systemctl(args: Sequence[str]) -> str:
     except CommandError as e:
         raise HealthError(str(e)) from e
     return done.stdout.decode(errors="replace")
-
-
-@dataclass(frozen=True)
-class Result:
-    name: str
-    ok: bool
-    detail: str
-
-
-def _tail(text: str) -> str:
-    text = text.strip()
-    return text if len(text) <= OUTPUT_TAIL else "…" + text[-OUTPUT_TAIL:]
 
 
 def _unit_names(output: str) -> list[str]:
@@ -173,38 +160,8 @@ class HealthCheck:
 
     # -- (3) operator hooks --------------------------------------------------------------------
 
-    def _run_hook(self, hook: Path) -> Result:
-        name = f"hook {hook.name}"
-        try:
-            done = run.run(
-                [str(hook)], timeout=self.hook_timeout, output=run.Output.COMBINED, check=False
-            )
-        except CommandTimeout as e:
-            output = e.stdout.decode(errors="replace")
-            return Result(
-                name, False, f"timed out after {self.hook_timeout:.0f} s: {_tail(output)}"
-            )
-        except CommandError as e:
-            return Result(name, False, f"cannot run: {e}")
-        output = done.stdout.decode(errors="replace")
-        if done.returncode != 0:
-            return Result(name, False, f"exit status {done.returncode}: {_tail(output)}")
-        return Result(name, True, _tail(output) or "ok")
-
     def hooks(self) -> list[Result]:
-        try:
-            candidates = sorted(self.hooks_dir.iterdir())
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            return [Result("hooks", False, f"cannot list {self.hooks_dir}: {e}")]
-        results = []
-        for hook in candidates:
-            if not hook.is_file() or not os.access(hook, os.X_OK):
-                log.info("skipping %s: not an executable file", hook)
-                continue
-            results.append(self._run_hook(hook))
-        return results
+        return run_hooks(self.hooks_dir, timeout=self.hook_timeout)
 
     def run(self) -> list[Result]:
         results = [self.failed_units(), self.agent_check(), *self.hooks()]
@@ -226,7 +183,7 @@ class HealthCheck:
         failed = [r for r in results if not r.ok]
         if failed:
             reason = "health check failed: " + "; ".join(f"{r.name}: {r.detail}" for r in failed)
-            rejected = self.agent.reject_trial(_tail(reason))
+            rejected = self.agent.reject_trial(tail(reason))
             if rejected is not None:
                 log.error("%s is marked bad; rebooting into the previous version", rejected)
                 self._reboot()
