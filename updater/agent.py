@@ -2,9 +2,9 @@
 
 A small facade over one update's life (updater/update): `check` chooses a release (choose.py),
 `apply` installs it and `verify_pending` checks it again before its reboot (install.py, whose
-docstring is the safety argument), `after_boot`, `reject_trial` and `rollback` judge a boot
-(judge.py), and `status` and `pending` read what all of them left behind without writing
-(status.py).
+docstring is the safety argument), `hold_reboot` records why the daemon's reboot waits,
+`after_boot`, `reject_trial` and `rollback` judge a boot (judge.py), and `status` and `pending`
+read what all of them left behind without writing (status.py).
 
 Every method that changes the slots, the ESP or the state holds the agent's one lock
 (update/lock.py) for its whole run, and reads what it decides on (the state, the slots, the
@@ -31,6 +31,7 @@ from updater.update.install import Applied, ProgressCallback
 from updater.update.judge import AfterBoot, RolledBack
 from updater.update.lock import Actor, AgentLock, BusyError
 from updater.update.machine import FetchOptions, Machine
+from updater.update.state import RebootHeld
 from updater.update.status import SlotRole, SlotStatus, Status
 from updater.update.trust import TrustedRepository
 
@@ -41,6 +42,7 @@ __all__ = [
     "Applied",
     "BusyError",
     "ProgressCallback",
+    "RebootHeld",
     "RolledBack",
     "SlotRole",
     "SlotStatus",
@@ -117,6 +119,14 @@ class Agent:
         """Verify the pending slot again right before rebooting into it."""
         with self._locked("verifying the pending update") as ctx:
             return install.verify_pending(ctx)
+
+    def hold_reboot(self, held: RebootHeld | None) -> None:
+        """Record why the daemon's reboot into the pending update waits (a pre-reboot hook
+        failed), or with None that it no longer does; `status` shows it. Writes only a change."""
+        with self._locked("recording why the reboot waits") as ctx:
+            state = ctx.load_state()
+            if state.reboot_held != held:
+                ctx.save_state(replace(state, reboot_held=held))
 
     def after_boot(self) -> AfterBoot:
         """Judge the boot that just happened: a fallback, or a good boot to bless."""

@@ -151,6 +151,8 @@ def format_status(status: Status) -> str:
         + (f": {status.last_result}" if status.last_result else ""),
         f"pending:      {status.pending or 'none'}",
     ]
+    if status.reboot_held:
+        lines.append(f"reboot waits: {status.reboot_held}")
     if status.busy:
         lines.append(f"busy:         {status.busy}")
     if status.rollback_note:

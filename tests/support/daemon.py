@@ -1,5 +1,6 @@
 """The update daemon on a fake machine, with the world around it faked: its sleeps (the loop
-never waits, the clock moves ahead instead), its reboot (counted) and its configuration files.
+never waits, the clock moves ahead instead), its reboot (counted), its configuration files and
+its pre-reboot hooks (`pre-reboot.d` in the test's directory).
 
     harness = Harness(tmp_path, fake, site, notify=None)
     harness.defaults(site.url)
@@ -40,7 +41,7 @@ def path(*parts: str) -> list[Phase]:
 
 
 START = "STARTING JUDGING JUDGED"
-INSTALL_AND_REBOOT = "RELEASING CHECKING INSTALLING REBOOTING JUDGED"
+INSTALL_AND_REBOOT = "RELEASING CHECKING INSTALLING PRE_REBOOT REBOOTING JUDGED"
 # Every scenario's path; together they take every transition the table allows.
 PATHS = {
     "immediate": path(START, INSTALL_AND_REBOOT),
@@ -74,35 +75,45 @@ PATHS = {
     "download fails": path(
         START,
         "RELEASING CHECKING INSTALLING BACKOFF",
-        "CHECKING INSTALLING REBOOTING JUDGED",
+        "CHECKING INSTALLING PRE_REBOOT REBOOTING JUDGED",
     ),
     "reboot fails": path(
         START,
-        "RELEASING CHECKING INSTALLING REBOOTING BACKOFF",
-        "RELEASING CHECKING VERIFYING REBOOTING JUDGED",
+        "RELEASING CHECKING INSTALLING PRE_REBOOT REBOOTING BACKOFF",
+        "RELEASING CHECKING VERIFYING PRE_REBOOT REBOOTING JUDGED",
     ),
     # tests/test_reboot_gate.py
     "window": path(
-        START, "RELEASING CHECKING INSTALLING WAITING", "CHECKING VERIFYING REBOOTING JUDGED"
+        START,
+        "RELEASING CHECKING INSTALLING WAITING",
+        "CHECKING VERIFYING PRE_REBOOT REBOOTING JUDGED",
     ),
     "fleet-lock": path(
         START,
         "RELEASING CHECKING BACKOFF",  # the repository is still empty
         "CHECKING INSTALLING WAITING",
         "CHECKING WAITING",
-        "CHECKING VERIFYING REBOOTING JUDGED",
+        "CHECKING VERIFYING PRE_REBOOT REBOOTING JUDGED",
     ),
     "fleet-lock, after the reboot": path(
         "STARTING JUDGING ON_TRIAL", "JUDGING ON_TRIAL", "JUDGING RELEASING CHECKING IDLE"
     ),
     "etcd-lock without its CA file": path(START, "RELEASING BACKOFF"),
+    # tests/test_pre_reboot.py
+    "hook fails, then passes": path(
+        START,
+        "RELEASING CHECKING INSTALLING PRE_REBOOT RELEASING WAITING",
+        "CHECKING VERIFYING PRE_REBOOT REBOOTING JUDGED",
+    ),
 }
 
 
 class Harness:
     def __init__(self, tmp: Path, fake: FakeMachine, site: Site, notify: str | None) -> None:
         self.fake, self.site = fake, site
-        self.paths = ConfigPaths(tmp / "usr-update.toml", tmp / "etc-update.toml")
+        self.paths = ConfigPaths(
+            tmp / "usr-update.toml", tmp / "etc-update.toml", pre_reboot=tmp / "pre-reboot.d"
+        )
         self.reboots = 0
         self.slept: list[float] = []
         self.offset = 0.0  # the fake sleeps move the daemon's clock ahead of the real one

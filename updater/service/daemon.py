@@ -31,7 +31,15 @@ Decisions that matter:
   released (FleetLock steady-state): at start, since this machine may hold a slot from before
   its reboot, and after every blessing. Nothing is checked or installed until that release
   succeeds, as with Zincati: a slot that is never given back blocks the fleet.
-- Before rebooting, logged-in users are warned (wall) and get `reboot_delay` (service.notice).
+- Before rebooting, the pre-reboot hooks run (every executable file in /etc/berth/pre-reboot.d/,
+  in name order, each for at most HOOK_TIMEOUT; service/hooks.py): a drain, say. They run once
+  the gate allowed the reboot and the slot is verified, and before users are warned: the warning
+  promises a reboot, so it comes once nothing can postpone it. The first hook that fails (or
+  times out) postpones the reboot: the reason goes into the agent's state (`berth-update
+  status`), the strategy's slot goes back (as kured does after a failed drain: one node whose
+  drain cannot finish must not hold the fleet's lock), and the daemon asks the gate again after
+  HOOK_RETRY or the interval, whichever is shorter; the hooks run again then.
+- Then logged-in users are warned (wall) and get `reboot_delay` (service.notice).
 
 The loop is a state machine (Zincati's update agent is the model): one `Phase` says what the
 daemon does, `DaemonState` carries what goes with it (the failures in a row, where a retry
@@ -44,12 +52,14 @@ An iteration starts from a resting phase and ends in one:
                |  STARTING | BACKOFF             that failed at start (judged again at once); later
     ON_TRIAL   -> JUDGING                        judged again every iteration, a minute apart
     JUDGED     -> RELEASING                      a slot held from before goes back first
-    RELEASING  -> CHECKING | IDLE | BACKOFF      IDLE: no repository configured
+    RELEASING  -> CHECKING | IDLE | BACKOFF      IDLE: no repository configured; WAITING: a
+               |  WAITING                        pre-reboot hook failed, and its slot went back
     CHECKING   -> IDLE | INSTALLING | BACKOFF    up to date; a newer release; the check failed
                |  WAITING | VERIFYING            installed earlier: the gate says not yet, or yes
-    INSTALLING -> WAITING | REBOOTING | BACKOFF  the gate says not yet, or yes
-    VERIFYING  -> REBOOTING | RELEASING          the slot changed: its reboot slot goes back, and
+    INSTALLING -> WAITING | PRE_REBOOT | BACKOFF the gate says not yet, or yes
+    VERIFYING  -> PRE_REBOOT | RELEASING         the slot changed: its reboot slot goes back, and
                                                  the iteration ends in BACKOFF
+    PRE_REBOOT -> REBOOTING | RELEASING          the hooks passed; one failed: the slot goes back
     REBOOTING  -> JUDGED | BACKOFF               the reboot is queued: systemd stops the service
     WAITING    -> CHECKING | JUDGED              the next check; JUDGED: the configuration
     IDLE       -> CHECKING | JUDGED | IDLE       changed, so the new gate's slot goes back first;
@@ -69,7 +79,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,10 +98,13 @@ from updater.errors import CommandError, UpdateError
 from updater.reboot.gate import RebootGate
 from updater.release.version import Version
 from updater.service.gates import gate_for
+from updater.service.hooks import Result, run_hooks
 from updater.service.notice import WALL, count_sessions, reboot_message, warn_users
 from updater.service.notify import Notifier, NotifyError
 from updater.service.worker import run_in_child
+from updater.update.context import read_os_release
 from updater.update.machine import FetchOptions, Machine, write_reboot_required
+from updater.update.state import RebootHeld
 
 if TYPE_CHECKING:  # imported at run time only in the worker child
     from updater.agent import Agent
@@ -99,6 +112,13 @@ if TYPE_CHECKING:  # imported at run time only in the worker child
 log = logging.getLogger(__name__)
 
 REBOOT_COMMAND = ("systemctl", "reboot")
+PRE_REBOOT_HOOKS = Path("/etc/berth/pre-reboot.d")
+# A drain waits for pods to stop (their terminationGracePeriodSeconds, a PodDisruptionBudget):
+# minutes, not seconds. A hook that takes longer is killed, and the reboot waits.
+HOOK_TIMEOUT = 600.0
+# After a failed pre-reboot hook, the gate is asked again (and the hooks run again) after this
+# long, or the interval when that is shorter.
+HOOK_RETRY = 300.0
 BACKOFF_START = 60.0
 # How long the worker waits for the agent's lock held by another actor (an operator's apply)
 # before the iteration fails as "busy" and backs off: the loop never blocks for good.
@@ -160,6 +180,7 @@ class Phase(StrEnum):
     CHECKING = "checking"  # the worker refreshes the channel and picks a candidate
     INSTALLING = "installing"  # the worker writes the candidate into the inactive slot
     VERIFYING = "verifying"  # the gate allowed the reboot: the pending slot is checked again
+    PRE_REBOOT = "pre-reboot"  # the gate allowed it: the pre-reboot hooks run (a drain)
     REBOOTING = "rebooting"  # the gate allowed it: users are warned, then the reboot command
     WAITING = "waiting"  # resting: an update is installed and the gate said not yet
     IDLE = "idle"  # resting: up to date, or no repository configured
@@ -173,12 +194,13 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     ),
     Phase.ON_TRIAL: frozenset({Phase.JUDGING}),
     Phase.JUDGED: frozenset({Phase.RELEASING}),
-    Phase.RELEASING: frozenset({Phase.CHECKING, Phase.IDLE, Phase.BACKOFF}),
+    Phase.RELEASING: frozenset({Phase.CHECKING, Phase.IDLE, Phase.WAITING, Phase.BACKOFF}),
     Phase.CHECKING: frozenset(
         {Phase.IDLE, Phase.INSTALLING, Phase.WAITING, Phase.VERIFYING, Phase.BACKOFF}
     ),
-    Phase.INSTALLING: frozenset({Phase.WAITING, Phase.REBOOTING, Phase.BACKOFF}),
-    Phase.VERIFYING: frozenset({Phase.REBOOTING, Phase.RELEASING}),
+    Phase.INSTALLING: frozenset({Phase.WAITING, Phase.PRE_REBOOT, Phase.BACKOFF}),
+    Phase.VERIFYING: frozenset({Phase.PRE_REBOOT, Phase.RELEASING}),
+    Phase.PRE_REBOOT: frozenset({Phase.REBOOTING, Phase.RELEASING}),
     Phase.REBOOTING: frozenset({Phase.JUDGED, Phase.BACKOFF}),
     Phase.WAITING: frozenset({Phase.CHECKING, Phase.JUDGED}),
     Phase.IDLE: frozenset({Phase.CHECKING, Phase.JUDGED, Phase.IDLE}),
@@ -204,7 +226,9 @@ _RESUME = {
     Phase.INSTALLING: Phase.CHECKING,
     Phase.REBOOTING: Phase.RELEASING,
 }
-_WITH_VERSION = frozenset({Phase.INSTALLING, Phase.VERIFYING, Phase.REBOOTING, Phase.WAITING})
+_WITH_VERSION = frozenset(
+    {Phase.INSTALLING, Phase.VERIFYING, Phase.PRE_REBOOT, Phase.REBOOTING, Phase.WAITING}
+)
 
 
 class IllegalTransition(RuntimeError):
@@ -219,7 +243,7 @@ class DaemonState:
     phase: Phase = Phase.STARTING
     failures: int = 0  # failed iterations in a row: counted into BACKOFF, kept through the retry
     resume: Phase | None = None  # BACKOFF: the phase the next iteration starts from
-    version: str | None = None  # INSTALLING, VERIFYING, REBOOTING, WAITING: the update
+    version: str | None = None  # INSTALLING, VERIFYING, PRE_REBOOT, REBOOTING, WAITING: the update
     reason: str = ""  # WAITING: why the gate said not yet
     retry_after: float | None = None  # WAITING: seconds until asking the gate again is worth it
 
@@ -239,6 +263,8 @@ class DaemonState:
             return f"installed {self.version}, waiting for a reboot: {self.reason}"
         if self.phase is Phase.VERIFYING:
             return f"verifying {self.version} before the reboot"
+        if self.phase is Phase.PRE_REBOOT:
+            return f"running the pre-reboot hooks before rebooting into {self.version}"
         if self.phase is Phase.REBOOTING:
             return f"installed {self.version}, rebooting"
         return None
@@ -261,6 +287,7 @@ class ConfigPaths:
     default: Path = DEFAULT_PATH
     override: Path = OVERRIDE_PATH
     min_interval: float = MIN_INTERVAL  # tests poll faster than the device's 60 s
+    pre_reboot: Path = PRE_REBOOT_HOOKS
 
 
 # What the daemon runs on when not even the image's update.toml can be read: no repository
@@ -304,6 +331,7 @@ class Daemon:
         sessions: Callable[[], int | None] = count_sessions,
         wall: Sequence[str] = WALL,
         lock_wait: float = LOCK_WAIT,
+        hook_timeout: float = HOOK_TIMEOUT,
     ) -> None:
         self.machine = machine
         self.config = config
@@ -323,6 +351,7 @@ class Daemon:
         self._sessions = sessions
         self._wall = wall
         self.lock_wait = lock_wait
+        self.hook_timeout = hook_timeout
 
     # -- the state machine ---------------------------------------------------------------------
 
@@ -482,6 +511,9 @@ class Daemon:
     def _verify_pending(self) -> str:
         return str(self._agent().verify_pending())
 
+    def _hold_reboot(self, held: RebootHeld | None) -> None:
+        self._agent().hold_reboot(held)
+
     # -- the phases of an iteration ------------------------------------------------------------
 
     def _judge(self) -> bool:
@@ -565,6 +597,8 @@ class Daemon:
                     raise
                 self._back_off(e, resume=Phase.CHECKING)
                 return
+        if not self._pre_reboot(version):
+            return
         self._enter(Phase.REBOOTING, version=version)
         log.info(
             "installed %s; rebooting (strategy %s: %s)",
@@ -577,6 +611,52 @@ class Daemon:
         # systemctl reboot returns once the reboot is queued; systemd then stops this service.
         # Until it does, the slot taken for the reboot counts as held.
         self._enter(Phase.JUDGED)
+
+    def _pre_reboot(self, version: str) -> bool:
+        """PRE_REBOOT: run the pre-reboot hooks; False when one failed and the reboot waits
+        (the slot given back, resting in WAITING)."""
+        self._enter(Phase.PRE_REBOOT, version=version)
+        try:
+            current = read_os_release(self.machine.os_release).get("IMAGE_VERSION", "")
+        except UpdateError as e:
+            log.warning("%s; the hooks get no BERTH_CURRENT_VERSION", e)
+            current = ""
+        env = {
+            "BERTH_CURRENT_VERSION": current,
+            "BERTH_NEXT_VERSION": version,
+            "BERTH_STRATEGY": str(self.config.strategy),
+        }
+        results = run_hooks(
+            self.paths.pre_reboot, timeout=self.hook_timeout, env=env, stop_at_failure=True
+        )
+        failed: Result | None = None
+        for r in results:
+            if r.ok:
+                log.info("pre-reboot %s: ok (%s)", r.name, r.detail)
+            else:
+                log.error("pre-reboot %s: FAILED: %s; the reboot waits", r.name, r.detail)
+                failed = r
+        if failed is None:
+            self._record_hold(None)  # a failure recorded earlier is over
+            return True
+        retry = min(HOOK_RETRY, self.config.interval)
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        detail = f"{failed.name}: {failed.detail}"
+        held = RebootHeld(Version.parse(version), detail, now, now + timedelta(seconds=retry))
+        self._record_hold(held)
+        self._release()  # if this fails, the next iteration gives it back
+        # One line for STATUS= ("exit status 3", "timed out after 600 s"); the output is above.
+        reason = f"pre-reboot {failed.name} failed ({failed.detail.split(':', 1)[0]})"
+        self._enter(Phase.WAITING, version=version, reason=reason, retry_after=retry)
+        return False
+
+    def _record_hold(self, held: RebootHeld | None) -> None:
+        """Best effort: the journal and STATUS= say it too, and a busy agent (an operator's
+        apply) must neither keep a drained machine from its reboot nor hold the slot."""
+        try:
+            self._work(lambda: self._hold_reboot(held))
+        except RECOVERABLE as e:
+            log.warning("cannot record in the agent's state why the reboot waits: %s", e)
 
     # -- one iteration -------------------------------------------------------------------------
 

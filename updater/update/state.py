@@ -1,8 +1,9 @@
 """The agent's memory between runs: `<var>/lib/berth/state.json`, replaced atomically.
 
 What the disk and the ESP cannot say by themselves lives here: when the last check ran and what
-it found, which installed version waits for a reboot, which versions failed on this machine and
-why (never installed again automatically), and the last version seen booted.
+it found, which installed version waits for a reboot (and why the daemon's reboot into it
+waits, when a pre-reboot hook failed), which versions failed on this machine and why (never
+installed again automatically), and the last version seen booted.
 
 The file is a convenience, never a source of truth for what boots: a corrupt or unreadable
 state file is moved aside with a warning and the agent starts afresh (it rediscovers a failed
@@ -55,6 +56,17 @@ class BadVersion:
 
 
 @dataclass(frozen=True)
+class RebootHeld:
+    """Why the daemon did not reboot into `version` although the gate allowed it: a pre-reboot
+    hook failed (service/hooks.py), and when it tries again."""
+
+    version: Version
+    reason: str  # "hook 50-drain: exit status 1: error: cannot evict pod ..."
+    since: datetime
+    retry: datetime
+
+
+@dataclass(frozen=True)
 class State:
     last_check: LastCheck | None = None
     pending: Pending | None = None
@@ -63,6 +75,7 @@ class State:
     # This machine's rollout seed as last derived from /etc/machine-id; kept so that status can
     # show it and so that a machine whose machine-id went missing keeps its place in the waves.
     seed: int | None = None
+    reboot_held: RebootHeld | None = None
 
     @property
     def bad_versions(self) -> frozenset[Version]:
@@ -101,6 +114,14 @@ class State:
             ],
             "last_booted": None if self.last_booted is None else str(self.last_booted),
             "seed": self.seed,
+            "reboot_held": None
+            if self.reboot_held is None
+            else {
+                "version": str(self.reboot_held.version),
+                "reason": self.reboot_held.reason,
+                "since": _time(self.reboot_held.since),
+                "retry": _time(self.reboot_held.retry),
+            },
         }
         return json.dumps(doc, indent=2) + "\n"
 
@@ -114,6 +135,7 @@ class State:
         pending = doc.get("pending")
         booted = doc.get("last_booted")
         seed = doc.get("seed")
+        held = doc.get("reboot_held")  # absent in files written before pre-reboot hooks
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed: expected an integer, got {seed!r}")
         return cls(
@@ -135,6 +157,14 @@ class State:
             ),
             last_booted=None if booted is None else Version.parse(booted),
             seed=seed,
+            reboot_held=None
+            if held is None
+            else RebootHeld(
+                Version.parse(held["version"]),
+                str(held["reason"]),
+                _parse_time(held["since"]),
+                _parse_time(held["retry"]),
+            ),
         )
 
 

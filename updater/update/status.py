@@ -60,6 +60,9 @@ class Status:
     boot_entries: tuple[str, ...]  # ESP entries in boot order
     # Who holds the agent's lock and what it does, as its holder file says (update/lock.py)
     busy: str | None = None
+    # Why the daemon's reboot into the pending update waits, while that update is pending:
+    # "hook 50-drain: exit status 1: ... (since ...; retrying at ...)"
+    reboot_held: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -106,6 +109,9 @@ def read_status(ctx: Context) -> Status:
     rolled = [b for b in state.bad if b.reason.startswith("rolled back")]
     note = max(rolled, key=lambda b: b.since).reason if rolled else None
     check = state.last_check
+    held = state.reboot_held
+    if held is not None and (state.pending is None or state.pending.version != held.version):
+        held = None  # about an update that is no longer pending: rebooted, or replaced
     config = ctx.config
     return Status(
         image=booted.image,
@@ -124,6 +130,10 @@ def read_status(ctx: Context) -> Status:
         rollback_note=note,
         boot_entries=tuple(e.name for e in bootentries.list_entries(ctx.machine.esp)),
         busy=None if holder is None else holder.describe(),
+        reboot_held=None
+        if held is None
+        else f"{held.version}: {held.reason} (since {held.since.isoformat(timespec='seconds')}; "
+        f"retrying at {held.retry.isoformat(timespec='seconds')})",
     )
 
 
