@@ -78,19 +78,33 @@ def atomic_writer(path: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
     A crash at any point leaves either the old file or the new one, never a mix or a torn file. An
     exception in the block (a check of what was written, say) leaves `path` untouched.
     """
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with durable_temp(path, mode=mode) as (out, temp):
+        yield out
     try:
-        with os.fdopen(fd, "wb") as temp:
-            os.fchmod(temp.fileno(), mode)
-            yield temp
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp_name, path)
+        os.replace(temp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
+        temp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def durable_temp(path: Path, *, mode: int = 0o644) -> Iterator[tuple[BinaryIO, Path]]:
+    """A temporary file beside `path` (same directory, so a rename can publish it), with `mode`,
+    fsynced when the block ends; removed again if the block raises. Renaming it is the caller's:
+    `atomic_writer` does it at once, the publisher's staging only once a whole change is written.
+    """
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), mode)
+            yield out, temp
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def write_file_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:

@@ -16,12 +16,11 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from updater.files import fsync_dir, write_file_atomic
+from updater.files import durable_temp, fsync_dir, write_file_atomic
 
 FILE_MODE = 0o644  # a repository is served as it is: its files are for everyone to read
 
@@ -55,17 +54,8 @@ class Staging:
         """A file to write that becomes `path` at `commit`; staged only if the block succeeds,
         so a check of what was written can refuse it."""
         self.make_dirs(path.parent)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        temp = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                os.fchmod(out.fileno(), FILE_MODE)
-                yield out
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        with durable_temp(path, mode=FILE_MODE) as (out, temp):
+            yield out
         earlier = self._files.pop(path, None)
         if earlier is not None:
             earlier.unlink(missing_ok=True)
