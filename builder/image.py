@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import disk, elf, formats, initrd, overlay, preload, rootfs, uki
+from builder import accounts, disk, elf, formats, initrd, overlay, preload, rootfs, uki
 from builder.config import ImageConfig
 from builder.disk import stable_uuid
 from builder.erofs import make_erofs
@@ -206,6 +206,9 @@ def _build_image(
         for extra in extra_trees:
             overlay.apply_overlay(extra, tree, variables)
         overlay.install_agent(repo / "updater", tree)
+        # After every overlay: each may declare users and groups (sysusers.d).
+        for line in accounts.apply_sysusers(tree).splitlines():
+            log(f"accounts: {line}")
         # The only trust anchor for updates, inside the verity-protected /usr. Written through
         # host_path, as everything after the overlays: a link they left must not lead out.
         anchor = trust_anchor(keys_dir or repo / "keys")

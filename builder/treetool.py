@@ -13,7 +13,14 @@ from builder.elf import tree_path
 from builder.errors import BuildError
 
 LOADER = "/usr/lib64/ld-linux-x86-64.so.2"
-LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib", "/usr/lib64")
+# systemd's programs find libsystemd-shared through an absolute RUNPATH, which would name the
+# build host's (another systemd version) rather than the tree's.
+LIBRARY_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/lib/x86_64-linux-gnu/systemd",
+)
 
 
 def tree_command(tree: Path, program: str, *, argv0: str | None = None) -> list[str]:

@@ -447,7 +447,7 @@ def test_unsupported_user_keys_are_refused_by_name(key: str) -> None:
 
 
 def test_sudo_hint() -> None:
-    assert "no sudo" in refused("users:\n  - name: d\n    sudo: true\n")
+    assert "the sudo group" in refused("users:\n  - name: d\n    sudo: true\n")
 
 
 @pytest.mark.parametrize(

@@ -170,7 +170,7 @@ _KEY_HINTS = {
 }
 
 _USER_KEY_HINTS = {
-    "sudo": "the image has no sudo; log in as root",
+    "sudo": "put the user in the sudo group (groups: [sudo]) for root without a password",
     "doas": "the image has no doas; log in as root",
     "plain_text_passwd": "give a crypt(3) hash in passwd (mkpasswd -m yescrypt prints one)",
     "ssh_import_id": "list the keys in ssh_authorized_keys",
