@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import re
 import socket
 import struct
@@ -310,6 +311,13 @@ class MetadataServer(MisbehavingServer):
         self.gce_flavor = True  # the answer carries Metadata-Flavor: Google
         self.azure_user_data: bytes | None = None
         self.openstack_user_data: bytes | None = None
+        # The launch key pairs: EC2's public-keys ("name" -> OpenSSH key), GCE's ssh-keys
+        # attributes by path under /computeMetadata/v1/ ("instance/attributes/ssh-keys",
+        # "project/attributes/ssh-keys", "instance/attributes/block-project-ssh-keys"), and
+        # Azure's publicKeys document (None: the answer is 404; bytes: sent as they are).
+        self.ec2_keys: dict[str, str] = {}
+        self.gce_attributes: dict[str, bytes] = {}
+        self.azure_keys: list[dict[str, str]] | bytes | None = None
 
     def respond(self, seen: Seen) -> Answer:
         split = urlsplit(seen.path)
@@ -329,6 +337,8 @@ class MetadataServer(MisbehavingServer):
                 return Answer(401)
             if split.path == "/latest/user-data":
                 return _found(self.user_data)
+            if split.path.startswith("/latest/meta-data/public-keys/"):
+                return self._ec2_key(split.path.removeprefix("/latest/meta-data/public-keys/"))
             key = split.path.removeprefix("/latest/meta-data/")
             return _found(self.ec2_meta.get(key, "").encode() or None)
         if split.path.startswith("/computeMetadata/v1/"):
@@ -337,15 +347,37 @@ class MetadataServer(MisbehavingServer):
             extra = {"Metadata-Flavor": "Google"} if self.gce_flavor else {}
             if split.path == "/computeMetadata/v1/instance/attributes/user-data":
                 return _found(self.gce_user_data, extra)
-            return Answer(404, headers=extra)
+            attribute = self.gce_attributes.get(split.path.removeprefix("/computeMetadata/v1/"))
+            return _found(attribute, extra)
         if split.path == "/metadata/instance/compute/userData":
             if headers.get("metadata") != "true":
                 return Answer(400)
             if split.query != "api-version=2021-01-01&format=text":
                 return Answer(400)
             return Answer(200, self.azure_user_data or b"")
+        if split.path == "/metadata/instance/compute/publicKeys":
+            if headers.get("metadata") != "true" or split.query != "api-version=2021-02-01":
+                return Answer(400)
+            if isinstance(self.azure_keys, bytes):
+                return Answer(200, self.azure_keys)
+            return _found(None if self.azure_keys is None else json.dumps(self.azure_keys).encode())
         if split.path == "/openstack/latest/user_data":
             return _found(self.openstack_user_data)
+        return Answer(404)
+
+    def _ec2_key(self, rest: str) -> Answer:
+        """`public-keys/` lists "0=name" lines; `public-keys/0/openssh-key` is the key."""
+        names = list(self.ec2_keys)
+        if rest == "":
+            listing = "\n".join(f"{i}={name}" for i, name in enumerate(names))
+            return _found(listing.encode() or None)
+        index, _, leaf = rest.partition("/")
+        if not index.isdigit() or int(index) >= len(names):
+            return Answer(404)
+        if leaf in ("", "openssh-key/"):
+            return Answer(200, b"openssh-key")
+        if leaf == "openssh-key":
+            return Answer(200, self.ec2_keys[names[int(index)]].encode() + b"\n")
         return Answer(404)
 
 

@@ -22,6 +22,7 @@ from qemu import VM
 from qemu.drives import make_cidata
 from qemu.ssh import generate_key
 from tests.support.misbehaving_server import TOKEN, MetadataServer
+from tests.support.oci import oci_archive, static_hello
 from tests.support.servers import NginxServer
 from tests.support.vms import boot
 
@@ -40,7 +41,7 @@ WantedBy=multi-user.target
 """
 
 
-def login_as(vm: VM, user: str, key: Path, command: str) -> str:
+def login_as(vm: VM, user: str, key: Path, command: str, timeout: float = 60) -> str:
     """Run `command` as `user` with `key`: proves the config's key and account work for SSH."""
     argv = [
         find_tool("ssh"),
@@ -48,7 +49,7 @@ def login_as(vm: VM, user: str, key: Path, command: str) -> str:
         "127.0.0.1",
         command,
     ]
-    result = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    result = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     return result.stdout.decode().strip()
 
@@ -70,7 +71,10 @@ def test_ignition_over_fw_cfg_applies_once(
         config = {
             "ignition": {"version": "3.4.0"},
             "passwd": {
-                "users": [{"name": "alice", "sshAuthorizedKeys": [alice], "groups": ["sudo"]}]
+                # The groups Fedora CoreOS's examples use: they exist on Berth too.
+                "users": [
+                    {"name": "alice", "sshAuthorizedKeys": [alice], "groups": ["wheel", "docker"]}
+                ]
             },
             "storage": {
                 "directories": [{"path": "/var/lib/e2e", "mode": 0o750}],
@@ -116,7 +120,28 @@ def test_ignition_over_fw_cfg_applies_once(
         vm.wait_for_ssh(timeout=900)
         assert "berth-provision: applied:" in vm.serial_text()
 
-        assert login_as(vm, "alice", tmp_path / "alice", "id -nG") == "alice sudo"
+        groups = login_as(vm, "alice", tmp_path / "alice", "id -nG").split()
+        assert sorted(groups) == ["alice", "docker", "wheel"]
+        # alice got subordinate ids beside core's (the image's), so rootless podman works for
+        # her: a container from an archive made here runs as her, in her own storage.
+        subuid = vm.ssh_output("cat /etc/subuid")
+        assert subuid == vm.ssh_output("cat /etc/subgid")
+        assert subuid.splitlines() == ["core:100000:65536", "alice:165536:65536"]
+        archive = oci_archive(
+            {"hello": (static_hello(tmp_path), 0o755)}, ["/hello", "rootless"], "berth/hello:1"
+        )
+        vm.ssh("cat > /var/tmp/hello.tar && chmod 644 /var/tmp/hello.tar", input=archive)
+        rootless = login_as(
+            vm,
+            "alice",
+            tmp_path / "alice",
+            "podman load -q -i /var/tmp/hello.tar >/dev/null && podman run --rm "
+            "localhost/berth/hello:1 && podman info --format '{{.Host.Security.Rootless}}'",
+            timeout=600,
+        )
+        assert rootless == "berth-container-ok rootless\ntrue"
+        assert vm.ssh("test -d /home/alice/.local/share/containers/storage").returncode == 0
+        assert vm.ssh_output("podman images -q localhost/berth/hello:1") == ""  # not root's
         assert vm.ssh_output("hostname") == "ign-node"
         assert vm.ssh_output("cat /etc/e2e/hello.txt") == "hello"
         assert vm.ssh_output("stat -c %a /etc/e2e/hello.txt /var/lib/e2e") == "600\n750"
@@ -210,6 +235,8 @@ def test_cloud_config_on_a_nocloud_drive(
     vm.start()
     vm.wait_for_ssh(timeout=900)
     assert login_as(vm, "carol", tmp_path / "carol", "id -nG") == "carol sudo"
+    # sudo grants root without a password, as on Flatcar and Fedora CoreOS (no account has one).
+    assert login_as(vm, "carol", tmp_path / "carol", "sudo -n id -un") == "root"
     # The config's hostname wins over the drive's meta-data.
     assert vm.ssh_output("hostname") == "cc-node"
     assert vm.ssh_output("cat /etc/e2e/plain.txt /etc/e2e/encoded.txt") == "plain\nunzipped"
@@ -224,9 +251,11 @@ def test_cloud_config_on_a_nocloud_drive(
 def test_user_data_script_from_ec2_metadata(
     built_image: BuildResult, artifacts: Path, vm_factory: list[VM], tmp_path: Path
 ) -> None:
+    pair = generate_key(tmp_path / "ec2-pair").read_text().strip()
     with MetadataServer() as imds:
         imds.user_data = b'#!/bin/sh\necho "script ran as $(id -un)" > /var/lib/e2e-script\n'
         imds.ec2_meta = {"instance-id": "i-0e2e", "local-hostname": "ip-10-1-2-3.ec2.internal"}
+        imds.ec2_keys = {"e2e-pair": pair}
         port = int(imds.url.rsplit(":", 1)[1])
         vm = boot(
             built_image.output / "disk.qcow2",
@@ -246,5 +275,19 @@ def test_user_data_script_from_ec2_metadata(
         assert "EC2 IMDSv2" in record["source"]
         # IMDSv2: a session token first, then every read carries it.
         assert imds.paths()[:2] == ["PUT /latest/api/token", "GET /latest/user-data"]
-        assert all(s.headers.get("x-aws-ec2-metadata-token") == TOKEN for s in imds.seen[1:])
+        gets = [s for s in imds.seen if s.method == "GET"]
+        assert gets and all(s.headers.get("x-aws-ec2-metadata-token") == TOKEN for s in gets)
+        assert "GET /latest/meta-data/public-keys/0/openssh-key" in imds.paths()
+        assert record["keys"] == "1 for core from EC2 IMDSv2 public-keys"
+    # The launch key pair logs in as core, the admin of Fedora CoreOS and Flatcar: in their
+    # groups, root through sudo without a password, allowed to reach the Docker API.
+    key = tmp_path / "ec2-pair"
+    groups = login_as(vm, "core", key, "id -nG").split()
+    assert {"core", "adm", "wheel", "sudo", "docker", "systemd-journal"} <= set(groups), groups
+    assert login_as(vm, "core", key, "sudo -n id -un") == "root"
+    assert login_as(vm, "core", key, "stat -c %a:%U $HOME $HOME/.ssh/authorized_keys") == (
+        "700:core\n600:core"
+    )
+    ping = "curl -sS --unix-socket /run/docker.sock http://docker/_ping"
+    assert login_as(vm, "core", key, ping) == "OK"
     vm.shutdown()

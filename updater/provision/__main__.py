@@ -18,11 +18,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from updater.files import write_file_atomic
 from updater.provision.apply import apply_plan, describe, prepare, run_commands
-from updater.provision.plan import HOSTNAME, Plan, ProvisionError
+from updater.provision.plan import HOSTNAME, Plan, ProvisionError, add_user_keys
+
+if TYPE_CHECKING:
+    from updater.provision.sources import Platform, SourceEnv
 
 STAMP = "/var/lib/berth/provisioned"
 ROOT_KEYS_CREDENTIAL = "ssh.authorized_keys.root"
@@ -72,37 +75,54 @@ def _nobody_can_log_in(root: Path) -> str:
     )
 
 
-def provision(root: Path = Path("/")) -> int:
-    from updater.provision.sources import detect_platform, find_user_data
+def provision(
+    root: Path = Path("/"), *, env: SourceEnv | None = None, platform: Platform | None = None
+) -> int:
+    """Find the config and the platform's key pair, apply them onto `root`, leave the stamp.
+    `env` and `platform` (default: the machine's, detected) are for tests."""
+    from updater.provision.sources import (
+        DEFAULT_ENV,
+        DEFAULT_USER,
+        detect_platform,
+        find_platform_keys,
+        find_user_data,
+    )
 
+    env = env or DEFAULT_ENV
     cmdline = Path("/proc/cmdline").read_text() if root == Path("/") else ""
-    platform = detect_platform(cmdline)
+    platform = platform or detect_platform(cmdline)
     _say(f"platform {platform}; looking for a config")
-    found = find_user_data(platform)
+    found = find_user_data(platform, env=env)
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "platform": platform}
     for note in found.notes if found is not None else ():
         _say(note)
-    if found is None:
-        _say(f"no config found on {platform}; {_nobody_can_log_in(root)}")
-        _write_stamp(root, {**record, "result": "no config"})
+    plan = parse_config(found.data, found.source) if found is not None else None
+    # The key pair the machine was launched with logs in as core, config or not, as on every
+    # cloud image; a config's own keys for core come first.
+    keys = find_platform_keys(platform, env=env)
+    for note in keys.notes if keys is not None else ():
+        _say(note)
+    if plan is None and keys is None:
+        if found is None:
+            _say(f"no config found on {platform}; {_nobody_can_log_in(root)}")
+            _write_stamp(root, {**record, "result": "no config"})
+        else:
+            _say(f"{found.source} is empty; {_nobody_can_log_in(root)}")
+            _write_stamp(root, {**record, "source": found.source, "result": "empty config"})
         _check_in(platform)
         return 0
-    plan = parse_config(found.data, found.source)
-    if plan is None:
-        _say(f"{found.source} is empty; {_nobody_can_log_in(root)}")
-        _write_stamp(root, {**record, "source": found.source, "result": "empty config"})
-        _check_in(platform)
-        return 0
-    plan = _with_meta_hostname(plan, dict(found.meta))
+    if keys is not None:
+        plan = add_user_keys(plan, DEFAULT_USER, keys.keys, keys.source)
+        record["keys"] = f"{len(keys.keys)} for {DEFAULT_USER} from {keys.source}"
+    assert plan is not None  # a config, a key pair or both
+    if found is not None:
+        plan = _with_meta_hostname(plan, dict(found.meta))
     _say(f"applying {plan.source}")
     applied = apply_plan(plan, root)
     _say(f"applied: {describe(applied)}")
-    record |= {
-        "source": plan.source,
-        "format": plan.format,
-        "sha256": hashlib.sha256(found.data).hexdigest(),
-        "result": "applied",
-    }
+    record |= {"source": plan.source, "format": plan.format, "result": "applied"}
+    if found is not None:
+        record["sha256"] = hashlib.sha256(found.data).hexdigest()
     # The stamp goes down before commands run: they run once, like cloud-init's runcmd, even if
     # one fails (a half-run command cannot be rolled back, and running it again could be worse).
     _write_stamp(root, record)

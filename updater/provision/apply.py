@@ -62,6 +62,12 @@ UNIT_SEARCH = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/s
 SCRIPT_PATH = "/var/lib/berth/provision/user-data"
 FIRST_UID = 1000
 LAST_UID = 59999
+# Subordinate id ranges (/etc/subuid, /etc/subgid) for rootless containers: login.defs(5)'s
+# defaults, as useradd hands them out. One range per user, the same in both files.
+SUB_ID_FILES = ("/etc/subuid", "/etc/subgid")
+SUB_ID_MIN = 100000
+SUB_ID_MAX = 600100000
+SUB_ID_COUNT = 65536
 # A command (runcmd, the user-data script, systemctl) may take as long as the whole unit may
 # (berth-provision.service's TimeoutStartSec): the limit names the command that hung, where
 # systemd would only stop the unit.
@@ -611,9 +617,62 @@ def _stage_users(plan: Plan, stage: _Stage) -> list[str]:
     _write_db(stage, "/etc/shadow", shadow, 0o640)
     if gshadow or stage.host("/etc/gshadow").exists():
         _write_db(stage, "/etc/gshadow", gshadow, 0o640)
+    summary += _stage_sub_ids(plan, stage)
     for user, home, uid, gid in homes:
         _stage_home(stage, user, home, uid, gid)
     return summary
+
+
+def _stage_sub_ids(plan: Plan, stage: _Stage) -> list[str]:
+    """Give every login of the plan but root a subordinate uid and gid range, so that rootless
+    podman works for it. A user who has one keeps it (in either file: the same range goes to
+    both); a new range overlaps no range of either file, so it stays the user's for good."""
+    tables = {path: _read_db(stage, path) for path in SUB_ID_FILES}
+    taken: list[tuple[int, int]] = []
+    for path, rows in tables.items():
+        for number, row in enumerate(rows, 1):
+            start, count = (_number(row, 1), _number(row, 2)) if len(row) == 3 else (None, None)
+            if start is None or count is None:
+                raise ProvisionError(
+                    f"{plan.source}: {path} on this machine, line {number}: expected "
+                    f"name:first id:count, got {':'.join(row)!r}"
+                )
+            taken.append((start, start + count))
+    summary: list[str] = []
+    changed = False
+    for user in plan.users:
+        if user.name == "root":
+            continue
+        existing = next((r for rows in tables.values() for r in rows if r[0] == user.name), None)
+        if existing is not None:
+            given = [existing[0], existing[1], existing[2]]
+        else:
+            start = _free_range(taken)
+            taken.append((start, start + SUB_ID_COUNT))
+            given = [user.name, str(start), str(SUB_ID_COUNT)]
+            summary.append(f"user {user.name}: subordinate ids {start}-{start + SUB_ID_COUNT - 1}")
+        for rows in tables.values():
+            if not any(r[0] == user.name for r in rows):
+                rows.append(given)
+                changed = True
+    if changed:
+        for path, rows in tables.items():
+            _write_db(stage, path, rows, 0o644)
+    return summary
+
+
+def _free_range(taken: list[tuple[int, int]]) -> int:
+    start = SUB_ID_MIN
+    for low, high in sorted(taken):
+        if start + SUB_ID_COUNT <= low:
+            break
+        start = max(start, high)
+    if start + SUB_ID_COUNT > SUB_ID_MAX:
+        raise ProvisionError(
+            f"no free subordinate id range of {SUB_ID_COUNT} below {SUB_ID_MAX} in "
+            + " and ".join(SUB_ID_FILES)
+        )
+    return start
 
 
 def _free_id(used: set[int]) -> int:

@@ -15,7 +15,7 @@ import re
 import reprlib
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from updater.files import resolve_in_root
@@ -478,3 +478,20 @@ def check_path(source: str, where: str, path: object) -> str:
             path,
         )
     return path
+
+
+def add_user_keys(plan: Plan | None, name: str, keys: tuple[str, ...], source: str) -> Plan:
+    """`plan` with `keys` (a cloud's key pair) also given to the user `name`, after the keys the
+    config gives that user; a plan of that alone when there is no config."""
+    if plan is None:
+        return Plan(source=source, format="ssh-keys", users=(User(name, keys, where=source),))
+    users = list(plan.users)
+    for i, user in enumerate(users):
+        if user.name == name:
+            merged = tuple(dict.fromkeys((*user.ssh_authorized_keys, *keys)))
+            users[i] = replace(user, ssh_authorized_keys=merged)
+            break
+    else:
+        users.append(User(name, keys, where=source))
+    note = f"{len(keys)} SSH key(s) for {name} from {source}"
+    return replace(plan, users=tuple(users), notes=(*plan.notes, note))

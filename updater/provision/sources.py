@@ -15,6 +15,10 @@ fixed order, and returns the first config it finds with a `source` naming where 
 | vmware | guestinfo `ignition.config.data`, `userdata` (with their `.encoding`) |
 | openstack | the metadata service's `/openstack/latest/user_data` |
 
+`find_platform_keys` reads the SSH key pair the machine was launched with (EC2 IMDSv2
+`public-keys`, GCE `ssh-keys` of instance and project, Azure IMDS `publicKeys`), for the admin
+account `core`, whether or not there is user data.
+
 A metadata service may not answer yet at first boot (the network is still coming up), so it is
 asked again with backoff for `SourceEnv.metadata_wait` seconds; one that never answers is an error,
 because the platform promised it. Nothing found anywhere is not an error: the machine boots
@@ -30,8 +34,10 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
+import re
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -546,22 +552,30 @@ def _request(
         return http.retry_until(deadline, attempt, give_up)
 
 
-def _ec2(env: SourceEnv, notes: list[str]) -> UserData | None:
-    service = "EC2 metadata service"
+EC2_SERVICE = "EC2 metadata service"
+
+
+def _ec2_session(env: SourceEnv) -> dict[str, str]:
+    """The headers of an IMDSv2 session: its token, asked for first (IMDSv1 is not used)."""
     token_reply = _request(
         env,
-        service,
+        EC2_SERVICE,
         "PUT",
         "/latest/api/token",
         {"X-aws-ec2-metadata-token-ttl-seconds": EC2_TOKEN_TTL},
     )
     token = token_reply.body.strip()
     if token_reply.status == 404 or not token:
-        raise ProvisionError(f"{service}: no IMDSv2 session token at /latest/api/token")
+        raise ProvisionError(f"{EC2_SERVICE}: no IMDSv2 session token at /latest/api/token")
     try:
-        headers = {"X-aws-ec2-metadata-token": token.decode("ascii")}
+        return {"X-aws-ec2-metadata-token": token.decode("ascii")}
     except UnicodeDecodeError:
-        raise ProvisionError(f"{service}: the IMDSv2 session token is not ASCII") from None
+        raise ProvisionError(f"{EC2_SERVICE}: the IMDSv2 session token is not ASCII") from None
+
+
+def _ec2(env: SourceEnv, notes: list[str]) -> UserData | None:
+    service = EC2_SERVICE
+    headers = _ec2_session(env)
     reply = _request(env, service, "GET", "/latest/user-data", headers)
     if reply.status == 404:
         notes.append("EC2: the instance has no user data")
@@ -574,16 +588,22 @@ def _ec2(env: SourceEnv, notes: list[str]) -> UserData | None:
     return _non_empty(reply.body, "EC2 IMDSv2 user-data", notes, meta)
 
 
-def _gce(env: SourceEnv, notes: list[str]) -> UserData | None:
-    service = "GCE metadata server"
-    path = "/computeMetadata/v1/instance/attributes/user-data"
-    reply = _request(env, service, "GET", path, {"Metadata-Flavor": "Google"})
+GCE_SERVICE = "GCE metadata server"
+
+
+def _gce_get(env: SourceEnv, path: str) -> _Reply:
+    reply = _request(env, GCE_SERVICE, "GET", path, {"Metadata-Flavor": "Google"})
     # The real server marks every answer, 404s included; anything else is some other server.
     if reply.headers.get("Metadata-Flavor") != "Google":
         raise ProvisionError(
-            f"{service}: {env.metadata_url.rstrip('/')}{path} answered without the header "
+            f"{GCE_SERVICE}: {env.metadata_url.rstrip('/')}{path} answered without the header "
             "'Metadata-Flavor: Google': that is not the GCE metadata server"
         )
+    return reply
+
+
+def _gce(env: SourceEnv, notes: list[str]) -> UserData | None:
+    reply = _gce_get(env, "/computeMetadata/v1/instance/attributes/user-data")
     if reply.status == 404:
         notes.append("GCE: the instance has no user-data metadata key")
         return None
@@ -722,4 +742,190 @@ _SOURCES: Mapping[Platform, tuple[_Source, ...]] = {
     Platform.VMWARE: (*_DRIVES, _vmware),
     Platform.OPENSTACK: (*_DRIVES, _openstack_metadata),
     Platform.METAL: _DRIVES,
+}
+
+
+# SSH keys the platform holds for the machine (a cloud's key pair)
+
+# The account a cloud's key pair logs in to, as on Fedora CoreOS and Flatcar (Afterburn gives
+# the keys of every platform to `core`, whatever user name the console shows).
+DEFAULT_USER = "core"
+AZURE_KEYS_PATH = "/metadata/instance/compute/publicKeys?api-version=2021-02-01"
+# Public key algorithms sshd accepts (ssh -Q key), with the security-key and certificate forms.
+KEY_TYPE = re.compile(
+    r"(ssh-(rsa|dss|ed25519)|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com"
+    r"|sk-ecdsa-sha2-nistp256@openssh\.com|ssh-(rsa|dss|ed25519)-cert-v01@openssh\.com"
+    r"|ecdsa-sha2-nistp(256|384|521)-cert-v01@openssh\.com)"
+)
+BASE64_BLOB = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
+@dataclass(frozen=True)
+class PlatformKeys:
+    """The public keys a platform holds for this machine, for DEFAULT_USER."""
+
+    keys: tuple[str, ...]
+    source: str  # for messages and the stamp: "EC2 IMDSv2 public-keys"
+    notes: tuple[str, ...] = ()
+
+
+def check_public_key(text: str, where: str) -> str:
+    """`text` as one authorized_keys line (`type base64 [comment]`), or a ProvisionError naming
+    `where`: a platform's answer goes into a file sshd reads, so it is checked like a config."""
+    line = text.strip()
+    parts = line.split(None, 2)
+    if (
+        "\n" in line
+        or "\r" in line
+        or "\0" in line
+        or len(parts) < 2
+        or not KEY_TYPE.fullmatch(parts[0])
+        or not BASE64_BLOB.fullmatch(parts[1])
+    ):
+        raise field_error(
+            where, "key", "an SSH public key on one line ('ssh-ed25519 AAAA... comment')", line
+        )
+    return line
+
+
+def find_platform_keys(platform: Platform, *, env: SourceEnv = DEFAULT_ENV) -> PlatformKeys | None:
+    """The key pair the machine was launched with (EC2, GCE, Azure), or None where the platform
+    has none. A metadata service that is broken raises ProvisionError, as for user data."""
+    source = _KEY_SOURCES.get(platform)
+    if source is None:
+        return None
+    notes: list[str] = []
+    found = source(env, notes)
+    if found is None:
+        for note in notes:
+            log.warning("%s", note)
+        return None
+    return dataclasses.replace(found, notes=(*notes, *found.notes))
+
+
+def _key_lines(body: bytes, where: str) -> list[str]:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise field_error(where, "key", "UTF-8 text") from None
+    return [check_public_key(line, where) for line in text.splitlines() if line.strip()]
+
+
+def _ec2_keys(env: SourceEnv, notes: list[str]) -> PlatformKeys | None:
+    headers = _ec2_session(env)
+    listing_path = "/latest/meta-data/public-keys/"
+    listing = _request(env, EC2_SERVICE, "GET", listing_path, headers)
+    if listing.status == 404 or not listing.body.strip():
+        notes.append("EC2: the instance was launched without a key pair")
+        return None
+    keys: list[str] = []
+    for number, line in enumerate(listing.body.decode(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        # One line per key pair: "0=my-key-name".
+        index, equals, _ = line.strip().partition("=")
+        if not equals or not index.isascii() or not index.isdigit():
+            raise field_error(
+                f"EC2 IMDSv2 {listing_path}", f"line {number}", "'<index>=<key name>'", line
+            )
+        path = f"{listing_path}{int(index)}/openssh-key"
+        reply = _request(env, EC2_SERVICE, "GET", path, headers)
+        if reply.status == 404:
+            raise ProvisionError(f"{EC2_SERVICE}: {path}: the key pair {line!r} has no OpenSSH key")
+        keys += _key_lines(reply.body, f"EC2 IMDSv2 {path}")
+    return PlatformKeys(tuple(dict.fromkeys(keys)), "EC2 IMDSv2 public-keys") if keys else None
+
+
+def _gce_key_lines(body: bytes, where: str, notes: list[str], now: float) -> list[str]:
+    """`ssh-keys` metadata: one `user:key` per line. The user names the account GCE's own guest
+    agent would make; Berth gives every key to DEFAULT_USER, as Afterburn does. A key that
+    gcloud made with an expiry (`google-ssh {"expireOn": ...}`) is left out once expired."""
+    keys: list[str] = []
+    for number, line in enumerate(body.decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        user, colon, key = line.strip().partition(":")
+        if not colon or not user:
+            raise field_error(where, f"line {number}", "'<user>:<ssh public key>'", line)
+        key = check_public_key(key, f"{where} line {number}")
+        parts = key.split(None, 3)
+        if len(parts) == 4 and parts[2] == "google-ssh":
+            expiry = _gce_expiry(parts[3], f"{where} line {number}")
+            if expiry is not None and expiry <= now:
+                notes.append(f"GCE: {where} line {number}: the key for {user} expired, left out")
+                continue
+        keys.append(key)
+    return keys
+
+
+def _gce_expiry(text: str, where: str) -> float | None:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise field_error(where, "google-ssh", "a JSON object after 'google-ssh'", text) from None
+    stamp = doc.get("expireOn") if isinstance(doc, dict) else None
+    if stamp is None:
+        return None
+    try:
+        # "2026-12-31T23:59:59+0000" (gcloud) or with a "Z".
+        parsed = datetime.datetime.strptime(str(stamp).replace("Z", "+0000"), "%Y-%m-%dT%H:%M:%S%z")
+    except ValueError:
+        raise field_error(
+            where, "google-ssh.expireOn", "a time like 2026-12-31T23:59:59+0000", stamp
+        ) from None
+    return parsed.timestamp()
+
+
+def _gce_keys(env: SourceEnv, notes: list[str]) -> PlatformKeys | None:
+    base = "/computeMetadata/v1"
+    now = time.time()
+    block = _gce_get(env, f"{base}/instance/attributes/block-project-ssh-keys")
+    blocked = block.status != 404 and block.body.strip().lower() == b"true"
+    paths = [f"{base}/instance/attributes/ssh-keys", f"{base}/instance/attributes/sshKeys"]
+    if blocked:
+        notes.append("GCE: the instance blocks project-wide SSH keys")
+    else:
+        paths.append(f"{base}/project/attributes/ssh-keys")
+    keys: list[str] = []
+    for path in paths:
+        reply = _gce_get(env, path)
+        if reply.status != 404:
+            keys += _gce_key_lines(reply.body, f"GCE metadata {path}", notes, now)
+    if not keys:
+        notes.append("GCE: no ssh-keys in the instance's or the project's metadata")
+        return None
+    return PlatformKeys(tuple(dict.fromkeys(keys)), "GCE metadata ssh-keys")
+
+
+def _azure_keys(env: SourceEnv, notes: list[str]) -> PlatformKeys | None:
+    where = "Azure IMDS publicKeys"
+    reply = _request(env, "Azure IMDS", "GET", AZURE_KEYS_PATH, {"Metadata": "true"})
+    if reply.status == 404 or not reply.body.strip():
+        notes.append("Azure: the VM has no SSH public keys")
+        return None
+    try:
+        doc = json.loads(reply.body)
+    except ValueError as e:
+        raise field_error(where, "(top level)", f"JSON ({e})") from None
+    if not isinstance(doc, list):
+        raise field_error(where, "(top level)", "a list of {keyData, path}", doc)
+    keys: list[str] = []
+    for i, entry in enumerate(doc):
+        data = entry.get("keyData") if isinstance(entry, dict) else None
+        if not isinstance(data, str):
+            raise field_error(where, f"[{i}].keyData", "an SSH public key", data)
+        # keyData may carry Windows line ends; `path` names the admin user's home, whose
+        # account Berth does not make: the keys go to DEFAULT_USER.
+        keys += _key_lines(data.encode(), f"{where}[{i}].keyData")
+    if not keys:
+        notes.append("Azure: the VM has no SSH public keys")
+        return None
+    return PlatformKeys(tuple(dict.fromkeys(keys)), where)
+
+
+_KeySource = Callable[[SourceEnv, list[str]], PlatformKeys | None]
+_KEY_SOURCES: Mapping[Platform, _KeySource] = {
+    Platform.EC2: _ec2_keys,
+    Platform.GCE: _gce_keys,
+    Platform.AZURE: _azure_keys,
 }
