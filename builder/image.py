@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -17,6 +16,7 @@ from builder.erofs import make_erofs
 from builder.errors import BuildError
 from builder.lock import exclusive
 from builder.log import complete_step, log, warn
+from builder.sbom import spdx_document
 from builder.tomlwrite import toml_table
 from builder.verity import make_verity
 from updater import config as agent_config
@@ -120,34 +120,6 @@ def _make_mount_points(tree: Path) -> None:
         path.mkdir(exist_ok=True)
 
 
-def _spdx(config: ImageConfig, version: Version, packages: tuple[tuple[str, str, str], ...]) -> str:
-    doc = {
-        "spdxVersion": "SPDX-2.3",
-        "dataLicense": "CC0-1.0",
-        "SPDXID": "SPDXRef-DOCUMENT",
-        "name": f"berth-{config.name}-{version}",
-        "documentNamespace": f"https://berth.invalid/spdx/{config.name}/{version}",
-        "creationInfo": {"created": "1970-01-01T00:00:00Z", "creators": ["Tool: berth-build"]},
-        "packages": [
-            {
-                "SPDXID": f"SPDXRef-deb-{name.replace('+', 'plus').replace('.', '-')}",
-                "name": name,
-                "versionInfo": ver,
-                "downloadLocation": "NOASSERTION",
-                "externalRefs": [
-                    {
-                        "referenceCategory": "PACKAGE-MANAGER",
-                        "referenceType": "purl",
-                        "referenceLocator": f"pkg:deb/debian/{name}@{ver}?arch={arch}",
-                    }
-                ],
-            }
-            for name, ver, arch in packages
-        ],
-    }
-    return json.dumps(doc, indent=1) + "\n"
-
-
 def build_image(
     config: ImageConfig,
     version: Version,
@@ -225,10 +197,11 @@ def _build_image(
             )
 
     # After the lint: container images bring their own libraries, resolved in their own roots.
+    preloaded: list[preload.PreloadedImage] = []
     if config.preload:
         with complete_step(f"Preloading {len(config.preload)} container image archive(s)"):
-            names = preload.preload_images(tree, config.preload, work / "preload")
-            log(f"preloaded: {', '.join(names) or 'no named images'}")
+            preloaded = preload.preload_images(tree, config.preload, work / "preload")
+            log(f"preloaded: {', '.join(i.name for i in preloaded) or 'no named images'}")
 
     staging = work / "staging"
     if staging.exists():
@@ -282,7 +255,8 @@ def _build_image(
     outputs = formats.write_formats(staging / "disk.raw", config.formats, appliance)
     with complete_step("Writing the manifest and package list"):
         overlay.replace_file(staging / "packages.txt", _package_list(root.packages))
-        (staging / "sbom.spdx.json").write_text(_spdx(config, version, root.packages))
+        sbom = spdx_document(config.name, str(version), root.packages, preloaded)
+        (staging / "sbom.spdx.json").write_text(sbom)
         (staging / "cmdline.txt").write_text(cmdline + "\n")
         payload = {
             "root.erofs": staging / "root.erofs",

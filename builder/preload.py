@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import BuildError
@@ -79,8 +80,16 @@ chroot "$tree" /usr/bin/podman \
 """
 
 
-def preload_images(tree: Path, archives: Sequence[Path], scratch: Path) -> list[str]:
-    """Load `archives` into the tree's read-only image store; return the image names it holds."""
+@dataclass(frozen=True)
+class PreloadedImage:
+    """One name of an image in the store, for the log and the SBOM."""
+
+    name: str  # "docker.io/library/nginx:1.27"
+    image_id: str  # podman's image id: the sha256 of the image's config, 64 hex digits
+
+
+def preload_images(tree: Path, archives: Sequence[Path], scratch: Path) -> list[PreloadedImage]:
+    """Load `archives` into the tree's read-only image store; return the names it holds."""
     if not (tree / "usr/bin/podman").is_file():
         raise BuildError(
             "the image definition lists images to preload, but the image has no podman",
@@ -136,7 +145,14 @@ def preload_images(tree: Path, archives: Sequence[Path], scratch: Path) -> list[
         else:
             path.unlink(missing_ok=True)
     make_reproducible(store)
-    return sorted(name for image in listing for name in image.get("Names") or [])
+    return sorted(
+        (
+            PreloadedImage(name, str(image.get("Id", "")))
+            for image in listing
+            for name in image.get("Names") or []
+        ),
+        key=lambda found: found.name,
+    )
 
 
 def make_reproducible(store: Path) -> None:

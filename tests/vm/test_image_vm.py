@@ -166,3 +166,19 @@ def test_tampered_root_never_runs(
     assert "Reached target multi-user.target" not in log
     assert "Started ssh.service" not in log
     assert "login:" not in log
+
+
+def test_the_built_images_sbom_is_valid_and_complete(built_image: BuildResult) -> None:
+    """No boot: the SPDX project's validator reads the SBOM the session's build wrote."""
+    from spdx_tools.spdx.parser.parse_anything import parse_file
+    from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+
+    sbom = built_image.output / "sbom.spdx.json"
+    document = parse_file(str(sbom))
+    assert [m.validation_message for m in validate_full_spdx_document(document)] == []
+    listed = {
+        line.split("\t")[0]
+        for line in (built_image.output / "packages.txt").read_text().splitlines()
+    }
+    names = {package.name for package in document.packages}
+    assert listed <= names and "berth-update" in names and "berth-containerhost" in names
