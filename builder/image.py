@@ -126,6 +126,7 @@ def build_image(
     repo: Path,
     *,
     refresh: bool = False,
+    offline: bool = False,
     out_dir: Path | None = None,
     keys_dir: Path | None = None,
     extra_trees: Sequence[Path] = (),
@@ -135,7 +136,9 @@ def build_image(
     # Builds of one image share its work tree: a second build (another shell, a test session,
     # another checkout sharing the cache) waits instead of changing files under the first.
     with exclusive(work.with_name(f"{config.name}.lock"), f"another build of {config.name}"):
-        return _build_image(config, version, repo, work, refresh, out_dir, keys_dir, extra_trees)
+        return _build_image(
+            config, version, repo, work, (refresh, offline), out_dir, keys_dir, extra_trees
+        )
 
 
 def _build_image(
@@ -143,7 +146,7 @@ def _build_image(
     version: Version,
     repo: Path,
     work: Path,
-    refresh: bool,
+    freshness: tuple[bool, bool],  # (refresh, offline)
     out_dir: Path | None,
     keys_dir: Path | None,
     extra_trees: Sequence[Path],
@@ -154,7 +157,8 @@ def _build_image(
     output = out_root / str(version)
     seed = f"{config.name}:{version}"
 
-    root = rootfs.build_rootfs(config, cache, refresh=refresh)
+    refresh, offline = freshness
+    root = rootfs.build_rootfs(config, cache, refresh=refresh, offline=offline)
     work.mkdir(parents=True, exist_ok=True)
     tree = work / "tree"
     with complete_step("Preparing the image tree"):
@@ -255,7 +259,7 @@ def _build_image(
     outputs = formats.write_formats(staging / "disk.raw", config.formats, appliance)
     with complete_step("Writing the manifest and package list"):
         overlay.replace_file(staging / "packages.txt", _package_list(root.packages))
-        sbom = spdx_document(config.name, str(version), root.packages, preloaded)
+        sbom = spdx_document(config.name, str(version), root.packages, preloaded, root.sha256)
         (staging / "sbom.spdx.json").write_text(sbom)
         (staging / "cmdline.txt").write_text(cmdline + "\n")
         payload = {

@@ -1,8 +1,12 @@
 """Stage 1: the root tree from Debian packages (mmdebstrap), trimmed and cached by content hash.
 
 The cache key covers everything that decides the tree: suite, package sources, package list, the
-mmdebstrap version and this module's recipe version. A rebuild with the same key reuses the cached
-tree without touching the network or mmdebstrap; `--refresh` forces a new bootstrap.
+mmdebstrap version, this module's recipe version, and the exact version of every package the
+archive would install today (builder/archive.py asks it, in seconds, on every build). A build
+whose key matches a cached tree reuses it; when the archive has published anything new for the
+image (a security fix), the key differs and the tree is bootstrapped again, saying what changed.
+`--offline` reuses the newest cached tree for the same inputs without asking the archive;
+`--refresh` bootstraps again whatever the cache holds.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder import trim
+from builder import archive, trim
 from builder.config import ImageConfig
 from builder.errors import BuildError
 from builder.log import complete_step, log
@@ -65,6 +70,8 @@ class RootTree:
     packages: tuple[tuple[str, str, str], ...]  # (name, version, architecture)
     package_files: Path  # directory of <package>.list files (dpkg's file lists)
     var: Path  # the tree's /var, seeded onto the STATE partition
+    # (name, version, architecture) -> SHA256 of the .deb, where the archive's index gave it.
+    sha256: Mapping[tuple[str, str, str], str] = field(default_factory=dict, compare=False)
 
 
 def _host_apt_uris(apt: Path = Path("/etc/apt")) -> list[tuple[str, str]]:
@@ -162,24 +169,85 @@ def _build_stub_deb(workdir: Path) -> Path:
 
 def _load(entry: Path) -> RootTree:
     meta = json.loads((entry / "meta.json").read_text())
+    sums = meta.get("resolved", {}).get("sha256", {})
+    packages = tuple((p[0], p[1], p[2]) for p in meta["packages"])
     return RootTree(
         path=entry / "tree",
         kernel=entry / "vmlinuz",
         kernel_version=meta["kernel_version"],
-        packages=tuple((p[0], p[1], p[2]) for p in meta["packages"]),
+        packages=packages,
         package_files=entry / "dpkg-lists",
         var=entry / "var",
+        sha256={p: sums["\t".join(p)] for p in packages if "\t".join(p) in sums},
     )
 
 
-def build_rootfs(config: ImageConfig, cache_dir: Path, *, refresh: bool = False) -> RootTree:
-    """Return the trimmed root tree for `config`, bootstrapping it only when not cached."""
+def stub_status() -> str:
+    """The dpkg status the bootstrap has when apt resolves: the initrd stub, installed."""
+    first, rest = _INITRD_STUB_CONTROL.split("\n", 1)
+    return f"{first}\nStatus: install ok installed\n{rest}\n"
+
+
+def cached_trees(cache_root: Path, key: str) -> list[Path]:
+    """The cached trees for these inputs (one per set of archive versions), newest first."""
+    found = [e for e in cache_root.glob(f"{key}-*") if (e / "meta.json").is_file()]
+    return sorted(found, key=lambda e: (e / "meta.json").stat().st_mtime, reverse=True)
+
+
+def changed_versions(before: Sequence[Sequence[str]], after: Sequence[Sequence[str]]) -> list[str]:
+    """What moved between two package lists: "+name version", "-name", "name old → new"."""
+    old = {p[0]: p[1] for p in before}
+    new = {p[0]: p[1] for p in after}
+    lines = [
+        f"{n} {old[n]} → {new[n]}" for n in sorted(old.keys() & new.keys()) if old[n] != new[n]
+    ]
+    lines += [f"+{n} {new[n]}" for n in sorted(new.keys() - old.keys())]
+    lines += [f"-{n} {old[n]}" for n in sorted(old.keys() - new.keys())]
+    return lines
+
+
+def build_rootfs(
+    config: ImageConfig, cache_dir: Path, *, refresh: bool = False, offline: bool = False
+) -> RootTree:
+    """Return the trimmed root tree for `config`, bootstrapping it only when the archive has
+    nothing newer than a cached one (or, `offline`, whenever no tree is cached at all)."""
     sources = apt_sources(config)
     key = cache_key(config, sources)
-    entry = cache_dir / "rootfs" / key
+    cache_root = cache_dir / "rootfs"
+    earlier = cached_trees(cache_root, key)
+    if offline:
+        if not earlier:
+            raise BuildError(
+                "--offline: no cached root tree for this image's packages and sources",
+                hint="build once without --offline, with the package archive reachable",
+            )
+        log(
+            f"root tree cached ({earlier[0].name}); --offline: not asking the archive whether "
+            "newer package versions (security fixes) exist"
+        )
+        return _load(earlier[0])
+    with complete_step("Asking the archive which package versions to install"):
+        resolution = archive.resolve(
+            cache_dir / "apt" / key,
+            [s.line() for s in sources],
+            [*archive.MINBASE, *config.packages],
+            installed=stub_status(),
+        )
+    entry = cache_root / f"{key}-{resolution.digest()}"
     if (entry / "meta.json").exists() and not refresh:
-        log(f"root tree cached ({key}): no bootstrap needed")
+        log(
+            f"root tree cached ({entry.name}): the archive has the same "
+            f"{len(resolution.packages)} package versions"
+        )
         return _load(entry)
+    if earlier and not refresh:
+        before = json.loads((earlier[0] / "meta.json").read_text()).get("resolved", {})
+        changes = changed_versions(before.get("packages", []), resolution.packages)
+        log(f"the archive has changed since the cached tree {earlier[0].name}: bootstrapping again")
+        for line in changes[:50]:
+            log(f"  {line}")
+        if len(changes) > 50:
+            log(f"  ... and {len(changes) - 50} more")
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
@@ -230,7 +298,12 @@ def build_rootfs(config: ImageConfig, cache_dir: Path, *, refresh: bool = False)
             # /var is not part of the read-only root: it is STATE's initial content.
             shutil.move(tree / "var", staging / "var")
             (tree / "var").mkdir(mode=0o755)
-        meta = {"kernel_version": kernel_version, "packages": packages, "key": key}
+        meta = {
+            "kernel_version": kernel_version,
+            "packages": packages,
+            "key": entry.name,
+            "resolved": resolution.to_json(),
+        }
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
         if entry.exists():
             shutil.rmtree(entry)
@@ -238,4 +311,9 @@ def build_rootfs(config: ImageConfig, cache_dir: Path, *, refresh: bool = False)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # Trees for older versions of the same inputs are superseded (and large): --offline uses
+    # the newest, and a build that asks the archive never goes back to older versions.
+    for old_entry in earlier:
+        if old_entry != entry:
+            shutil.rmtree(old_entry, ignore_errors=True)
     return _load(entry)

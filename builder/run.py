@@ -21,6 +21,9 @@ from builder.log import log
 # the image (mkfs.erofs, veritysetup, ukify, depmod, ...) runs from the image's own tree.
 HOST_TOOLS: dict[str, str] = {
     "mmdebstrap": "mmdebstrap",
+    # Asking the archive which versions a build would install (builder/archive.py).
+    "apt-get": "apt",
+    "apt-cache": "apt",
     "mkfs.vfat": "dosfstools",
     "mcopy": "mtools",
     "mmd": "mtools",

@@ -3,7 +3,8 @@
 The document DESCRIBES one package, the image itself (an operating system), which CONTAINS every
 Debian package installed in its tree, the update agent that Berth installs beside them, and each
 container image preloaded into its read-only store. Debian packages are named by purl
-(`pkg:deb/debian/NAME@VERSION?arch=ARCH`), container images by theirs (`pkg:oci/...`) with the
+(`pkg:deb/debian/NAME@VERSION?arch=ARCH`) with the SHA256 of the .deb that the archive's
+index gives (builder/archive.py), container images by theirs (`pkg:oci/...`) with the
 sha256 of their config as the checksum. Everything is derived from the build's inputs, so two
 builds of the same inputs write the same document (no timestamp, no random namespace).
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -56,8 +57,10 @@ def spdx_document(
     version: str,
     packages: Sequence[tuple[str, str, str]],
     preloaded: Sequence[PreloadedImage] = (),
+    sha256: Mapping[tuple[str, str, str], str] | None = None,
 ) -> str:
-    """The SBOM of image `image` at `version`: `packages` are (name, version, arch) as installed."""
+    """The SBOM of image `image` at `version`: `packages` are (name, version, arch) as installed,
+    `sha256` the checksums of their .debs where the archive gave them."""
     top = spdx_id("Image", image)
     entries: list[dict[str, Any]] = [
         {
@@ -80,8 +83,11 @@ def spdx_document(
         },
     ]
     for name, ver, arch in packages:
+        checksum = (sha256 or {}).get((name, ver, arch))
+        sums = [{"algorithm": "SHA256", "checksumValue": checksum}] if checksum else []
         entries.append(
             {
+                **({"checksums": sums} if sums else {}),
                 "SPDXID": spdx_id("deb", f"{arch}.{name}"),
                 "name": name,
                 "versionInfo": ver,

@@ -26,6 +26,12 @@ def build_config(image_name: str, requested: list[str] | None) -> ImageConfig:
     return dataclasses.replace(config, formats=tuple(dict.fromkeys(map(OutputFormat, chosen))))
 
 
+def build_conflict(args: argparse.Namespace) -> str | None:
+    if args.refresh and args.offline:
+        return "--refresh bootstraps from the archive and --offline never asks it: give one"
+    return None
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     config = build_config(args.image, args.formats)
     tools = (*image.BUILD_TOOLS, *formats.host_tools(config.formats))
@@ -33,7 +39,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     version: Version = args.version or default_version(REPO / "out")
     log(f"Building image '{config.name}' version {version}")
     result = image.build_image(
-        config, version, REPO, refresh=args.refresh, extra_trees=args.extra_tree
+        config,
+        version,
+        REPO,
+        refresh=args.refresh,
+        offline=args.offline,
+        extra_trees=args.extra_tree,
     )
     log("")
     log(f"{'stage':<50} {'seconds':>8}")

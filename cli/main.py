@@ -9,7 +9,7 @@ from pathlib import Path
 from builder.config import OutputFormat
 from builder.errors import BuildError
 from cli import REPO
-from cli.build import ALL_FORMATS, DEFAULT_IMAGE, cmd_build, cmd_list
+from cli.build import ALL_FORMATS, DEFAULT_IMAGE, build_conflict, cmd_build, cmd_list
 from cli.publish import (
     DEFAULT_CHANNEL,
     cmd_keys,
@@ -38,6 +38,11 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--refresh", action="store_true", help="bootstrap again, ignoring the cache")
     b.add_argument(
+        "--offline",
+        action="store_true",
+        help="reuse the cached package tree without asking the archive for newer versions",
+    )
+    b.add_argument(
         "--extra-tree",
         type=Path,
         action="append",
@@ -54,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
         help="write this disk format instead of the definition's `formats` (repeatable; "
         f"{', '.join(f.value for f in OutputFormat)} or {ALL_FORMATS}; docs/platforms.md)",
     )
-    b.set_defaults(func=cmd_build)
+    b.set_defaults(func=cmd_build, conflict=build_conflict)
     r = sub.add_parser(
         "run", help="boot an image or disk file in QEMU (see `run --help`)", add_help=False
     )

@@ -52,6 +52,15 @@ def test_bad_version_argument_names_it(capsys: pytest.CaptureFixture[str]) -> No
     assert "--version: version '1.2' is not MAJOR.MINOR.PATCH" in capsys.readouterr().err
 
 
+def test_refresh_and_offline_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["build", "--refresh", "--offline"])
+    assert exit.value.code == 2
+    assert "--refresh bootstraps from the archive and --offline never asks it" in (
+        capsys.readouterr().err
+    )
+
+
 def test_format_flag_replaces_the_definitions_formats() -> None:
     def formats(*argv: str) -> tuple[OutputFormat, ...]:
         args = parser().parse_args(["build", *argv])

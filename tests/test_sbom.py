@@ -35,9 +35,20 @@ def problems(document: str, tmp_path: Path) -> list[str]:
     return [m.validation_message for m in validate_full_spdx_document(parse_file(str(path)))]
 
 
+SUMS = {PACKAGES[0]: "c" * 64, PACKAGES[3]: "d" * 64}
+
+
 def test_the_sbom_is_valid_spdx(tmp_path: Path) -> None:
-    document = spdx_document("containerhost", "2026.1203.0", PACKAGES, IMAGES)
+    document = spdx_document("containerhost", "2026.1203.0", PACKAGES, IMAGES, SUMS)
     assert problems(document, tmp_path) == []
+
+
+def test_debs_carry_the_archives_checksums_where_it_gave_them() -> None:
+    doc = json.loads(spdx_document("containerhost", "2026.1203.0", PACKAGES, IMAGES, SUMS))
+    by_name = {p["name"]: p for p in doc["packages"]}
+    assert by_name["libc6"]["checksums"] == [{"algorithm": "SHA256", "checksumValue": "c" * 64}]
+    assert by_name["python3-tuf"]["checksums"][0]["checksumValue"] == "d" * 64
+    assert "checksums" not in by_name["g++"]
 
 
 def test_the_validator_would_say_so(tmp_path: Path) -> None:
