@@ -185,6 +185,7 @@ def _build_image(
         # After every overlay: each may declare users and groups (sysusers.d).
         for line in accounts.apply_sysusers(tree).splitlines():
             log(f"accounts: {line}")
+        overlay.install_file(tree, accounts.IMAGE_SYSUSERS, accounts.image_sysusers(tree).encode())
         # The only trust anchor for updates, inside the verity-protected /usr. Written through
         # host_path, as everything after the overlays: a link they left must not lead out.
         anchor = trust_anchor(keys_dir or repo / "keys")

@@ -21,6 +21,8 @@ from builder.log import log
 # the image (mkfs.erofs, veritysetup, ukify, depmod, ...) runs from the image's own tree.
 HOST_TOOLS: dict[str, str] = {
     "mmdebstrap": "mmdebstrap",
+    # The tests apply sysusers.d files to machine trees with the host's (builder/accounts.py).
+    "systemd-sysusers": "systemd",
     # Asking the archive which versions a build would install (builder/archive.py).
     "apt-get": "apt",
     "apt-cache": "apt",

@@ -82,6 +82,15 @@ def test_first_boot_reboot_and_containers(
     assert "kbdinteractiveauthentication no" in sshd
     shadow = vm.ssh_output("cut -d: -f2 /etc/shadow | sort -u").split()
     assert all(field.startswith(("!", "*")) for field in shadow), shadow
+    # The image's account files already hold what its sysusers.d files declare: the boot's
+    # systemd-sysusers wrote nothing, so /etc/passwd still follows the image.
+    assert vm.ssh_output("systemctl show -P Result systemd-sysusers.service") == "success"
+    upper = "/var/lib/berth/etc/upper"
+    assert vm.ssh_output(f"ls {upper}/passwd {upper}/group {upper}/shadow 2>/dev/null; true") == ""
+    assert (
+        vm.ssh_output("getent passwd core") == "core:x:1000:1000:Berth admin:/home/core:/bin/bash"
+    )
+    (artifacts / "blame.txt").write_text(vm.ssh_output("systemd-analyze blame"))
 
     # No package manager to upgrade in place; the package list ships in the image.
     assert vm.ssh("command -v apt-get || command -v dpkg", check=False).returncode != 0
