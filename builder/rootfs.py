@@ -27,6 +27,7 @@ from builder.errors import BuildError
 from builder.log import complete_step, log
 from builder.run import run
 from updater.files import read_utf8
+from updater.release.packages import diff_lines
 
 # Bump when the bootstrap or trim recipe changes in a way that changes the cached tree.
 RECIPE_VERSION = 3
@@ -195,15 +196,8 @@ def cached_trees(cache_root: Path, key: str) -> list[Path]:
 
 
 def changed_versions(before: Sequence[Sequence[str]], after: Sequence[Sequence[str]]) -> list[str]:
-    """What moved between two package lists: "+name version", "-name", "name old → new"."""
-    old = {p[0]: p[1] for p in before}
-    new = {p[0]: p[1] for p in after}
-    lines = [
-        f"{n} {old[n]} → {new[n]}" for n in sorted(old.keys() & new.keys()) if old[n] != new[n]
-    ]
-    lines += [f"+{n} {new[n]}" for n in sorted(new.keys() - old.keys())]
-    lines += [f"-{n} {old[n]}" for n in sorted(old.keys() - new.keys())]
-    return lines
+    """What moved between two package lists: "name old → new", "+name version", "-name"."""
+    return diff_lines({p[0]: p[1] for p in before}, {p[0]: p[1] for p in after})
 
 
 def build_rootfs(

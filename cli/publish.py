@@ -118,6 +118,10 @@ def _print_result(result: PublishResult) -> None:
     )
     for role, when in sorted(result.expires.items()):
         log(f"{role} expires {when:%Y-%m-%d %H:%M} UTC")
+    if result.changes is not None:
+        log(f"package changes {result.changes.summary()}")
+        for line in result.changes.lines():
+            log(f"  {line}")
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from updater.config import DEFAULT_GROUP, ConfigError, UpdateConfig, load_config
 from updater.errors import RefusedError, UpdateError
+from updater.release.packages import change_lines
 from updater.release.version import version_argument
 from updater.update.machine import Machine
 
@@ -151,6 +152,7 @@ def format_status(status: Status) -> str:
         + (f": {status.last_result}" if status.last_result else ""),
         f"pending:      {status.pending or 'none'}",
     ]
+    lines.extend(f"              {line}" for line in status.pending_changes)
     if status.reboot_held:
         lines.append(f"reboot waits: {status.reboot_held}")
     if status.busy:
@@ -248,6 +250,8 @@ def _run(args: argparse.Namespace, agent: Agent, out: TextIO, err: TextIO) -> in
         selection = agent.check(ignore_waves=args.ignore_waves)
         if selection.release is not None:
             out.write(f"update available: {selection.release.version}\n")
+            for line in change_lines(selection.release.changes):
+                out.write(f"  {line}\n")
         else:
             out.write("no update available\n")
         for reason in selection.reasons:

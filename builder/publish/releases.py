@@ -32,9 +32,11 @@ from updater.release.channel import (
     immediate_waves,
 )
 from updater.release.manifest import PAYLOAD_FILES, FileEntry, Manifest, ManifestError, hash_file
+from updater.release.packages import PackageChanges, PackagesError, parse_package_list
 from updater.release.version import Version
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+PACKAGES_FILE = "packages.txt"
 
 
 def read_release(release_dir: Path) -> Manifest:
@@ -128,18 +130,72 @@ def publish(
             raise PublishError(str(e)) from None
     chosen = immediate_waves(when) if immediate else waves
 
+    packages = _read_packages(release_dir)
+    published: list[Release] = []
+
     def edit(state: State) -> None:
-        targets = _add_payload(state, release_dir, manifest)
-        updated = _with_release(state, channel, manifest, targets, chosen, when)
+        targets = _add_payload(state, release_dir, manifest, packages)
+        updated = _with_release(state, channel, manifest, targets, chosen, when, packages)
         if max_version is not None or lift_max_version:
             updated = replace(updated, max_version=max_version)
         write_channel(state, updated)
+        found = updated.find(manifest.image, manifest.arch, manifest.version)
+        if found is not None:
+            published.append(found)
 
-    return change_targets(repo, keys_dir, when, edit, create=True)
+    result = change_targets(repo, keys_dir, when, edit, create=True)
+    return replace(result, changes=published[-1].changes if published else None)
 
 
-def _add_payload(state: State, release_dir: Path, manifest: Manifest) -> Mapping[str, str]:
-    """Copy the payload and the manifest into the repository as targets; file name -> target."""
+def _read_packages(release_dir: Path) -> bytes | None:
+    """The release's packages.txt (None for a release directory from before they existed),
+    checked before anything is written."""
+    path = release_dir / PACKAGES_FILE
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    try:
+        parse_package_list(data.decode("utf-8"), str(path))
+    except UnicodeDecodeError:
+        raise PublishError(f"{path}: expected UTF-8 text") from None
+    except PackagesError as e:
+        raise PublishError(str(e)) from None
+    return data
+
+
+def _previous_packages(
+    state: State, current: ChannelManifest, manifest: Manifest
+) -> tuple[Version, dict[str, str]] | None:
+    """The package list of the newest release before `manifest` on the channel (pulled ones
+    aside: nobody was meant to run them), when the repository holds it."""
+    earlier = [
+        r
+        for r in current.releases
+        if (r.image, r.arch) == (manifest.image, manifest.arch)
+        and r.version < manifest.version
+        and not r.pulled
+    ]
+    for release in sorted(earlier, key=lambda r: r.version, reverse=True):
+        target = state.targets.signed.targets.get(
+            f"{manifest.image}/{release.version}/{PACKAGES_FILE}"
+        )
+        if target is None:
+            continue
+        path = target_file(state.repo, target)
+        try:
+            return release.version, parse_package_list(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, UnicodeDecodeError, PackagesError) as e:
+            raise PublishError(
+                f"the package list of {release.label} in the repository: {e}"
+            ) from None
+    return None
+
+
+def _add_payload(
+    state: State, release_dir: Path, manifest: Manifest, packages: bytes | None
+) -> Mapping[str, str]:
+    """Copy the payload and the manifest into the repository as targets; file name -> target.
+    The package list goes in too (not named by the release: only the next publish reads it)."""
     prefix = f"{manifest.image}/{manifest.version}"
     target_paths: dict[str, str] = {}
     for name in PAYLOAD_FILES:
@@ -157,6 +213,12 @@ def _add_payload(state: State, release_dir: Path, manifest: Manifest) -> Mapping
     if not state.staging.exists(manifest_file):
         state.staging.write(manifest_file, manifest_data)
     target_paths["manifest.json"] = manifest_target.path
+    if packages is not None:
+        listed = TargetFile.from_data(f"{prefix}/{PACKAGES_FILE}", packages, ["sha256"])
+        add_target(state, listed)
+        listed_file = target_file(state.repo, listed)
+        if not state.staging.exists(listed_file):
+            state.staging.write(listed_file, packages)
     return MappingProxyType(target_paths)
 
 
@@ -167,8 +229,10 @@ def _with_release(
     targets: Mapping[str, str],
     waves: Mapping[int, datetime] | None,
     when: datetime,
+    packages: bytes | None = None,
 ) -> ChannelManifest:
-    """The channel's manifest with this release added, or its entry updated."""
+    """The channel's manifest with this release added, or its entry updated (a published
+    release keeps the change list it was published with)."""
     current = load_channel(state, channel)
     existing = current.find(manifest.image, manifest.arch, manifest.version)
     if existing is not None and existing.roothash != manifest.roothash:
@@ -191,5 +255,19 @@ def _with_release(
         targets=targets,
         waves=new_waves,
         pulled=existing.pulled if existing is not None else False,
+        changes=existing.changes
+        if existing is not None
+        else _changes(state, current, manifest, packages),
     )
     return current.with_release(release)
+
+
+def _changes(
+    state: State, current: ChannelManifest, manifest: Manifest, packages: bytes | None
+) -> PackageChanges | None:
+    previous = _previous_packages(state, current, manifest) if packages is not None else None
+    if previous is None or packages is None:
+        return None
+    since, before = previous
+    after = parse_package_list(packages.decode("utf-8"), PACKAGES_FILE)
+    return PackageChanges.between(since, before, after)

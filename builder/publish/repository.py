@@ -40,6 +40,7 @@ from builder.publish.keys import (
     signing_time,
 )
 from builder.publish.staging import Staging
+from updater.release.packages import PackageChanges
 
 # The targets under this directory are channel documents, the only targets that change.
 CHANNEL_DIR = "channels"
@@ -54,6 +55,8 @@ class PublishResult:
     snapshot_version: int
     timestamp_version: int
     expires: Mapping[str, datetime]  # role -> expiry of the metadata now in the repository
+    # A published release's package changes since the one before it on its channel.
+    changes: PackageChanges | None = None
 
 
 def no_repository(repo: Path) -> PublishError:

@@ -25,6 +25,7 @@ from updater.errors import UpdateError
 from updater.release.document import json_object
 from updater.release.identity import app_specific_id
 from updater.release.manifest import PAYLOAD_FILES
+from updater.release.packages import PackageChanges, PackagesError, compose
 from updater.release.version import Version
 
 SEED_RANGE = 2048
@@ -63,6 +64,9 @@ class Release:
     # Seed bound (1..2048) -> the time that wave opens.
     waves: Mapping[int, datetime]
     pulled: bool = False
+    # The package changes since the release before it on the channel (None: not known, e.g.
+    # the first release, or one published before change lists existed).
+    changes: PackageChanges | None = None
 
     @property
     def label(self) -> str:
@@ -111,7 +115,7 @@ def _release_to_dict(release: Release) -> dict[str, Any]:
         "targets": dict(sorted(release.targets.items())),
         "waves": {str(bound): format_time(start) for bound, start in sorted(release.waves.items())},
         "pulled": release.pulled,
-    }
+    } | ({} if release.changes is None else {"changes": release.changes.to_dict()})
 
 
 def format_time(when: datetime) -> str:
@@ -185,7 +189,11 @@ def _text(doc: Mapping[str, object], key: str, where: str) -> str:
 def _parse_release(raw: object, where: str) -> Release:
     if not isinstance(raw, dict):
         raise ChannelError(f"{where}: expected an object")
-    _no_unknown(raw, {"image", "arch", "version", "roothash", "targets", "waves", "pulled"}, where)
+    _no_unknown(
+        raw,
+        {"image", "arch", "version", "roothash", "targets", "waves", "pulled", "changes"},
+        where,
+    )
     roothash = _text(raw, "roothash", where)
     if not _HEX64.fullmatch(roothash):
         raise ChannelError(f"{where}.roothash: expected 64 lowercase hex digits")
@@ -200,7 +208,30 @@ def _parse_release(raw: object, where: str) -> Release:
         targets=_parse_targets(raw.get("targets"), f"{where}.targets"),
         waves=parse_waves(raw.get("waves"), f"{where}.waves"),
         pulled=pulled,
+        changes=_changes(raw.get("changes"), f"{where}.changes"),
     )
+
+
+def _changes(raw: object, where: str) -> PackageChanges | None:
+    if raw is None:
+        return None
+    try:
+        return PackageChanges.from_dict(raw, where)
+    except PackagesError as e:
+        raise ChannelError(str(e)) from None
+
+
+def changes_for(
+    channel: ChannelManifest, release: Release, booted: Version
+) -> PackageChanges | None:
+    """What installing `release` changes on a machine that booted `booted`: the change lists of
+    the releases in between, chained (pulled ones count: the lists link through them)."""
+    steps = {
+        r.version: r.changes
+        for r in channel.releases
+        if (r.image, r.arch) == (release.image, release.arch) and r.changes is not None
+    }
+    return compose(booted, steps, release.version)
 
 
 def _parse_targets(raw: object, where: str) -> Mapping[str, str]:

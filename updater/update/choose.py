@@ -20,6 +20,7 @@ from updater.release.channel import (
     ChannelManifest,
     Release,
     Selection,
+    changes_for,
     machine_seed,
     select_candidate,
     select_version,
@@ -100,7 +101,17 @@ def candidate(
         bad=state.bad_versions,
         ignore_waves=ignore_waves,
     )
+    if selection.release is not None:
+        selection = replace(selection, release=as_seen(manifest, selection.release, booted))
     return manifest, selection, state
+
+
+def as_seen(manifest: ChannelManifest, release: Release, booted: Booted) -> Release:
+    """`release` with the package changes it makes on this machine: from the booted version,
+    chained through the releases in between; where the chain is broken (the booted version was
+    never on this channel), the release's own list, whose `since` says what it is from."""
+    composed = changes_for(manifest, release, booted.version)
+    return release if composed is None else replace(release, changes=composed)
 
 
 def check(ctx: Context, *, ignore_waves: bool = False) -> Selection:
@@ -143,8 +154,9 @@ def select(
                 f"install for {where}" + (f" (skipped {skipped})" if skipped else "")
             )
     else:
+        manifest = channel(ctx, repo, state)
         selection = select_version(
-            channel(ctx, repo, state),
+            manifest,
             version,
             image=booted.image,
             arch=ctx.machine.arch,
@@ -154,5 +166,5 @@ def select(
         if selection.release is None:
             reason = "; ".join(s.reason for s in selection.skipped)
             raise RefusedError(f"refused to install {version}: {reason}")
-    release = selection.release
+    release = as_seen(manifest, selection.release, booted)
     return release, record(ctx, state, f"{release.version} selected for install", ok=True)

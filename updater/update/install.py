@@ -87,6 +87,7 @@ from updater.errors import (
 )
 from updater.release.channel import RELEASE_TARGETS, Release
 from updater.release.manifest import Manifest, ManifestError
+from updater.release.packages import change_lines
 from updater.release.version import Version
 from updater.update import choose, fetch
 from updater.update.context import Booted, Context
@@ -430,7 +431,12 @@ def apply(
     state = replace(
         state,
         pending=Pending(
-            release.version, str(target.name), release.roothash, ctx.now(), ctx.boot_id()
+            release.version,
+            str(target.name),
+            release.roothash,
+            ctx.now(),
+            ctx.boot_id(),
+            change_lines(release.changes),
         ),
         last_check=LastCheck(ctx.now(), f"{release.version} installed", True),
     )

@@ -46,6 +46,9 @@ class Pending:
     roothash: str
     installed: datetime
     boot_id: str  # the boot that installed it: a fallback can only be judged after a reboot
+    # What it changes in the packages, as `PackageChanges.lines()` with the summary first;
+    # empty when the channel did not say.
+    changes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class State:
                 "roothash": self.pending.roothash,
                 "installed": _time(self.pending.installed),
                 "boot_id": self.pending.boot_id,
+                "changes": list(self.pending.changes),
             },
             "bad": [
                 {"version": str(b.version), "reason": b.reason, "since": _time(b.since)}
@@ -150,6 +154,7 @@ class State:
                 str(pending["roothash"]),
                 _parse_time(pending["installed"]),
                 str(pending["boot_id"]),
+                _lines(pending.get("changes", []), "pending.changes"),
             ),
             bad=tuple(
                 BadVersion(Version.parse(b["version"]), str(b["reason"]), _parse_time(b["since"]))
@@ -224,3 +229,9 @@ def save_state(path: Path, state: State) -> None:
         write_file_atomic(path, state.to_json().encode())
     except OSError as e:
         raise StorageError(f"cannot save the agent's state to {path}: {e}") from e
+
+
+def _lines(raw: object, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        raise ValueError(f"{where}: expected a list of strings")
+    return tuple(raw)

@@ -63,6 +63,8 @@ class Status:
     # Why the daemon's reboot into the pending update waits, while that update is pending:
     # "hook 50-drain: exit status 1: ... (since ...; retrying at ...)"
     reboot_held: str | None = None
+    # What the pending update changes in the packages (summary line first), as the channel said.
+    pending_changes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -70,6 +72,7 @@ class Status:
         doc["strategy"] = str(self.strategy)
         doc["bad"] = list(self.bad)
         doc["boot_entries"] = list(self.boot_entries)
+        doc["pending_changes"] = list(self.pending_changes)
         return doc
 
 
@@ -126,6 +129,7 @@ def read_status(ctx: Context) -> Status:
         last_check=None if check is None else check.time.isoformat(timespec="seconds"),
         last_result=None if check is None else check.result,
         pending=None if state.pending is None else str(state.pending.version),
+        pending_changes=() if state.pending is None else state.pending.changes,
         bad=tuple(f"{b.version}: {b.reason}" for b in state.bad),
         rollback_note=note,
         boot_entries=tuple(e.name for e in bootentries.list_entries(ctx.machine.esp)),
