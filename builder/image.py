@@ -14,10 +14,12 @@ from builder.config import ImageConfig
 from builder.disk import stable_uuid
 from builder.erofs import make_erofs
 from builder.errors import BuildError
+from builder.etclist import ETC_LIST, etc_list
 from builder.lock import exclusive
 from builder.log import complete_step, log, warn
 from builder.sbom import spdx_document
 from builder.tomlwrite import toml_table
+from builder.varfiles import VAR_TMPFILES, var_tmpfiles
 from builder.verity import make_verity
 from updater import config as agent_config
 from updater.release.manifest import Manifest, describe
@@ -186,6 +188,8 @@ def _build_image(
         for line in accounts.apply_sysusers(tree).splitlines():
             log(f"accounts: {line}")
         overlay.install_file(tree, accounts.IMAGE_SYSUSERS, accounts.image_sysusers(tree).encode())
+        # After the overlays too: their tmpfiles.d lines win over the generated ones.
+        overlay.install_file(tree, VAR_TMPFILES, var_tmpfiles(root.var, tree).encode())
         # The only trust anchor for updates, inside the verity-protected /usr. Written through
         # host_path, as everything after the overlays: a link they left must not lead out.
         anchor = trust_anchor(keys_dir or repo / "keys")
@@ -193,6 +197,8 @@ def _build_image(
         overlay.install_file(tree, "/usr/lib/berth/update.toml", update_defaults(config).encode())
         overlay.install_file(tree, "/usr/share/berth/packages.txt", _package_list(root.packages))
         _make_mount_points(tree)
+        # Last in the tree's preparation: nothing after it writes /etc.
+        overlay.install_file(tree, ETC_LIST, etc_list(tree))
 
     with complete_step("Checking every ELF file (pyelftools)"):
         problems = elf.lint_tree(tree)

@@ -23,6 +23,7 @@ HOST_TOOLS: dict[str, str] = {
     "mmdebstrap": "mmdebstrap",
     # The tests apply sysusers.d files to machine trees with the host's (builder/accounts.py).
     "systemd-sysusers": "systemd",
+    "systemd-tmpfiles": "systemd",
     # Asking the archive which versions a build would install (builder/archive.py).
     "apt-get": "apt",
     "apt-cache": "apt",

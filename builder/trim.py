@@ -16,8 +16,8 @@ from builder.treetool import tree_command
 
 # Part of the root-tree cache key: edit this text whenever the trim behaviour changes.
 RECIPE = (
-    "trim-v8: modules netavark podman-testing docs locale apt dpkg caches logs hostkeys id boot"
-    " hostname"
+    "trim-v9: modules netavark podman-testing docs locale apt dpkg caches log-files hostkeys id"
+    " boot hostname"
 )
 
 # Paths (relative to the tree) removed outright.
@@ -60,7 +60,6 @@ _REMOVE = (
     # DHCP or its first-boot config (berth-provision), not from whoever built the image.
     "etc/hostname",
     "var/lib/systemd/random-seed",
-    "var/log",
     "etc/initramfs-tools",
     # Socket activation is enough for netavark's DHCP proxy; Debian also starts it at boot.
     "etc/systemd/system/default.target.wants/netavark-dhcp-proxy.service",
@@ -150,9 +149,19 @@ def trim_kernel_modules(tree: Path) -> None:
         )
 
 
+def _empty_logs(log_dir: Path) -> None:
+    """The bootstrap's log files go (dpkg.log, apt's, alternatives.log: the build's, not a
+    machine's); the directories stay, with their modes and owners: packages ship them for
+    their services (/var/log/tinyproxy, owned by its user)."""
+    for dirpath, _, filenames in os.walk(log_dir):
+        for name in filenames:
+            (Path(dirpath) / name).unlink()
+
+
 def trim_tree(tree: Path) -> None:
     for rel in _REMOVE:
         _remove(tree / rel)
+    _empty_logs(tree / "var/log")
     for command in _REMOVE_COMMANDS:
         _remove(tree / "usr/bin" / command)
     for lib in (tree / "usr/lib/x86_64-linux-gnu").glob("libapt-*"):

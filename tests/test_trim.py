@@ -49,6 +49,7 @@ def tree(tmp_path: Path) -> Path:
         "usr/lib/x86_64-linux-gnu/libapt-pkg.so.6.0",
         "usr/lib/systemd/system/apt-daily.timer",
         "var/log/dpkg.log",
+        "var/log/apt/history.log",
         "var/lib/dbus/machine-id",
         "usr/share/locale/de/LC_MESSAGES/bash.mo",
         "usr/share/locale/fr/LC_MESSAGES/bash.mo",
@@ -83,7 +84,11 @@ def tree(tmp_path: Path) -> Path:
 
 
 def test_trim_removes_docs_and_package_manager(tree: Path) -> None:
+    # A package's log directory (tinyproxy's, its user's and 0750) outlives the bootstrap's logs.
+    (tree / "var/log/tinyproxy").mkdir(parents=True)
+    os.chmod(tree / "var/log/tinyproxy", 0o750)
     trim_tree(tree)
+    assert (tree / "var/log/tinyproxy").stat().st_mode & 0o777 == 0o750
     for rel in (
         "usr/share/doc",
         "usr/share/man",
@@ -102,7 +107,8 @@ def test_trim_removes_docs_and_package_manager(tree: Path) -> None:
         "usr/bin/dpkg-query",
         "usr/lib/x86_64-linux-gnu/libapt-pkg.so.6.0",
         "usr/lib/systemd/system/apt-daily.timer",
-        "var/log",
+        "var/log/dpkg.log",
+        "var/log/apt/history.log",
         "var/lib/dbus/machine-id",
         "usr/share/locale/de",
         "usr/share/locale/fr",
