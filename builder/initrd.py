@@ -58,6 +58,7 @@ EXTRA_FILES = (
     "/usr/bin/partx",
     "/usr/sbin/veritysetup",
     "/usr/bin/mkdir",
+    "/usr/bin/rm",
     "/usr/bin/sleep",
     "/usr/bin/cat",
     "/usr/bin/ls",

@@ -113,6 +113,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "after-boot", parents=[locking], help="judge this boot (run once per boot by systemd)"
     )
+    revert = sub.add_parser(
+        "etc-revert",
+        help="make /etc files follow the image again: the machine's copies go at the next boot",
+    )
+    revert.add_argument("paths", nargs="+", metavar="PATH", help="a file or directory in /etc")
+    revert.add_argument("--var", type=Path, default=Path("/var"), help=argparse.SUPPRESS)
     sub.add_parser("daemon", help="check, install and reboot at the interval (systemd service)")
     sub.add_parser("health", help="judge this boot's health before boot-complete.target")
     lock = sub.add_parser("lock", help="the fleet's reboot semaphore in etcd (operators)")
@@ -160,6 +166,9 @@ def format_status(status: Status) -> str:
     if status.rollback_note:
         lines.append(f"rollback:     {status.rollback_note}")
     lines.extend(f"bad:          {b}" for b in status.bad)
+    lines.extend(
+        f"/etc drift:   {path} (changed here and by this release)" for path in status.etc_drift
+    )
     lines.append(f"boot entries: {', '.join(status.boot_entries) or 'none'}")
     return "\n".join(lines) + "\n"
 
@@ -289,6 +298,8 @@ def _run(args: argparse.Namespace, agent: Agent, out: TextIO, err: TextIO) -> in
         result = agent.after_boot()
         for reason in result.reasons:
             out.write(f"{reason}\n")
+        for path in result.etc_drift:
+            out.write(f"{path}: changed here and by {result.booted}; the local copy wins\n")
         if result.blessed is not None:
             out.write(f"{result.blessed} booted fine and is now the current version\n")
         elif result.waiting:
@@ -333,6 +344,17 @@ def main(
             return 0
         if args.command == "lock":
             return _lock(args, config_factory, out)
+        if args.command == "etc-revert":
+            from updater.update.etcdrift import schedule_revert
+
+            try:
+                listed = schedule_revert(args.var, args.paths)
+            except ValueError as e:
+                err.write(f"{PROG}: etc-revert: {e}\n")
+                return 2
+            for path in listed:
+                out.write(f"/etc/{path}: the image's version comes back at the next boot\n")
+            return 0
         return _run(args, agent_factory(), out, err)
     except UpdateError as e:
         err.write(f"{PROG}: {e}\n")

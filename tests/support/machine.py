@@ -200,6 +200,8 @@ class FakeMachine:
             reboot_required=self.run / "reboot-required",
             lock_dir=self.run / "berth",
             arch=ARCH,
+            etc_list=self.base / "usr/lib/berth/etc.json",
+            etc_upper=self.var / "lib/berth/etc/upper",
         )
 
     def slots(self) -> tuple[slots.Slot, slots.Slot]:

@@ -89,7 +89,7 @@ from updater.release.channel import RELEASE_TARGETS, Release
 from updater.release.manifest import Manifest, ManifestError
 from updater.release.packages import change_lines
 from updater.release.version import Version
-from updater.update import choose, fetch
+from updater.update import choose, etcdrift, fetch
 from updater.update.context import Booted, Context
 from updater.update.machine import write_reboot_required
 from updater.update.state import LastCheck, Pending, State
@@ -419,6 +419,9 @@ def apply(
         # of step 3, which only this apply changed since
         stale = {plan.old, release.version}
         bootentries.remove(esp, [e for e in plan.entries if e.version in stale])
+        # The booted release's /etc list, for the new release's boots to tell which of the
+        # machine's /etc files hide a change it makes (update/etcdrift.py)
+        etcdrift.keep_booted_list(machine.etc_list, machine.state_dir, booted.version)
         # (10) the UKI: temporary name, fsync, rename with a boot counter (the last step)
         with bootentries.staged_uki(esp, release.version) as out:
             _stream(ctx, _UKI, plan.infos[_UKI], out, 0, session=session, progress=progress)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from updater.disk import bootentries, slots
 from updater.errors import RefusedError
 from updater.release.version import Version
+from updater.update import etcdrift
 from updater.update.context import Booted, Context
 from updater.update.machine import write_reboot_required
 
@@ -29,6 +30,8 @@ class AfterBoot:
     waiting: bool = False  # the pending version booted but is not blessed yet
     pruned: tuple[str, ...] = ()
     damaged: tuple[str, ...] = ()  # entries systemd-boot could not load: removed, to reinstall
+    # /etc files this machine changed that the booted release changed too (update/etcdrift.py)
+    etc_drift: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ def after_boot(ctx: Context) -> AfterBoot:
         else:
             waiting = True  # systemd-bless-boot has not run yet: judge on a later call
     ctx.save_state(state)
+    machine = ctx.machine
     return AfterBoot(
         booted.version,
         tuple(rolled),
@@ -119,6 +123,7 @@ def after_boot(ctx: Context) -> AfterBoot:
         waiting,
         tuple(pruned),
         tuple(damaged),
+        etcdrift.report(machine.state_dir, machine.etc_list, machine.etc_upper, booted.version),
     )
 
 

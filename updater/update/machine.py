@@ -39,6 +39,9 @@ class Machine:
     # The agent's lock and what its holder does (update/lock.py): a tmpfs, empty at every boot.
     lock_dir: Path = Path("/run/berth")
     arch: str = field(default_factory=platform.machine)
+    # The image's list of its /etc and the machine's changes to /etc (update/etcdrift.py).
+    etc_list: Path = Path("/usr/lib/berth/etc.json")
+    etc_upper: Path = Path("/var/lib/berth/etc/upper")
 
     @classmethod
     def detect(cls) -> Machine:

@@ -18,7 +18,7 @@ from typing import Any
 from updater.config import Strategy
 from updater.disk import bootentries, slots
 from updater.release.version import Version
-from updater.update import choose
+from updater.update import choose, etcdrift
 from updater.update.context import Context
 from updater.update.lock import read_holder
 
@@ -65,6 +65,8 @@ class Status:
     reboot_held: str | None = None
     # What the pending update changes in the packages (summary line first), as the channel said.
     pending_changes: tuple[str, ...] = ()
+    # /etc files this machine changed that the booted release changed too: they hide its version.
+    etc_drift: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -73,6 +75,7 @@ class Status:
         doc["bad"] = list(self.bad)
         doc["boot_entries"] = list(self.boot_entries)
         doc["pending_changes"] = list(self.pending_changes)
+        doc["etc_drift"] = list(self.etc_drift)
         return doc
 
 
@@ -130,6 +133,9 @@ def read_status(ctx: Context) -> Status:
         last_result=None if check is None else check.result,
         pending=None if state.pending is None else str(state.pending.version),
         pending_changes=() if state.pending is None else state.pending.changes,
+        etc_drift=etcdrift.drift(
+            ctx.machine.state_dir, ctx.machine.etc_list, ctx.machine.etc_upper, booted.version
+        ),
         bad=tuple(f"{b.version}: {b.reason}" for b in state.bad),
         rollback_note=note,
         boot_entries=tuple(e.name for e in bootentries.list_entries(ctx.machine.esp)),
