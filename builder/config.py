@@ -93,6 +93,12 @@ def _no_variables() -> Mapping[str, str]:
     return MappingProxyType({})
 
 
+# A moment of the snapshot archive, as its URLs spell it: UTC, to the second.
+SNAPSHOT_RE = re.compile(
+    r"(19|20)\d\d(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3])[0-5]\d[0-5]\dZ"
+)
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """One image definition with its `extends` chain applied."""
@@ -103,6 +109,10 @@ class ImageConfig:
     suite: str = DEFAULT_SUITE
     # None: the build host's apt configuration or BERTH_MIRROR decides (see builder.rootfs).
     mirror: str | None = None
+    # A moment of Debian's snapshot archive ("20261201T000000Z"): the packages as they were
+    # then, for an exact rebuild; and where that archive is (see builder.rootfs.apt_sources).
+    snapshot: str | None = None
+    snapshot_mirror: str | None = None
     packages: tuple[str, ...] = ()
     overlays: tuple[str, ...] = ()
     cmdline: tuple[str, ...] = ()
@@ -123,6 +133,8 @@ _TOP_KEYS = (
     "extends",
     "suite",
     "mirror",
+    "snapshot",
+    "snapshot_mirror",
     "packages",
     "overlays",
     "cmdline",
@@ -176,6 +188,8 @@ class _Layer:
     extends: str | None
     suite: str | None
     mirror: str | None
+    snapshot: str | None
+    snapshot_mirror: str | None
     packages: tuple[str, ...]
     overlays: tuple[str, ...]
     cmdline: tuple[str, ...]
@@ -272,6 +286,8 @@ def _apply(parent: ImageConfig, layer: _Layer, path: Path) -> ImageConfig:
         description=_pick(layer.description, parent.description),
         suite=_pick(layer.suite, parent.suite),
         mirror=_pick(layer.mirror, parent.mirror),
+        snapshot=_pick(layer.snapshot, parent.snapshot),
+        snapshot_mirror=_pick(layer.snapshot_mirror, parent.snapshot_mirror),
         packages=_merge_packages(source, parent.packages, layer.packages),
         overlays=_unique((*parent.overlays, *layer.overlays)),
         cmdline=_unique((*parent.cmdline, *layer.cmdline)),
@@ -348,6 +364,17 @@ def _parse_layer(source: _Source, table: dict[str, Any], images_dir: Path) -> _L
     mirror = _string(source, table, "mirror")
     if mirror is not None and not _is_url(mirror, ("http", "https", "file")):
         raise source.error("mirror", "an http://, https:// or file:// URL", _show(mirror))
+
+    snapshot = _string(source, table, "snapshot")
+    if snapshot is not None and not SNAPSHOT_RE.fullmatch(snapshot):
+        raise source.error(
+            "snapshot", 'a snapshot time like "20261201T000000Z" (UTC)', _show(snapshot)
+        )
+    snapshot_mirror = _string(source, table, "snapshot_mirror")
+    if snapshot_mirror is not None and not _is_url(snapshot_mirror, ("http", "https", "file")):
+        raise source.error(
+            "snapshot_mirror", "an http://, https:// or file:// URL", _show(snapshot_mirror)
+        )
 
     packages = _string_list(source, table, "packages")
     for entry in packages:
@@ -436,6 +463,8 @@ def _parse_layer(source: _Source, table: dict[str, Any], images_dir: Path) -> _L
         extends=extends,
         suite=suite,
         mirror=mirror,
+        snapshot=snapshot,
+        snapshot_mirror=snapshot_mirror,
         packages=packages,
         overlays=overlays,
         cmdline=cmdline,

@@ -56,9 +56,11 @@ class AptSource:
     uri: str
     suite: str
     components: str = "main"
+    options: str = ""  # sources.list options: "check-valid-until=no"
 
     def line(self) -> str:
-        return f"deb {self.uri} {self.suite} {self.components}"
+        options = f"[{self.options}] " if self.options else ""
+        return f"deb {options}{self.uri} {self.suite} {self.components}"
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,42 @@ def _host_apt_uris(apt: Path = Path("/etc/apt")) -> list[tuple[str, str]]:
     return pairs
 
 
+def snapshot_sources(config: ImageConfig, when: str) -> tuple[AptSource, ...]:
+    """The suite, -updates and -security as Debian's snapshot archive had them at `when`.
+
+    Its Release files are long expired by the time a rebuild reads them, and say so: the check
+    of their Valid-Until is turned off for these sources (and only these); their signatures are
+    still checked."""
+    base = config.snapshot_mirror or os.environ.get("BERTH_SNAPSHOT_MIRROR")
+    if not base:
+        raise BuildError(
+            f"snapshot {when}: no address for the snapshot archive",
+            hint="set snapshot_mirror in the image definition (Debian's snapshot archive, or "
+            "a mirror of it) or BERTH_SNAPSHOT_MIRROR in the environment",
+        )
+    base = base.rstrip("/")
+    old = "check-valid-until=no"
+    sources = [AptSource(f"{base}/archive/debian/{when}/", config.suite, options=old)]
+    if config.suite not in ("sid", "unstable", "experimental"):
+        sources += [
+            AptSource(f"{base}/archive/debian/{when}/", f"{config.suite}-updates", options=old),
+            AptSource(
+                f"{base}/archive/debian-security/{when}/",
+                f"{config.suite}-security",
+                options=old,
+            ),
+        ]
+    return tuple(sources)
+
+
 def apt_sources(config: ImageConfig, apt_dir: Path = Path("/etc/apt")) -> tuple[AptSource, ...]:
-    """The package sources for an image: image `mirror`, else $BERTH_MIRROR, else the host's apt.
+    """The package sources for an image: a `snapshot` of Debian's archive when one is named,
+    else image `mirror`, else $BERTH_MIRROR, else the host's apt.
 
     Security updates come from the host's security source when it has one.
     """
+    if config.snapshot is not None:
+        return snapshot_sources(config, config.snapshot)
     suite = config.suite
     mirror = config.mirror or os.environ.get("BERTH_MIRROR")
     security: str | None = os.environ.get("BERTH_SECURITY_MIRROR")

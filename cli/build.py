@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from builder import formats, image
-from builder.config import ImageConfig, OutputFormat, list_images, load_image
+from builder.config import SNAPSHOT_RE, ImageConfig, OutputFormat, list_images, load_image
 from builder.counter import default_version
 from builder.log import log, timings
 from builder.run import ensure_host_packages
@@ -32,8 +32,18 @@ def build_conflict(args: argparse.Namespace) -> str | None:
     return None
 
 
+def snapshot_argument(text: str) -> str:
+    if not SNAPSHOT_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a snapshot time like 20261201T000000Z (UTC)"
+        )
+    return text
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     config = build_config(args.image, args.formats)
+    if args.snapshot is not None:
+        config = dataclasses.replace(config, snapshot=args.snapshot)
     tools = (*image.BUILD_TOOLS, *formats.host_tools(config.formats))
     ensure_host_packages(tools, image.BUILD_FILES)
     version: Version = args.version or default_version(REPO / "out")

@@ -9,7 +9,14 @@ from pathlib import Path
 from builder.config import OutputFormat
 from builder.errors import BuildError
 from cli import REPO
-from cli.build import ALL_FORMATS, DEFAULT_IMAGE, build_conflict, cmd_build, cmd_list
+from cli.build import (
+    ALL_FORMATS,
+    DEFAULT_IMAGE,
+    build_conflict,
+    cmd_build,
+    cmd_list,
+    snapshot_argument,
+)
 from cli.publish import (
     DEFAULT_CHANNEL,
     cmd_keys,
@@ -37,6 +44,12 @@ def parser() -> argparse.ArgumentParser:
         help="MAJOR.MINOR.PATCH (default: YYYY.MMDD.N from date)",
     )
     b.add_argument("--refresh", action="store_true", help="bootstrap again, ignoring the cache")
+    b.add_argument(
+        "--snapshot",
+        type=snapshot_argument,
+        metavar="YYYYMMDDTHHMMSSZ",
+        help="the packages as Debian's snapshot archive had them then (overrides the image's)",
+    )
     b.add_argument(
         "--offline",
         action="store_true",

@@ -48,10 +48,12 @@ def make_deb(out: Path, name: str, version: str, depends: str = "") -> Path:
     return deb
 
 
-def publish(repo: Path, debs: list[Path]) -> dict[str, str]:
-    """Write a flat Debian repository (dists/SUITE/main/binary-amd64) holding `debs`; return
+def publish(
+    repo: Path, debs: list[Path], suite: str = SUITE, valid_until: str | None = None
+) -> dict[str, str]:
+    """Write a flat Debian repository (dists/<suite>/main/binary-amd64) holding `debs`; return
     each .deb's SHA256 by file name, as the Packages index states it."""
-    index = repo / "dists" / SUITE / "main/binary-amd64"
+    index = repo / "dists" / suite / "main/binary-amd64"
     index.mkdir(parents=True, exist_ok=True)
     pool = repo / "pool"
     pool.mkdir(exist_ok=True)
@@ -77,12 +79,14 @@ def publish(repo: Path, debs: list[Path]) -> dict[str, str]:
         )
     ]
     release = (
-        f"Suite: {SUITE}\nCodename: {SUITE}\nArchitectures: amd64\nComponents: main\n"
-        f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S UTC', time.gmtime())}\nSHA256:\n"
+        f"Suite: {suite}\nCodename: {suite}\nArchitectures: amd64\nComponents: main\n"
+        f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S UTC', time.gmtime())}\n"
+        + (f"Valid-Until: {valid_until}\n" if valid_until else "")
+        + "SHA256:\n"
         + "\n".join(lines)
         + "\n"
     )
-    (repo / "dists" / SUITE / "Release").write_text(release)
+    (repo / "dists" / suite / "Release").write_text(release)
     return sums
 
 
@@ -221,3 +225,88 @@ def test_offline_uses_the_newest_cached_tree_and_never_asks(tmp_path: Path) -> N
     assert tree.path == tmp_path / "cache/rootfs" / f"{key}-new/tree"
     assert tree.packages == (("libc6", "new", "amd64"),)
     assert not (tmp_path / "cache/apt").exists()  # the archive was not asked
+
+
+WHEN = "20261201T000000Z"
+EXPIRED = "Tue, 01 Dec 2026 12:00:00 UTC"
+
+
+def test_a_snapshot_is_read_although_its_release_files_expired(
+    archive: tuple[Path, NginxServer], tmp_path: Path
+) -> None:
+    from builder.config import ImageConfig
+    from builder.rootfs import apt_sources
+
+    repo, server = archive
+    debs = [make_deb(tmp_path / "debs", "app", "1.0")]
+    # The snapshot archive's layout: archive/debian/<when>/ and archive/debian-security/<when>/.
+    for base, suite in (
+        ("debian", SUITE),
+        ("debian", f"{SUITE}-updates"),
+        ("debian-security", f"{SUITE}-security"),
+    ):
+        publish(repo / "archive" / base / WHEN, debs, suite, valid_until=EXPIRED)
+    config = ImageConfig(
+        name="t", path=tmp_path / "t.toml", suite=SUITE, snapshot=WHEN, snapshot_mirror=server.url
+    )
+    lines = [s.line() for s in apt_sources(config)]
+    assert lines[0] == f"deb [check-valid-until=no] {server.url}archive/debian/{WHEN}/ {SUITE} main"
+    assert lines[2].endswith(f"archive/debian-security/{WHEN}/ {SUITE}-security main")
+    # Signed, as the snapshot archive is (apt checks Valid-Until only on signed Release files),
+    # with a key of this test's own, named by signed-by.
+    keyring = sign(repo / "archive", tmp_path / "gnupg")
+    signed = [
+        line.replace("[check-valid-until=no]", f"[check-valid-until=no signed-by={keyring}]")
+        for line in lines
+    ]
+    assert resolve(tmp_path / "apt", signed, ["app"]).packages == (("app", "1.0", "amd64"),)
+    # Signatures still count: another key's keyring makes the archive unreadable.
+    other = sign(tmp_path / "unused", tmp_path / "gnupg-other")
+    wrong = [line.replace(str(keyring), str(other)) for line in signed]
+    with pytest.raises(ArchiveUnreachable, match="cannot ask the package archive"):
+        resolve(tmp_path / "apt2", wrong, ["app"])
+
+
+def sign(archive: Path, home: Path) -> Path:
+    """Clear-sign every Release under `archive` as InRelease with a new key; its keyring."""
+    home.mkdir(mode=0o700)
+    archive.mkdir(parents=True, exist_ok=True)
+    gpg = ["gpg", "--batch", "--homedir", str(home), "--pinentry-mode", "loopback"]
+    subprocess.run(
+        [
+            *gpg,
+            "--passphrase",
+            "",
+            "--quick-gen-key",
+            "berth-test-archive",
+            "ed25519",
+            "sign",
+            "1d",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    for release in archive.rglob("Release"):
+        subprocess.run(
+            [*gpg, "--yes", "--clearsign", "-o", str(release.with_name("InRelease")), str(release)],
+            check=True,
+            capture_output=True,
+        )
+    keyring = home / "archive.gpg"
+    subprocess.run([*gpg, "--export", "-o", str(keyring)], check=True, capture_output=True)
+    return keyring
+
+
+def test_a_snapshot_without_an_archive_address_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from builder.config import ImageConfig
+    from builder.rootfs import apt_sources
+
+    monkeypatch.delenv("BERTH_SNAPSHOT_MIRROR", raising=False)
+    config = ImageConfig(name="t", path=tmp_path / "t.toml", snapshot=WHEN)
+    with pytest.raises(BuildError, match=f"snapshot {WHEN}: no address") as error:
+        apt_sources(config)
+    assert "snapshot_mirror" in (error.value.hint or "")
+    monkeypatch.setenv("BERTH_SNAPSHOT_MIRROR", "http://snapshots.example/")
+    assert apt_sources(config)[0].uri == f"http://snapshots.example/archive/debian/{WHEN}/"

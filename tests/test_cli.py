@@ -61,6 +61,13 @@ def test_refresh_and_offline_together_are_refused(capsys: pytest.CaptureFixture[
     )
 
 
+def test_a_bad_snapshot_argument_names_it(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["build", "--snapshot", "yesterday"])
+    assert exit.value.code == 2
+    assert "'yesterday' is not a snapshot time like 20261201T000000Z" in capsys.readouterr().err
+
+
 def test_format_flag_replaces_the_definitions_formats() -> None:
     def formats(*argv: str) -> tuple[OutputFormat, ...]:
         args = parser().parse_args(["build", *argv])

@@ -478,6 +478,28 @@ def test_bad_mirror(images: Path, url: str) -> None:
     assert url in message
 
 
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('snapshot = "2026-12-01"', "snapshot"),
+        ('snapshot = "20261301T000000Z"', "snapshot"),
+        ('snapshot = "20261201T000000"', "snapshot"),
+        ("snapshot = 20261201", "snapshot"),
+        ('snapshot_mirror = "snapshots.example"', "snapshot_mirror"),
+    ],
+)
+def test_bad_snapshot(images: Path, line: str, key: str) -> None:
+    write(images, "foo", line)
+    assert f"images/foo.toml: key '{key}'" in error_of(images, "foo")
+
+
+def test_a_snapshot_is_inherited(images: Path) -> None:
+    write(images, "foo", 'snapshot = "20261201T000000Z"\nsnapshot_mirror = "http://snap.example/"')
+    write(images, "bar", 'extends = "foo"')
+    bar = load_image("bar", images)
+    assert (bar.snapshot, bar.snapshot_mirror) == ("20261201T000000Z", "http://snap.example/")
+
+
 def test_file_mirror_is_accepted(images: Path) -> None:
     write(images, "foo", 'mirror = "file:///srv/mirror/debian"')
     assert load_image("foo", images).mirror == "file:///srv/mirror/debian"
