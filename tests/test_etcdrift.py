@@ -33,8 +33,16 @@ def image(tmp_path: Path, name: str, files: dict[str, str]) -> Path:
     return out
 
 
-OLD = {"ssh/sshd_config": "a", "motd": "hello", "app/a.conf": "1", "app/b.conf": "2", "same": "x"}
-NEW = {"ssh/sshd_config": "b", "motd": "hello", "app/a.conf": "1", "app/b.conf": "3", "same": "x"}
+OLD = {
+    "ssh/sshd_config": "a",
+    "motd": "hello",
+    "app/a.conf": "1",
+    "app/b.conf": "2",
+    "same": "x",
+    "passwd": "root\n",
+}
+# passwd changes too (a new system user), but the machine gets those through sysusers: no drift.
+NEW = {**OLD, "ssh/sshd_config": "b", "app/b.conf": "3", "passwd": "root\ntinyproxy\n"}
 
 
 @pytest.fixture
@@ -44,6 +52,7 @@ def upper(tmp_path: Path) -> Path:
     (up / "ssh").mkdir(parents=True)
     (up / "ssh/sshd_config").write_text("mine")
     (up / "same").write_text("mine too")
+    (up / "passwd").write_text("root\ndora\n")
     (up / "app").mkdir()
     os.setxattr(up / "app", etcdrift.OPAQUE, b"y")
     os.mknod(up / "motd", 0o600 | 0o020000, os.makedev(0, 0))  # the operator deleted it

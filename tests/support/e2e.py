@@ -78,17 +78,24 @@ def build_release(
     *,
     marker: str | None = None,
     cmdline: tuple[str, ...] = (),
+    packages: tuple[str, ...] = (),
+    files: tuple[tuple[str, str], ...] = (),
 ) -> BuildResult:
-    """Another version of the session's image: same packages (the cache is reused), a marker
-    file from an extra tree and extra kernel command-line words where a scenario needs them."""
+    """Another version of the session's image: same packages (the cache is reused) unless a
+    scenario adds some, a marker file from an extra tree and extra kernel command-line words
+    where a scenario needs them."""
     config = load_image("containerhost", REPO / "images")
-    config = dataclasses.replace(config, cmdline=(*config.cmdline, *cmdline))
+    config = dataclasses.replace(
+        config, cmdline=(*config.cmdline, *cmdline), packages=(*config.packages, *packages)
+    )
     trees: list[Path] = []
-    if marker is not None:
+    wanted = (*files, *(((MARKER, marker + "\n"),) if marker is not None else ()))
+    if wanted:
         tree = work / f"tree-{version}"
-        path = tree / MARKER.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(marker + "\n")
+        for name, text in wanted:
+            path = tree / name.lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
         trees.append(tree)
     return build_image(
         config, Version.parse(version), REPO, out_dir=out_dir, extra_trees=tuple(trees)
@@ -126,13 +133,16 @@ class Machine:
     """One QEMU machine booted from an overlay of the session's image, with helpers that read
     like what an operator would check."""
 
-    def __init__(self, image: BuildResult, work: Path) -> None:
+    def __init__(
+        self, image: BuildResult, work: Path, fw_cfg: tuple[tuple[str, Path], ...] = ()
+    ) -> None:
         self.vm = VM(
             VMConfig(
                 disk=image.output / "disk.qcow2",
                 disk_size=DISK_SIZE,
                 work_dir=work,
                 serial_log=work / "serial.log",
+                fw_cfg=fw_cfg,  # a first-boot config (Ignition) where a scenario needs one
             )
         )
         self.started = time.monotonic()

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from typing import Any
 import pytest
 
 from builder.image import BuildResult
+from builder.run import find_tool
 from qemu.drives import make_vfat
+from qemu.ssh import generate_key
 from tests.support.containers import install_web_service, load_httpd_image, web_answers, web_starts
 from tests.support.e2e import MARKER, PANIC_WORD, Machine, Site, build_release, record
 from tests.support.oci import SLEEPER_C, oci_archive, static_binary
@@ -53,8 +56,14 @@ class Releases:
         return self._built[version]
 
     def good(self) -> BuildResult:
-        """2.0.0: only the version and a marker file differ from 1.0.0."""
-        return self.get("2.0.0", marker="e2e 2.0.0")
+        """2.0.0: a marker file, and one package more than 1.0.0: tinyproxy, whose maintainer
+        script makes a system user that its service runs as, with a log directory in /var."""
+        return self.get(
+            "2.0.0",
+            marker="e2e 2.0.0",
+            packages=(NEW_PACKAGE,),
+            files=((DRIFTING, "from 2.0.0\n"),),  # the machine has its own copy by then
+        )
 
     def panics(self) -> BuildResult:
         """3.0.0: its UKI's kernel cannot start the initrd and panics."""
@@ -80,6 +89,49 @@ def machine(built_image: BuildResult, artifacts: Path) -> Iterator[Machine]:
         m.close()
 
 
+# 2.0.0's extra package (Releases.good) and the local user 1.0.0 is provisioned with.
+NEW_PACKAGE = "tinyproxy"
+LOCAL_USER = "dora"
+# An /etc file the operator writes on 1.0.0 and 2.0.0 ships too: it stops following the image.
+DRIFTING = "/etc/berth-e2e.conf"
+
+
+@pytest.fixture
+def provisioned_machine(
+    built_image: BuildResult, artifacts: Path, tmp_path: Path
+) -> Iterator[Machine]:
+    """The session's image provisioned by Ignition with a local user: from its first boot the
+    machine's /etc/passwd is its own copy on STATE, which hides every later release's."""
+    key = generate_key(tmp_path / LOCAL_USER).read_text().strip()
+    config = tmp_path / "config.ign"
+    config.write_text(
+        json.dumps(
+            {
+                "ignition": {"version": "3.4.0"},
+                "passwd": {"users": [{"name": LOCAL_USER, "sshAuthorizedKeys": [key]}]},
+            }
+        )
+    )
+    m = Machine(built_image, artifacts / "vm", fw_cfg=(("opt/org.berth/config", config),))
+    try:
+        yield m
+    finally:
+        m.save_logs(artifacts)
+        m.close()
+
+
+def logs_in_as(m: Machine, user: str, key: Path) -> str:
+    """`whoami` over SSH as `user` with `key`: the account and its key work."""
+    argv = [
+        find_tool("ssh"),
+        *("-F", str(m.vm.ssh_config), "-i", str(key), "-l", user, "-p", str(m.vm.ssh_port)),
+        *("127.0.0.1", "whoami"),
+    ]
+    result = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout.decode().strip()
+
+
 def start_container(m: Machine, work: Path) -> None:
     """A container with restart policy `always`: podman-restart.service starts it at boot."""
     sleeper = static_binary(work, "sleeper", SLEEPER_C)
@@ -95,7 +147,7 @@ def container_running(m: Machine) -> bool:
 
 
 def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
-    machine: Machine, releases: Releases, tmp_path: Path
+    provisioned_machine: Machine, releases: Releases, tmp_path: Path
 ) -> None:
     good, pulled = releases.good(), releases.panics()
     with Site(tmp_path / "site") as site:
@@ -103,10 +155,13 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         site.publish(pulled)
         site.pull("3.0.0")  # published, then withdrawn before any machine installed it
 
-        m = machine
+        m = provisioned_machine
         m.start()
         assert m.version() == "1.0.0"
+        assert logs_in_as(m, LOCAL_USER, tmp_path / LOCAL_USER) == LOCAL_USER
+        assert m.ssh("test -f /var/lib/berth/etc/upper/passwd && echo local") == "local"
         m.ssh("echo kept > /etc/berth-e2e.conf && mkdir -p /var/lib/e2e")
+        m.ssh("echo 'motd of this machine' > /etc/motd")
         m.ssh("echo data > /var/lib/e2e/file && sync")
         start_container(m, tmp_path)
         # A quadlet service whose named volume holds its page and a start counter.
@@ -131,6 +186,23 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         assert web_answers(m.vm) == "served across updates"
         assert web_starts(m.vm) == starts + 1  # started once by the new boot, volume intact
         assert m.ssh("systemctl is-system-running --wait", timeout=300) == "running"
+        # 2.0.0's package made its system user in a maintainer script and ships a log directory
+        # in /var; on this machine, whose /etc/passwd and /var are its own, its service runs as
+        # that user all the same, its log directory is there, and the local user logs in.
+        assert m.ssh(f"systemctl is-active {NEW_PACKAGE}.service") == "active"
+        uid = m.ssh(f"id -u {NEW_PACKAGE}")
+        assert m.ssh(f"ps -o uid= -C {NEW_PACKAGE} | sort -u").split() == [uid]
+        assert m.ssh(f"stat -c %U /var/log/{NEW_PACKAGE}") == NEW_PACKAGE
+        assert logs_in_as(m, LOCAL_USER, tmp_path / LOCAL_USER) == LOCAL_USER
+        # The file both the operator and 2.0.0 changed: the local copy wins, and says so.
+        assert status["etc_drift"] == [DRIFTING], status
+        assert f"{DRIFTING}: changed on this machine and by 2.0.0" in m.journal("-u berth-update")
+        record(
+            f"2.0.0 adds {NEW_PACKAGE} (system user, service) on a provisioned 1.0.0",
+            0,
+            0,
+            "service runs as its user; local user logs in",
+        )
         # (2d) The pulled 3.0.0 was never installed.
         assert not any("3.0.0" in e for e in status["boot_entries"])
         assert all(s["version"] != "3.0.0" for s in status["slots"])
@@ -139,11 +211,20 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         assert "skipped 3.0.0: pulled" in journal, journal[-3000:]
         record("pulled release 3.0.0", 0, 0, "never installed")
 
-        # (5) The operator rolls back; the daemon does not bring 2.0.0 back by itself.
+        # (5) The operator rolls back; the daemon does not bring 2.0.0 back by itself. In the
+        # same reboot, /etc/motd (changed on 1.0.0) goes back to the image's version.
         start = m.seconds()
         assert "1.0.0 boots next" in m.ssh("berth-update rollback")
+        image_motd = m.ssh(
+            "mkdir -p /run/e2e-root && mount --bind -o ro / /run/e2e-root && "
+            "cat /run/e2e-root/etc/motd; umount /run/e2e-root"
+        )
+        assert m.ssh("cat /etc/motd") == "motd of this machine"
+        assert "comes back at the next boot" in m.ssh("berth-update etc-revert /etc/motd")
         m.vm.reboot_and_wait(timeout=900)
         assert m.version() == "1.0.0"
+        assert m.ssh("cat /etc/motd") == image_motd
+        assert m.ssh("test -e /var/lib/berth/etc/upper/motd || echo gone") == "gone"
         m.ssh("systemctl restart berth-update.service")
         m.wait_for(
             "the daemon's next check",

@@ -28,6 +28,9 @@ IMAGE_LIST = Path("/usr/lib/berth/etc.json")
 UPPER = Path("/var/lib/berth/etc/upper")
 BEFORE = "etc-before.json"  # in the agent's state directory
 OPAQUE = "trusted.overlay.opaque"
+# The account databases follow the image another way: systemd-sysusers adds the release's users
+# and groups to the machine's copies on every boot (builder/accounts.py). Not drift.
+MERGED = frozenset({"passwd", "group", "shadow", "gshadow"})
 
 
 def read_list(path: Path) -> dict[str, str] | None:
@@ -89,7 +92,9 @@ def drift(state_dir: Path, image_list: Path, upper: Path, booted: Version) -> tu
     after = read_list(image_list)
     if after is None:
         return ()
-    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    changed = {
+        p for p in before.keys() | after.keys() if before.get(p) != after.get(p) and p not in MERGED
+    }
     entries, opaque = machine_changes(upper)
     hidden = {
         p for p in changed if p in entries or any(p == d or p.startswith(d + "/") for d in opaque)
