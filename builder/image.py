@@ -29,7 +29,18 @@ from updater.release.version import Version
 ARCH = "x86_64"
 
 # Host tools a build needs (see builder/run.py for their packages).
-BUILD_TOOLS = ("mmdebstrap", "mkfs.vfat", "mcopy", "mmd", "qemu-img", "zstd", "dpkg-deb")
+# apt-get and apt-cache: every build asks the archive which versions it would install.
+BUILD_TOOLS = (
+    "mmdebstrap",
+    "apt-get",
+    "apt-cache",
+    "mkfs.vfat",
+    "mcopy",
+    "mmd",
+    "qemu-img",
+    "zstd",
+    "dpkg-deb",
+)
 BUILD_FILES = ("/usr/share/keyrings/debian-archive-keyring.gpg",)
 # Directories the running system mounts over (STATE, the ESP, the initrd's switch-root target).
 MOUNT_POINTS = ("/boot", "/root", "/home", "/var", "/sysroot")

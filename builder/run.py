@@ -24,6 +24,8 @@ HOST_TOOLS: dict[str, str] = {
     # The tests apply sysusers.d files to machine trees with the host's (builder/accounts.py).
     "systemd-sysusers": "systemd",
     "systemd-tmpfiles": "systemd",
+    # The tests sign a local package archive to read it as a snapshot (tests/test_archive.py).
+    "gpg": "gpg",
     # Asking the archive which versions a build would install (builder/archive.py).
     "apt-get": "apt",
     "apt-cache": "apt",

@@ -23,6 +23,10 @@ TEST_TOOLS = (
     "etcd",
     "veritysetup",
     "timeout",
+    # Real components the unit tests drive: a signed local archive, sysusers and tmpfiles.
+    "gpg",
+    "systemd-sysusers",
+    "systemd-tmpfiles",
 )
 TEST_FILES = (
     "/usr/share/OVMF/OVMF_CODE_4M.fd",

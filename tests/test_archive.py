@@ -22,6 +22,7 @@ import pytest
 from builder.archive import ArchiveUnreachable, resolve
 from builder.errors import BuildError
 from builder.rootfs import cached_trees, changed_versions, stub_status
+from builder.run import find_tool
 from tests.support.misbehaving_server import refusing_port
 from tests.support.servers import NginxServer
 
@@ -40,7 +41,7 @@ def make_deb(out: Path, name: str, version: str, depends: str = "") -> Path:
     (root / "DEBIAN/control").write_text(control)
     deb = out / f"{name}_{version}_amd64.deb"
     subprocess.run(
-        ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(deb)],
+        [find_tool("dpkg-deb"), "--root-owner-group", "-Zgzip", "--build", str(root), str(deb)],
         check=True,
         capture_output=True,
         env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
@@ -61,7 +62,7 @@ def publish(
     for deb in debs:
         (pool / deb.name).write_bytes(deb.read_bytes())
         fields = subprocess.run(
-            ["dpkg-deb", "-f", str(deb)], check=True, capture_output=True, text=True
+            [find_tool("dpkg-deb"), "-f", str(deb)], check=True, capture_output=True, text=True
         ).stdout.strip()
         digest = hashlib.sha256(deb.read_bytes()).hexdigest()
         sums[deb.name] = digest
@@ -271,7 +272,7 @@ def sign(archive: Path, home: Path) -> Path:
     """Clear-sign every Release under `archive` as InRelease with a new key; its keyring."""
     home.mkdir(mode=0o700)
     archive.mkdir(parents=True, exist_ok=True)
-    gpg = ["gpg", "--batch", "--homedir", str(home), "--pinentry-mode", "loopback"]
+    gpg = [find_tool("gpg"), "--batch", "--homedir", str(home), "--pinentry-mode", "loopback"]
     subprocess.run(
         [
             *gpg,
