@@ -11,6 +11,7 @@ import argparse
 from builder import publish
 from builder.log import log
 from builder.publish import PublishResult
+from updater.release.packages import change_lines
 
 DEFAULT_CHANNEL = "stable"
 DEFAULT_ROOT_KEYS = 1
@@ -118,10 +119,9 @@ def _print_result(result: PublishResult) -> None:
     )
     for role, when in sorted(result.expires.items()):
         log(f"{role} expires {when:%Y-%m-%d %H:%M} UTC")
-    if result.changes is not None:
-        log(f"package changes {result.changes.summary()}")
-        for line in result.changes.lines():
-            log(f"  {line}")
+    # The summary, then one indented line per package (the agent's check prints the same).
+    for number, line in enumerate(change_lines(result.changes)):
+        log(line if number == 0 else f"  {line}")
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -147,7 +147,15 @@ def publish(
     return replace(result, changes=published[-1].changes if published else None)
 
 
-def _read_packages(release_dir: Path) -> bytes | None:
+@dataclass(frozen=True)
+class _PackageList:
+    """A release's packages.txt: its bytes (published as they are) and what they list."""
+
+    data: bytes
+    versions: Mapping[str, str]
+
+
+def _read_packages(release_dir: Path) -> _PackageList | None:
     """The release's packages.txt (None for a release directory from before they existed),
     checked before anything is written."""
     path = release_dir / PACKAGES_FILE
@@ -155,12 +163,11 @@ def _read_packages(release_dir: Path) -> bytes | None:
         return None
     data = path.read_bytes()
     try:
-        parse_package_list(data.decode("utf-8"), str(path))
+        return _PackageList(data, parse_package_list(data.decode("utf-8"), str(path)))
     except UnicodeDecodeError:
         raise PublishError(f"{path}: expected UTF-8 text") from None
     except PackagesError as e:
         raise PublishError(str(e)) from None
-    return data
 
 
 def _previous_packages(
@@ -192,7 +199,7 @@ def _previous_packages(
 
 
 def _add_payload(
-    state: State, release_dir: Path, manifest: Manifest, packages: bytes | None
+    state: State, release_dir: Path, manifest: Manifest, packages: _PackageList | None
 ) -> Mapping[str, str]:
     """Copy the payload and the manifest into the repository as targets; file name -> target.
     The package list goes in too (not named by the release: only the next publish reads it)."""
@@ -214,11 +221,11 @@ def _add_payload(
         state.staging.write(manifest_file, manifest_data)
     target_paths["manifest.json"] = manifest_target.path
     if packages is not None:
-        listed = TargetFile.from_data(f"{prefix}/{PACKAGES_FILE}", packages, ["sha256"])
+        listed = TargetFile.from_data(f"{prefix}/{PACKAGES_FILE}", packages.data, ["sha256"])
         add_target(state, listed)
         listed_file = target_file(state.repo, listed)
         if not state.staging.exists(listed_file):
-            state.staging.write(listed_file, packages)
+            state.staging.write(listed_file, packages.data)
     return MappingProxyType(target_paths)
 
 
@@ -229,7 +236,7 @@ def _with_release(
     targets: Mapping[str, str],
     waves: Mapping[int, datetime] | None,
     when: datetime,
-    packages: bytes | None = None,
+    packages: _PackageList | None = None,
 ) -> ChannelManifest:
     """The channel's manifest with this release added, or its entry updated (a published
     release keeps the change list it was published with)."""
@@ -263,11 +270,10 @@ def _with_release(
 
 
 def _changes(
-    state: State, current: ChannelManifest, manifest: Manifest, packages: bytes | None
+    state: State, current: ChannelManifest, manifest: Manifest, packages: _PackageList | None
 ) -> PackageChanges | None:
     previous = _previous_packages(state, current, manifest) if packages is not None else None
     if previous is None or packages is None:
         return None
     since, before = previous
-    after = parse_package_list(packages.decode("utf-8"), PACKAGES_FILE)
-    return PackageChanges.between(since, before, after)
+    return PackageChanges.between(since, before, packages.versions)

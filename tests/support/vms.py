@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 
 from builder.config import load_image
 from builder.image import BuildResult, build_image
-from builder.run import run
+from builder.run import find_tool, run
 from qemu import VM, Accel, VMConfig
 from tests.support import REPO
 
@@ -91,3 +92,16 @@ def prepared_vm(tmp_path: Path, disk: Path, **kwargs: Any) -> VM:
 def option_values(argv: list[str], option: str) -> list[str]:
     """The values given to `option` in a command line, in order."""
     return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
+
+
+def login_as(vm: VM, user: str, key: Path, command: str, timeout: float = 60) -> str:
+    """Run `command` as `user` with `key`: proves the config's key and account work for SSH."""
+    argv = [
+        find_tool("ssh"),
+        *("-F", str(vm.ssh_config), "-i", str(key), "-l", user, "-p", str(vm.ssh_port)),
+        "127.0.0.1",
+        command,
+    ]
+    result = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout.decode().strip()

@@ -12,19 +12,17 @@ import base64
 import gzip
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from builder.image import BuildResult
-from builder.run import find_tool
 from qemu import VM
 from qemu.drives import make_cidata
 from qemu.ssh import generate_key
 from tests.support.misbehaving_server import TOKEN, MetadataServer
 from tests.support.oci import oci_archive, static_hello
 from tests.support.servers import NginxServer
-from tests.support.vms import boot
+from tests.support.vms import boot, login_as
 
 GUEST_HOST = "10.0.2.2"
 
@@ -39,19 +37,6 @@ ExecStart=/bin/sh -c 'echo started on boot %b >> /var/lib/e2e/unit.log'
 [Install]
 WantedBy=multi-user.target
 """
-
-
-def login_as(vm: VM, user: str, key: Path, command: str, timeout: float = 60) -> str:
-    """Run `command` as `user` with `key`: proves the config's key and account work for SSH."""
-    argv = [
-        find_tool("ssh"),
-        *("-F", str(vm.ssh_config), "-i", str(key), "-l", user, "-p", str(vm.ssh_port)),
-        "127.0.0.1",
-        command,
-    ]
-    result = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    return result.stdout.decode().strip()
 
 
 def stamp(vm: VM) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,12 +22,12 @@ from typing import Any
 import pytest
 
 from builder.image import BuildResult
-from builder.run import find_tool
 from qemu.drives import make_vfat
 from qemu.ssh import generate_key
 from tests.support.containers import install_web_service, load_httpd_image, web_answers, web_starts
 from tests.support.e2e import MARKER, PANIC_WORD, Machine, Site, build_release, record
 from tests.support.oci import SLEEPER_C, oci_archive, static_binary
+from tests.support.vms import login_as
 
 # Power cuts: 4 in CI, one in each phase of an update; 20 in the slow run (-m slow);
 # BERTH_POWER_SEED replays a run's random moments.
@@ -120,18 +119,6 @@ def provisioned_machine(
         m.close()
 
 
-def logs_in_as(m: Machine, user: str, key: Path) -> str:
-    """`whoami` over SSH as `user` with `key`: the account and its key work."""
-    argv = [
-        find_tool("ssh"),
-        *("-F", str(m.vm.ssh_config), "-i", str(key), "-l", user, "-p", str(m.vm.ssh_port)),
-        *("127.0.0.1", "whoami"),
-    ]
-    result = subprocess.run(argv, capture_output=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    return result.stdout.decode().strip()
-
-
 def start_container(m: Machine, work: Path) -> None:
     """A container with restart policy `always`: podman-restart.service starts it at boot."""
     sleeper = static_binary(work, "sleeper", SLEEPER_C)
@@ -158,7 +145,7 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         m = provisioned_machine
         m.start()
         assert m.version() == "1.0.0"
-        assert logs_in_as(m, LOCAL_USER, tmp_path / LOCAL_USER) == LOCAL_USER
+        assert login_as(m.vm, LOCAL_USER, tmp_path / LOCAL_USER, "whoami") == LOCAL_USER
         assert m.ssh("test -f /var/lib/berth/etc/upper/passwd && echo local") == "local"
         m.ssh("echo kept > /etc/berth-e2e.conf && mkdir -p /var/lib/e2e")
         m.ssh("echo 'motd of this machine' > /etc/motd")
@@ -193,7 +180,7 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         uid = m.ssh(f"id -u {NEW_PACKAGE}")
         assert m.ssh(f"ps -o uid= -C {NEW_PACKAGE} | sort -u").split() == [uid]
         assert m.ssh(f"stat -c %U /var/log/{NEW_PACKAGE}") == NEW_PACKAGE
-        assert logs_in_as(m, LOCAL_USER, tmp_path / LOCAL_USER) == LOCAL_USER
+        assert login_as(m.vm, LOCAL_USER, tmp_path / LOCAL_USER, "whoami") == LOCAL_USER
         # The file both the operator and 2.0.0 changed: the local copy wins, and says so.
         assert status["etc_drift"] == [DRIFTING], status
         assert f"{DRIFTING}: changed on this machine and by 2.0.0" in m.journal("-u berth-update")

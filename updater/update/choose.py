@@ -153,6 +153,7 @@ def select(
                 f"refused to apply: no release newer than the booted {booted.version} to "
                 f"install for {where}" + (f" (skipped {skipped})" if skipped else "")
             )
+        release = selection.release  # as candidate() saw it: with this machine's changes
     else:
         manifest = channel(ctx, repo, state)
         selection = select_version(
@@ -166,5 +167,5 @@ def select(
         if selection.release is None:
             reason = "; ".join(s.reason for s in selection.skipped)
             raise RefusedError(f"refused to install {version}: {reason}")
-    release = as_seen(manifest, selection.release, booted)
+        release = as_seen(manifest, selection.release, booted)
     return release, record(ctx, state, f"{release.version} selected for install", ok=True)

@@ -24,8 +24,7 @@ from updater.release.version import Version
 
 log = logging.getLogger(__name__)
 
-IMAGE_LIST = Path("/usr/lib/berth/etc.json")
-UPPER = Path("/var/lib/berth/etc/upper")
+# Where the image's list and the upper layer are: Machine.etc_list and Machine.etc_upper.
 BEFORE = "etc-before.json"  # in the agent's state directory
 OPAQUE = "trusted.overlay.opaque"
 # The account databases follow the image another way: systemd-sysusers adds the release's users
