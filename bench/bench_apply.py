@@ -2,16 +2,17 @@
 
     .venv/bin/python -m bench.bench_apply [--size-mib 512] [--workdir DIR]
 
-Prints a table: sha256 throughput (hashlib over an in-memory buffer), the throughput of the two
-checks apply makes of a root image alone (its sha256 and its verity block digests, on threads as
-in the agent, from memory: the ceiling for apply on this machine, set by its cores), raw
+Prints a table: sha256 throughput (hashlib over an in-memory buffer, one stream: the reference),
+the throughput of the one check apply makes of a root image alone (its verity block digests, on
+two threads as in the agent, from memory: the ceiling for apply on this machine, set by its
+cores; the whole-file sha256 is not computed for root.erofs, docs/updates.md says why), raw
 sequential write throughput (O_DIRECT; to a new file for reference, and to the slot partition
 the agent then writes), the agent's apply throughput (a random release published with
 builder.publish, served by nginx on loopback, applied into a tests.support.machine.FakeMachine whose
 disk image, made dense like a real disk, is attached as a loop device with partitions, so the
 agent takes the block-device path it takes on a real machine: download, slot write, hashing and
-verification included) with its ratio to the slower of sha256 and the slot's raw write (target
->= 0.8), where that time went, and the daemon's resident memory once idle (target <= 30 MB),
+verification included) with its ratio to the sha256 rate (target >= 0.6) and to the slot's
+raw write, where that time went, and the daemon's resident memory once idle (target <= 30 MB),
 measured on a real `Daemon` in a child process that reports "idle" over a real $NOTIFY_SOCKET:
 once on a machine where the release is already installed, once on a machine where that daemon
 applied it first (what a machine waiting for kured holds).
@@ -61,28 +62,24 @@ def sha256_rate(size: int) -> float:
 
 
 def hashing_rate(size: int) -> float:
-    """The two checks apply makes of a root image, alone: the file's sha256 and the verity
-    digests of its blocks, each on a thread of its own as in the agent, fed 1 MiB at a time from
-    memory. No network, no disk: no apply of `size` bytes can be faster on this machine."""
+    """The one check apply makes of a root image, alone: the verity digests of its blocks, on
+    two threads as in the agent, fed 1 MiB at a time from memory. No network, no disk: no apply
+    of `size` bytes can be faster on this machine."""
     from concurrent.futures import ThreadPoolExecutor
 
     from updater.disk.verity import BlockHashes
 
     data = memoryview(os.urandom(4 * MiB) * (size // (4 * MiB)))
-    digest = hashlib.sha256()
     blocks = BlockHashes(os.urandom(32))
-    with (
-        ThreadPoolExecutor(max_workers=1) as file_pool,
-        ThreadPoolExecutor(max_workers=1) as verity_pool,
-    ):
+    with ThreadPoolExecutor(max_workers=2) as verity_pool:
         start = time.perf_counter()
-        futures = []
-        for at in range(0, len(data), MiB):
-            piece = data[at : at + MiB]
-            futures.append(file_pool.submit(digest.update, piece))
-            futures.append(verity_pool.submit(blocks.update, piece))
+        futures = [
+            verity_pool.submit(blocks.hash_blocks, piece)
+            for at in range(0, len(data), MiB)
+            for piece in blocks.pieces(data[at : at + MiB])
+        ]
         for future in futures:
-            future.result()
+            blocks.add(future.result())
         blocks.finish("bench")
         elapsed = time.perf_counter() - start
     return len(data) / elapsed
@@ -319,21 +316,20 @@ def main() -> int:
         raw_file, how = raw_write_rate(work / "raw", size)
         phases = Phases()
         rate, raw, rss, rss_applied = apply_rate(work, size, phases)
-    floor = min(sha, raw)
     total = phases.seconds.pop("total")
     rows = [
         ("sha256 (hashlib, in memory)", f"{sha / MB:.0f} MB/s", ""),
         (
-            "both checks alone (sha256 + verity, in memory)",
+            "the check alone (verity digests, 2 threads, in memory)",
             f"{hashing / MB:.0f} MB/s",
-            f"ratio {hashing / floor:.2f}: the checks alone, apply's ceiling here",
+            f"ratio {hashing / sha:.2f}: apply's ceiling here",
         ),
         (f"raw sequential write, a new file ({how})", f"{raw_file / MB:.0f} MB/s", "for reference"),
         ("raw sequential write, slot B (O_DIRECT)", f"{raw / MB:.0f} MB/s", ""),
         (
             f"apply {args.size_mib} MiB (loopback, verify incl.)",
             f"{rate / MB:.0f} MB/s",
-            f"ratio {rate / floor:.2f} of {floor / MB:.0f} MB/s (target >= 0.80)",
+            f"ratio {rate / sha:.2f} of sha256 (target >= 0.60); {rate / raw:.2f} of the write",
         ),
     ]
     rows += [(f"  {name}", f"{t:.2f} s", "") for name, t in sorted(phases.seconds.items())]

@@ -132,17 +132,30 @@ def test_a_target_whose_length_differs(site: Site, fake: FakeMachine) -> None:
     )
 
 
-def test_a_target_whose_hash_differs(site: Site, fake: FakeMachine) -> None:
+@pytest.mark.parametrize(
+    ("name", "pattern"),
+    [
+        # root.erofs has no sha256 pass: its verity tree proves each block (install.py, step 7)
+        (
+            "root.erofs",
+            r"refused: the data written to slot B has verity root hash [0-9a-f]{64}, the signed "
+            r"release says [0-9a-f]{64}",
+        ),
+        (
+            "root.verity",
+            r"refused .*root\.verity: its \d+ bytes hash to sha256 [0-9a-f]{64}, the trusted "
+            r"metadata",
+        ),
+    ],
+)
+def test_a_target_whose_hash_differs(
+    site: Site, fake: FakeMachine, name: str, pattern: str
+) -> None:
     release = site.release("1.1.0")
     site.publish(release)
-    served = site.payload(release, "root.erofs")
+    served = site.payload(release, name)
     served.write_bytes(os.urandom(served.stat().st_size))
-    failed_midway(
-        fake,
-        make_agent(fake, site),
-        VerificationError,
-        r"refused .*root\.erofs: its \d+ bytes hash to sha256 [0-9a-f]{64}, the trusted metadata",
-    )
+    failed_midway(fake, make_agent(fake, site), VerificationError, pattern)
 
 
 def _changed_and_signed(release: Path, name: str, offset: int) -> None:

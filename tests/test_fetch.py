@@ -256,6 +256,34 @@ def test_verity_digests_cover_the_bytes_read_back_to_resume(
     assert bytes(blocks.digests) == expected
 
 
+def _verity_digests(salt: bytes, content: bytes) -> bytes:
+    whole = len(content) - len(content) % 4096
+    return b"".join(
+        hashlib.sha256(salt + content[i : i + 4096]).digest() for i in range(0, whole, 4096)
+    )
+
+
+@pytest.mark.parametrize("chunk", [1000, 4096, 64 * KiB + 3])
+def test_without_the_sha256_pass_the_block_digests_are_the_check(
+    server: MisbehavingServer, dest: Path, chunk: int
+) -> None:
+    # A root image is hashed once: its blocks, on two threads, must come back in order whatever
+    # the size of the reads; the sha256 given only names the download, so other bytes pass here
+    # and are the caller's to refuse by their digests (install.py checks the tree).
+    server.files[PATH] = other = os.urandom(len(CONTENT))
+    salt = b"salt"
+    blocks = verity.BlockHashes(salt)
+    download(server, dest, blocks=blocks, check_sha256=False, chunk=chunk)
+    assert_written(dest, other)
+    assert bytes(blocks.digests) == _verity_digests(salt, other)
+
+
+def test_an_unchecked_sha256_needs_block_digests(server: MisbehavingServer, dest: Path) -> None:
+    with pytest.raises(ValueError, match="needs its block digests"):
+        download(server, dest, check_sha256=False)
+    assert_untouched(dest)
+
+
 def test_state_for_another_target_is_ignored(server: MisbehavingServer, dest: Path) -> None:
     state = dest.parent / "state.json"
     other = {"format": 1, "url": url(server), "sha256": "0" * 64, "length": len(CONTENT)}

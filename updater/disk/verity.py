@@ -118,7 +118,11 @@ def _digests(salted: Any, view: bytes | bytearray | memoryview) -> bytearray:
 
 
 class BlockHashes:
-    """The salted sha256 of each data block, in order, from data fed in pieces of any size."""
+    """The salted sha256 of each data block, in order, from data fed in pieces of any size.
+
+    `update` hashes on the caller's thread. To spread the hashing over threads, a caller splits
+    the data with `pieces` (in order, on one thread), hashes each piece with `hash_blocks`
+    anywhere, and hands the results back with `add`, in the order of the pieces."""
 
     def __init__(self, salt: bytes) -> None:
         self._salted = hashlib.sha256(salt)
@@ -129,19 +133,35 @@ class BlockHashes:
         self.digests.clear()
         self._partial.clear()
 
-    def update(self, data: bytes | memoryview) -> None:
+    def pieces(self, data: bytes | memoryview) -> list[bytes | memoryview]:
+        """`data` as runs of whole blocks, the start of a block left over from the previous call
+        first; a trailing part of a block is kept for the next call."""
         view = memoryview(data)
+        out: list[bytes | memoryview] = []
         if self._partial:
             take = BLOCK - len(self._partial)
             self._partial += view[:take]
             view = view[take:]
             if len(self._partial) < BLOCK:
-                return
-            self.digests += _digests(self._salted, self._partial)
+                return out
+            out.append(bytes(self._partial))
             self._partial.clear()
         whole = len(view) - len(view) % BLOCK
-        self.digests += _digests(self._salted, view[:whole])
+        if whole:
+            out.append(view[:whole])
         self._partial += view[whole:]
+        return out
+
+    def hash_blocks(self, piece: bytes | memoryview) -> bytearray:
+        """The digests of the whole blocks in `piece` (thread-safe: the salted state is copied)."""
+        return _digests(self._salted, piece)
+
+    def add(self, digests: bytes | bytearray) -> None:
+        self.digests += digests
+
+    def update(self, data: bytes | memoryview) -> None:
+        for piece in self.pieces(data):
+            self.digests += _digests(self._salted, piece)
 
     def finish(self, where: str) -> bytearray:
         """Hand over the digests of all blocks (without a copy: a 2 GiB root has 16 MiB of

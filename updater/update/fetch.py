@@ -90,20 +90,23 @@ class _Progress:
     """What one `stream_to` call has received so far, across its attempts. Outside a
     `_Writer` (or after its `drain`), every byte counted in `done` is written and hashed."""
 
-    hasher: Any  # hashlib's type is private; a sha256 object
+    hasher: Any  # hashlib's type is private; a sha256 object, None when the file's sha256 is not
+    # checked (a root image: its verity tree is the check, see stream_to)
     blocks: BlockHashes | None = None  # the caller's verity digests of the same bytes
     done: int = 0
     saved: int = 0  # `done` as last recorded in the state file
 
     def restart(self) -> None:
-        self.hasher = hashlib.sha256()
+        if self.hasher is not None:
+            self.hasher = hashlib.sha256()
         if self.blocks is not None:
             self.blocks.reset()
         self.done = 0
         self.saved = 0
 
     def hash(self, data: bytes) -> None:
-        self.hasher.update(data)
+        if self.hasher is not None:
+            self.hasher.update(data)
         if self.blocks is not None:
             self.blocks.update(data)
 
@@ -216,8 +219,10 @@ class _Destination:
 
 @dataclass(frozen=True)
 class _Pools:
-    """One thread writes, one computes the file's sha256 and one the verity digests of its
-    blocks (when asked for): each keeps the order of the work it is given. The staging buffers
+    """One thread writes, one computes the file's sha256 (when it is checked) and two the verity
+    digests of its blocks (when asked for: a root image's only hash, and the larger cost, so it
+    gets both cores of a small machine). The write and sha256 threads keep the order of the work
+    they are given; the verity digests are put back in order by the `_Writer`. The staging buffers
     live as long as the threads, across attempts (and are unmapped when the last reference
     goes: a traceback may still hold a view of one)."""
 
@@ -231,7 +236,7 @@ class _Pools:
         return cls(
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-write"),
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-hash"),
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-verity"),
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="berth-verity"),
             [_Stage() for _ in range(_STAGES)],
         )
 
@@ -252,6 +257,7 @@ class _Writer:
         self.dest = dest
         self.progress = progress
         self.hashing: deque[Future[None]] = deque()
+        self.digesting: deque[Future[bytearray]] = deque()  # verity digests, in order
         self.writing: deque[tuple[Future[None], _Stage]] = deque()
         self.free = list(pools.stages)
         self.stage = self.free.pop()
@@ -261,9 +267,14 @@ class _Writer:
         """Write `data` next (after `progress.done`), hash it after everything before, count it."""
         while len(self.hashing) >= _IN_FLIGHT:
             self.hashing.popleft().result()
-        self.hashing.append(self.pools.hash.submit(self.progress.hasher.update, data))
-        if self.progress.blocks is not None:
-            self.hashing.append(self.pools.blocks.submit(self.progress.blocks.update, data))
+        if self.progress.hasher is not None:
+            self.hashing.append(self.pools.hash.submit(self.progress.hasher.update, data))
+        blocks = self.progress.blocks
+        if blocks is not None:
+            while len(self.digesting) >= _IN_FLIGHT:
+                blocks.add(self.digesting.popleft().result())
+            for piece in blocks.pieces(data):
+                self.digesting.append(self.pools.blocks.submit(blocks.hash_blocks, piece))
         view = memoryview(data)
         while view:
             view = view[self.stage.take(view) :]
@@ -292,6 +303,11 @@ class _Writer:
             self.free.append(stage)
         while self.hashing:
             self.hashing.popleft().result()
+        blocks = self.progress.blocks
+        while self.digesting:
+            digests = self.digesting.popleft().result()
+            if blocks is not None:
+                blocks.add(digests)
 
     def __enter__(self) -> _Writer:
         return self
@@ -315,10 +331,12 @@ class _Writer:
             failures: list[BaseException | None] = [e]
         else:
             failures = []
-        futures = [f for f, _ in self.writing] + list(self.hashing)
+        futures: list[Future[Any]] = [f for f, _ in self.writing]
+        futures += [*self.hashing, *self.digesting]
         failures += [f.exception() for f in futures]  # exception() waits for each
         self.writing.clear()
         self.hashing.clear()
+        self.digesting.clear()
         failure = next((f for f in failures if f is not None), None)
         if failure is not None and not isinstance(error, StorageError):
             raise failure from error
@@ -573,8 +591,13 @@ def stream_to(
     progress: Callable[[int], None] | None = None,
     direct: bool = False,
     blocks: BlockHashes | None = None,
+    check_sha256: bool = True,
 ) -> None:
     """Download `url` into `dest` at `offset`; its `length` bytes must hash to `sha256`.
+
+    Without `check_sha256` (a root image, whose `blocks` and hash tree are its check: see
+    install.py), the bytes are hashed once, into `blocks`, and `sha256` only names the download
+    in the state file.
 
     `options` are the limits (FetchOptions, whose defaults are the device's). `dest` is an open
     block device or file (read-write, for resuming). With `state_path`, the bytes written so far
@@ -589,7 +612,7 @@ def stream_to(
     are written with O_DIRECT where the destination allows it (a slot partition): no copy of the
     payload passes through the page cache, where it would push out the running containers'
     files. `blocks` (fresh, or reset) is fed the same bytes in order, including any read back to
-    resume, on a thread of its own.
+    resume, on threads of their own.
 
     Raises DownloadError (or SlowRetrievalError) when the transfer fails, LengthMismatchError
     for endless or short data, VerificationError when the bytes written do not hash to `sha256`:
@@ -600,13 +623,15 @@ def stream_to(
     sha256 = sha256.lower()
     if not _HEX64.fullmatch(sha256):
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    if not check_sha256 and blocks is None:
+        raise ValueError("a download whose sha256 is not checked needs its block digests")
     if length < 0 or offset < 0 or chunk <= 0 or attempts < 1:
         raise ValueError(
             f"invalid length {length}, offset {offset}, chunk {chunk} or attempts {attempts}"
         )
     dest.flush()
     fd = dest.fileno()
-    state = _Progress(hashlib.sha256(), blocks)
+    state = _Progress(hashlib.sha256() if check_sha256 else None, blocks)
     if blocks is not None:
         blocks.reset()
     if state_path is not None and resume:
@@ -663,7 +688,7 @@ def stream_to(
         os.fsync(fd)
     except OSError as e:
         raise StorageError(f"flushing {length} bytes from {url} to disk failed: {e}") from e
-    digest = state.hasher.hexdigest()
+    digest = sha256 if state.hasher is None else state.hasher.hexdigest()
     if digest != sha256:
         _clear_state(state_path)
         raise VerificationError(
