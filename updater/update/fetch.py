@@ -219,12 +219,12 @@ class _Destination:
 
 @dataclass(frozen=True)
 class _Pools:
-    """One thread writes, one computes the file's sha256 (when it is checked) and two the verity
-    digests of its blocks (when asked for: a root image's only hash, and the larger cost, so it
-    gets both cores of a small machine). The write and sha256 threads keep the order of the work
-    they are given; the verity digests are put back in order by the `_Writer`. The staging buffers
-    live as long as the threads, across attempts (and are unmapped when the last reference
-    goes: a traceback may still hold a view of one)."""
+    """One thread writes, one computes the file's sha256 (when it is checked) and one the verity
+    digests of its blocks (when asked for). Each keeps the order of the work it is given; the
+    verity digests come back as results, added in order by the `_Writer`. (A second verity
+    thread was slower: 4 KiB hashes hand the GIL back and forth between the two.) The staging
+    buffers live as long as the threads, across attempts (and are unmapped when the last
+    reference goes: a traceback may still hold a view of one)."""
 
     write: ThreadPoolExecutor
     hash: ThreadPoolExecutor
@@ -236,7 +236,7 @@ class _Pools:
         return cls(
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-write"),
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-hash"),
-            ThreadPoolExecutor(max_workers=2, thread_name_prefix="berth-verity"),
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-verity"),
             [_Stage() for _ in range(_STAGES)],
         )
 
