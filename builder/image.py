@@ -236,7 +236,9 @@ def _build_image(
     with complete_step(f"Making the root file system (erofs, {config.compression})"):
         make_erofs(tree, staging / "root.erofs", config.compression, stable_uuid(seed, "erofs"))
     with complete_step("Computing the dm-verity hash tree"):
-        roothash = make_verity(tree, staging / "root.erofs", staging / "root.verity", seed)
+        roothash = make_verity(
+            tree, staging / "root.erofs", staging / "root.verity", config.name, seed
+        )
         log(f"root hash: {roothash}")
     with complete_step("Building the UKI"):
         cmdline = uki.kernel_cmdline(roothash, config.cmdline)

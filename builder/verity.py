@@ -12,13 +12,16 @@ from builder.run import run
 from builder.treetool import tree_command
 
 
-def make_verity(tree: Path, data: Path, hash_output: Path, seed: str) -> str:
+def make_verity(tree: Path, data: Path, hash_output: Path, image: str, seed: str) -> str:
     """Write the hash tree for `data` to `hash_output` and return the root hash (hex).
 
-    The salt and the superblock UUID derive from `seed` (image and version), so a rebuild of the
-    same version gives the same root hash.
+    The salt derives from the `image` name alone, so that every release of one image hashes
+    its blocks alike: the tree of the slot a machine booted is then the index of the blocks it
+    already has, and a seeded update (updater/update/seeded.py) compares it with the new tree
+    without reading the booted root. The superblock UUID derives from `seed` (image and
+    version). A rebuild of the same version gives the same root hash.
     """
-    salt = hashlib.sha256(f"berth-verity-salt:{seed}".encode()).hexdigest()
+    salt = hashlib.sha256(f"berth-verity-salt:{image}".encode()).hexdigest()
     sb_uuid = uuid.UUID(bytes=hashlib.sha256(f"berth-verity-uuid:{seed}".encode()).digest()[:16])
     hash_output.unlink(missing_ok=True)
     out = run(

@@ -23,6 +23,7 @@ from builder.publish.repository import (
     target_file,
 )
 from builder.publish.staging import Staging
+from updater.release.blockindex import INDEXED_FILES, index_file, index_name
 from updater.release.channel import (
     ChannelError,
     ChannelManifest,
@@ -220,6 +221,16 @@ def _add_payload(
     if not state.staging.exists(manifest_file):
         state.staging.write(manifest_file, manifest_data)
     target_paths["manifest.json"] = manifest_target.path
+    # The block indexes a machine compares with what it has, to fetch only the blocks it lacks
+    # (updater/release/blockindex.py); made from the file just checked against the manifest.
+    for name in INDEXED_FILES:
+        data = index_file(release_dir / name)
+        index = TargetFile.from_data(f"{prefix}/{index_name(name)}", data, ["sha256"])
+        add_target(state, index)
+        index_path = target_file(state.repo, index)
+        if not state.staging.exists(index_path):
+            state.staging.write(index_path, data)
+        target_paths[index_name(name)] = index.path
     if packages is not None:
         listed = TargetFile.from_data(f"{prefix}/{PACKAGES_FILE}", packages.data, ["sha256"])
         add_target(state, listed)

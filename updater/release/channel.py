@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from updater.errors import UpdateError
+from updater.release.blockindex import INDEXED_FILES, index_name
 from updater.release.document import json_object
 from updater.release.identity import app_specific_id
 from updater.release.manifest import PAYLOAD_FILES
@@ -31,6 +32,9 @@ from updater.release.version import Version
 SEED_RANGE = 2048
 # Every release names these targets: the payload plus the release manifest it was checked against.
 RELEASE_TARGETS = (*PAYLOAD_FILES, "manifest.json")
+# And may name these: the block indexes of payload files (absent from releases published before
+# they existed; a machine then fetches those files whole).
+INDEX_TARGETS = tuple(index_name(name) for name in INDEXED_FILES)
 
 # Default rollout (bound, delay after publishing): about 5% at once, 25% after 4 hours, 50% after
 # 12 hours, everyone after a day. Early waves find a bad release while most of the fleet waits.
@@ -240,7 +244,7 @@ def _parse_targets(raw: object, where: str) -> Mapping[str, str]:
     missing = [name for name in RELEASE_TARGETS if name not in raw]
     if missing:
         raise ChannelError(f"{where}: missing {', '.join(missing)}")
-    _no_unknown(raw, set(RELEASE_TARGETS), where)
+    _no_unknown(raw, {*RELEASE_TARGETS, *INDEX_TARGETS}, where)
     targets: dict[str, str] = {}
     for name, path in raw.items():
         if not isinstance(path, str) or not is_target_path(path):
