@@ -44,7 +44,7 @@ def test_apply_installs_into_slot_b(site: Site, fake: FakeMachine) -> None:
     site.publish(release)
     manifest = release_manifest(release)
     seen: list[tuple[str, int, int]] = []
-    applied = make_agent(fake, site).apply(progress=lambda *a: seen.append(a))
+    applied = make_agent(fake, site).apply(progress=lambda *a: seen.append(a[:3]))
     assert (applied.version, applied.slot, applied.roothash) == (V2, "B", manifest.roothash)
 
     # The GPT as util-linux reads it: labels from the version, UUIDs from the root hash.
@@ -342,7 +342,7 @@ def test_interrupted_download_resumes_with_range(site: Site, fake: FakeMachine) 
     class Killed(Exception):
         pass
 
-    def kill_midway(name: str, done: int, total: int) -> None:
+    def kill_midway(name: str, done: int, total: int, reused: int = 0) -> None:
         if name == "root.erofs" and done > total // 2:
             raise Killed  # the agent dies (power cut, OOM): no clean-up runs
 

@@ -81,7 +81,7 @@ def _paused_apply(fake: FakeMachine, site: Site, pause: Pause, out: Path) -> Non
     agent.actor = Actor("berth-update apply")
     first = [True]
 
-    def progress(name: str, done: int, total: int) -> None:
+    def progress(name: str, done: int, total: int, reused: int = 0) -> None:
         if first[0]:
             first[0] = False
             pause.wait_here()

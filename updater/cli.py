@@ -169,6 +169,7 @@ def format_status(status: Status) -> str:
     lines.extend(
         f"/etc drift:   {path} (changed here and by this release)" for path in status.etc_drift
     )
+    lines.extend(f"transfer:     {t}" for t in status.transfers)
     lines.append(f"boot entries: {', '.join(status.boot_entries) or 'none'}")
     return "\n".join(lines) + "\n"
 
@@ -288,6 +289,8 @@ def _run(args: argparse.Namespace, agent: Agent, out: TextIO, err: TextIO) -> in
                 f"installed {applied.version} into slot {applied.slot} ({applied.entry.name}); "
                 "it boots at the next reboot\n"
             )
+            if applied.transfer is not None:
+                out.write(f"transfer: {applied.transfer.describe()}\n")
     elif args.command == "rollback":
         rolled = agent.rollback()
         out.write(

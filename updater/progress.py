@@ -18,12 +18,16 @@ class Progress:
         self._name: str | None = None
         self._decile = -1
 
-    def __call__(self, name: str, done: int, total: int) -> None:
+    def __call__(self, name: str, done: int, total: int, reused: int = 0) -> None:
+        """`done` bytes of `total` are in place, `reused` of them copied from this machine's
+        own disk rather than fetched."""
         if name != self._name:
             self.close()
             self._name, self._decile = name, -1
         fraction = min(done / total, 1.0) if total else 1.0
         amounts = f"{done / 1e6:.1f} MB of {total / 1e6:.1f} MB"
+        if reused:
+            amounts += f", {reused / 1e6:.1f} MB reused, {(done - reused) / 1e6:.1f} MB fetched"
         if self.tty:
             filled = int(self.width * fraction)
             bar = "█" * filled + "·" * (self.width - filled)

@@ -52,19 +52,27 @@ def make_verity_release(
     image: str = IMAGE,
     arch: str = ARCH,
     data_size: int = 256 * 1024,
+    data: bytes | None = None,
+    uki: bytes | None = None,
 ) -> Path:
-    """A release directory `out/<image>/<version>/` with a real dm-verity root and hash tree."""
-    if data_size % 4096:
+    """A release directory `out/<image>/<version>/` with a real dm-verity root and hash tree:
+    random data, or `data`; a random UKI, or `uki`. The salt is the image's, as the builder's
+    (builder/verity.py): releases of one image hash their blocks alike."""
+    if data is None:
+        data = os.urandom(data_size)
+    if len(data) % 4096:
         raise ValueError("verity data must be whole 4096-byte blocks")
     release = out / image / version
     release.mkdir(parents=True)
-    (release / "root.erofs").write_bytes(os.urandom(data_size))
+    (release / "root.erofs").write_bytes(data)
+    salt = hashlib.sha256(f"berth-verity-salt:{image}".encode()).hexdigest()
     result = run(
-        [VERITYSETUP, "format", release / "root.erofs", release / "root.verity"], capture=True
+        [VERITYSETUP, "format", f"--salt={salt}", release / "root.erofs", release / "root.verity"],
+        capture=True,
     )
     match = re.search(r"Root hash:\s+([0-9a-f]{64})", result.stdout.decode())
     assert match, result.stdout
-    (release / "uki.efi").write_bytes(b"MZ" + os.urandom(20_000))
+    (release / "uki.efi").write_bytes(b"MZ" + os.urandom(20_000) if uki is None else uki)
     manifest = Manifest(
         image=image,
         version=Version.parse(version),

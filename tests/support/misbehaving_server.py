@@ -2,13 +2,15 @@
 test whose peer must fail in a chosen way or speak a protocol nginx does not.
 
 `MisbehavingServer` is a static server. It answers from `files` (path -> bytes, set by the
-test) or from a directory `root`, honours `Range: bytes=N-` as nginx does (206, or 416 from
-beyond the end), and keeps every request it saw in `seen`. A `Misbehaviour` in `rules` whose
-`match` is in a request's target (path and query) takes that request over: another status, a
-TCP reset before any answer, a body cut at some byte with a close or a reset, endless data, a
-missing or lying Content-Length, the Range ignored, a trickle, or silence before the answer or
-after its headers. The first rule that matches and is not spent (`times`) wins, so rules
-script a sequence: `fail("/x", 503, 502)` answers two failures, then the file.
+test) or from a directory `root`, honours `Range` as nginx does (`bytes=N-`, `bytes=A-B`, and
+several ranges as multipart/byteranges; 206, or 416 from beyond the end), and keeps every
+request it saw in `seen`. A `Misbehaviour` in `rules` whose `match` is in a request's target
+(path and query) takes that request over: another status, a TCP reset before any answer, a
+body cut at some byte with a close or a reset, endless data, a missing or lying
+Content-Length, the Range ignored, ranges answered with other bytes or with broken multipart
+framing, a trickle, or silence before the answer or after its headers. The first rule that
+matches and is not spent (`times`) wins, so rules script a sequence: `fail("/x", 503, 502)`
+answers two failures, then the file.
 
 Protocol stand-ins answer in `respond` instead of serving files, and misbehave the same way:
 `MetadataServer` (EC2 IMDSv2, GCE, Azure IMDS and OpenStack on one port) and `WireServer`
@@ -51,6 +53,7 @@ class Misbehaviour:
 
     match: str = ""  # a substring of the request target (path and query); "" matches every one
     times: int | None = None  # how many requests it takes over before it is spent; None: all
+    ranged: bool = False  # only requests with a Range header
     status: int | None = None  # answer this status and no body (a 3xx one with a Location)
     reset_at_once: bool = False  # close with a TCP reset before answering
     cut_at: int | None = None  # stop the body at this byte offset of the file...
@@ -59,6 +62,8 @@ class Misbehaviour:
     declare_length: bool = True  # False: no Content-Length, the body ends with the connection
     declared_length: int | None = None  # a Content-Length that lies
     ignore_range: bool = False  # the whole file with 200, whatever the Range asked for
+    garble_ranges: bool = False  # 206 answers whose bytes are not the file's (each one inverted)
+    botch_multipart: bool = False  # multipart answers whose parts use another boundary
     piece: int = 64 * KiB  # the body goes out in pieces of this size...
     delay: float = 0.0  # ... this many seconds apart (slow retrieval)
     wait: float = 0.0  # seconds of silence before the status line
@@ -85,6 +90,40 @@ class Answer:
     status: int
     body: bytes = b""
     headers: Mapping[str, str] = field(default_factory=dict)
+
+
+_INVERT = bytes(range(255, -1, -1))
+
+
+def _parse_ranges(spec: str | None, size: int) -> list[tuple[int, int]] | None:
+    """The satisfiable ranges of a `Range: bytes=...` header as (first, last), as nginx reads
+    them; None for no (or an unreadable) Range header, [] when none is satisfiable."""
+    if not spec or not spec.startswith("bytes="):
+        return None
+    out = []
+    for part in spec.removeprefix("bytes=").split(","):
+        match = re.fullmatch(r"\s*(\d+)-(\d*)\s*", part)
+        if match is None:
+            return None
+        first = int(match[1])
+        last = min(int(match[2]), size - 1) if match[2] else size - 1
+        if first <= last:
+            out.append((first, last))
+    return out
+
+
+def _multipart(data: bytes, asked: list[tuple[int, int]], rule: Misbehaviour) -> tuple[bytes, str]:
+    """A multipart/byteranges body of `asked` and its Content-Type (nginx's framing)."""
+    boundary = "00000000000000000001"
+    written = "00000000000000000002" if rule.botch_multipart else boundary
+    body = b""
+    for first, last in asked:
+        body += (
+            f"\r\n--{written}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Range: bytes {first}-{last}/{len(data)}\r\n\r\n"
+        ).encode() + data[first : last + 1]
+    body += f"\r\n--{written}--\r\n".encode()
+    return body, f"multipart/byteranges; boundary={boundary}"
 
 
 def _reset(sock: socket.socket) -> None:
@@ -151,14 +190,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _send(self, seen: Seen, rule: Misbehaviour, answer: Answer) -> None:
         data, status, headers = answer.body, answer.status, dict(answer.headers)
         start = 0
-        match = re.fullmatch(r"bytes=(\d+)-", seen.range or "")
-        if status == 200 and match and not rule.ignore_range:
-            start = int(match[1])
-            if start >= len(data):
+        asked = _parse_ranges(seen.range, len(data))
+        if status == 200 and asked is not None and not rule.ignore_range:
+            if not asked:
                 self._head(seen, 416, {}, 0)
                 return
             status = 206
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            if rule.garble_ranges:
+                data = data.translate(_INVERT)
+            if len(asked) > 1:
+                data, headers["Content-Type"] = _multipart(data, asked, rule)
+            else:
+                first, last = asked[0]
+                headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+                data = data[: last + 1]
+                start = first
         if rule.declared_length is not None:
             length: int | None = rule.declared_length
         elif rule.declare_length and not rule.endless:
@@ -248,7 +294,14 @@ class MisbehavingServer(http.server.ThreadingHTTPServer):
         Under the lock, so a stand-in's state moves one request at a time."""
         with self.lock:
             self.seen.append(seen)
-            rule = next((r for r in self.rules if r.match in seen.path and r.times != 0), _BEHAVE)
+            rule = next(
+                (
+                    r
+                    for r in self.rules
+                    if r.match in seen.path and r.times != 0 and (seen.range or not r.ranged)
+                ),
+                _BEHAVE,
+            )
             if rule.times is not None:
                 rule.times -= 1
             if rule.reset_at_once or rule.status is not None:

@@ -180,7 +180,7 @@ def staged_uki(esp: Path, version: Version, tries: int = DEFAULT_TRIES) -> Itera
     temp = directory / f"{_TEMP_PREFIX}{version}{_TEMP_SUFFIX}"
     final = directory / entry_name(version, tries)
     try:
-        with temp.open("wb") as f:
+        with temp.open("w+b") as f:  # readable: a seeded write checks what it wrote
             yield f
             f.flush()
             os.fsync(f.fileno())

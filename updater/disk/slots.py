@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from updater import run
 from updater.disk import gpt, verity
@@ -405,16 +405,17 @@ def partition_path(
 
 @contextlib.contextmanager
 def open_partition(
-    disk: Path, number: int, partition: gpt.Partition
+    disk: Path, number: int, partition: gpt.Partition, mode: str = "r+b"
 ) -> Iterator[tuple[BinaryIO, int]]:
-    """A partition opened for writing, and the offset its first byte has in that file.
+    """A partition opened for writing (or as `mode` says), and the offset its first byte has in
+    that file.
 
     On a device the kernel's partition node (offset 0): writes cannot stray outside it. On a disk
     image file (tests, images prepared offline) the whole file at the partition's offset.
     """
     if stat.S_ISBLK(disk.stat().st_mode):
-        with partition_path(disk, number).open("r+b") as f:
-            yield f, 0
+        with partition_path(disk, number).open(mode) as f:
+            yield cast(BinaryIO, f), 0
     else:
-        with disk.open("r+b") as f:
-            yield f, partition.offset_bytes()
+        with disk.open(mode) as f:
+            yield cast(BinaryIO, f), partition.offset_bytes()

@@ -275,3 +275,25 @@ def check_tree(
             f"refused: the hash tree in {where} is not the one its data gives (they first "
             f"differ at byte {superblock.hash_block_size + min(differs)} of the tree)"
         )
+
+
+def read_data_digests(fd: int, offset: int, superblock: Superblock, where: str) -> bytes:
+    """The digests of the data blocks as the tree at `offset` of `fd` stores them: its bottom
+    level, which comes last on disk. Nothing here proves them: a caller trusts them as far as it
+    trusts the tree (a signed hash of the whole file, or `check_tree` afterwards), or uses them
+    only as hints whose blocks it hashes again."""
+    sizes = _level_sizes(superblock.data_blocks)
+    if not sizes:
+        raise VerificationError(f"refused: the tree in {where} covers one block and has no levels")
+    start = offset + superblock.hash_block_size + sum(sizes[1:])
+    want = superblock.data_blocks * _DIGEST
+    try:
+        data = os.pread(fd, want, start)
+    except OSError as e:
+        raise VerificationError(f"refused: cannot read the hash tree in {where}: {e}") from e
+    if len(data) != want:
+        raise VerificationError(
+            f"refused: the hash tree in {where} ends after {len(data)} of the {want} bytes of "
+            "its bottom level"
+        )
+    return data

@@ -108,6 +108,7 @@ from updater.update.state import RebootHeld
 
 if TYPE_CHECKING:  # imported at run time only in the worker child
     from updater.agent import Agent
+    from updater.update.install import ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -457,14 +458,15 @@ class Daemon:
             self._retire_gate()
         self.config = config
 
-    def _progress(self, version: str) -> Callable[[str, int, int], None]:
+    def _progress(self, version: str) -> ProgressCallback:
         last = [-1]
 
-        def report(name: str, done: int, total: int) -> None:
+        def report(name: str, done: int, total: int, reused: int = 0) -> None:
             percent = done * 100 // total if total else 100
             if percent // 10 != last[0]:  # STATUS at most every 10%: it is a datagram each
                 last[0] = percent // 10
-                self._status(f"downloading {version}: {name} {percent}%")
+                note = f" ({reused * 100 // done}% reused)" if reused and done else ""
+                self._status(f"downloading {version}: {name} {percent}%{note}")
 
         return report
 

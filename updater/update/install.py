@@ -65,13 +65,17 @@ Runs on the device's Python with the standard library, python3-requests and pyth
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import requests
 
@@ -85,14 +89,16 @@ from updater.errors import (
     StorageError,
     VerificationError,
 )
-from updater.release.channel import RELEASE_TARGETS, Release
+from updater.files import write_file_atomic
+from updater.release.blockindex import BlockIndexError, check_index, index_name
+from updater.release.channel import INDEX_TARGETS, RELEASE_TARGETS, Release
 from updater.release.manifest import Manifest, ManifestError
 from updater.release.packages import change_lines
 from updater.release.version import Version
-from updater.update import choose, etcdrift, fetch
+from updater.update import choose, etcdrift, fetch, seeded
 from updater.update.context import Booted, Context
 from updater.update.machine import write_reboot_required
-from updater.update.state import LastCheck, Pending, State
+from updater.update.state import LastCheck, Pending, State, TransferRecord
 from updater.update.trust import TargetInfo, TrustedRepository
 
 log = logging.getLogger(__name__)
@@ -100,10 +106,16 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 # The release manifest is a few hundred bytes; a signed length far beyond that is a broken release.
 _MANIFEST_LIMIT = MiB
+# A block index is 1/128 of its file: 2 MiB for a UKI of 256 MiB, far more than any is.
+_INDEX_LIMIT = 2 * MiB
 _DATA, _VERITY, _UKI, _MANIFEST = slots.DATA_FILE, slots.VERITY_FILE, "uki.efi", "manifest.json"
 
-# (file name, bytes done, bytes total); called as each payload file streams in.
-ProgressCallback = Callable[[str, int, int], None]
+
+class ProgressCallback(Protocol):
+    """Called as each payload file comes in: bytes done of total, and how many of them were
+    copied from this machine's own disk (a seeded write) rather than fetched."""
+
+    def __call__(self, name: str, done: int, total: int, reused: int = 0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,7 @@ class Applied:
     roothash: str
     entry: Path
     already: bool = False  # installed and pending before this apply: nothing was written
+    transfer: TransferRecord | None = None  # what the install fetched and reused
 
 
 def _bind(progress: ProgressCallback | None, name: str, total: int) -> Callable[[int], None] | None:
@@ -159,16 +172,25 @@ def _stream(
     )
 
 
-def _fetch_manifest(ctx: Context, info: TargetInfo, release: Release) -> Manifest:
-    if info.length > _MANIFEST_LIMIT:
+def _fetch_small(
+    ctx: Context, name: str, info: TargetInfo, release: Release, what: str, limit: int
+) -> bytes:
+    """A small signed target (the manifest, a block index), checked on the way like the
+    payload, through a temporary file."""
+    if info.length > limit:
         raise ReleaseMismatchError(
-            f"refused {release.label}: its signed manifest.json is {info.length} bytes, "
-            f"more than a release manifest can be ({_MANIFEST_LIMIT})"
+            f"refused {release.label}: its signed {name} is {info.length} bytes, "
+            f"more than {what} can be ({limit})"
         )
     with tempfile.TemporaryFile() as f:
-        _stream(ctx, _MANIFEST, info, f, 0)
+        _stream(ctx, name, info, f, 0)
         f.seek(0)
-        text = f.read().decode("utf-8", errors="replace")
+        return f.read()
+
+
+def _fetch_manifest(ctx: Context, info: TargetInfo, release: Release) -> Manifest:
+    data = _fetch_small(ctx, _MANIFEST, info, release, "a release manifest", _MANIFEST_LIMIT)
+    text = data.decode("utf-8", errors="replace")
     try:
         return Manifest.from_json(text, f"{release.label} manifest.json")
     except ManifestError as e:
@@ -268,6 +290,8 @@ class _Plan:
     target: slots.Slot
     old: Version | None
     entries: list[bootentries.Entry]
+    booted: slots.Slot  # the slot the machine runs from: the seed of the new root
+    indexes: dict[str, bytes]  # payload file -> its signed block index (when the release has one)
 
 
 def _plan(
@@ -283,6 +307,7 @@ def _plan(
     infos = {name: repo.target_info(release.targets[name]) for name in RELEASE_TARGETS}
     manifest = _fetch_manifest(ctx, infos[_MANIFEST], release)
     _check_release(ctx, release, manifest, infos, booted)
+    indexes = _fetch_indexes(ctx, repo, release, infos)
     for name in (_DATA, _VERITY, _UKI):
         _probe(ctx, session, name, infos[name])
     pair = ctx.slot_pair()
@@ -304,22 +329,141 @@ def _plan(
     if old is not None and entries and entries[0].version == old:
         bootentries.remove(esp, [e for e in entries if e.version == old])
         entries = [e for e in entries if e.version != old]
-    return _Plan(infos, target, old, entries)
+    return _Plan(infos, target, old, entries, current, indexes)
+
+
+def _fetch_indexes(
+    ctx: Context, repo: TrustedRepository, release: Release, infos: dict[str, TargetInfo]
+) -> dict[str, bytes]:
+    """The signed block indexes the release names, each checked against its file's length (and
+    its signed target info added to `infos`)."""
+    indexes: dict[str, bytes] = {}
+    for index in INDEX_TARGETS:
+        if index not in release.targets:
+            continue  # published before indexes existed: that file is fetched whole
+        name = index.removesuffix(index_name(""))
+        info = infos[index] = repo.target_info(release.targets[index])
+        data = _fetch_small(ctx, index, info, release, "a block index", _INDEX_LIMIT)
+        try:
+            check_index(data, infos[name].length, f"{release.label} {index}")
+        except BlockIndexError as e:
+            raise ReleaseMismatchError(f"refused {e}") from None
+        indexes[name] = data
+    return indexes
+
+
+def _seed_state(ctx: Context, name: str) -> Path:
+    return ctx.machine.state_dir / f"seed-{name}.json"
+
+
+def _resuming(path: Path, info: TargetInfo) -> bool:
+    """Whether an interrupted seeded write of this very file left blocks worth keeping (each is
+    hashed again before it is kept: the record only saves reading the file for nothing)."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("sha256") == info.sha256
+
+
+def _seeded(
+    ctx: Context,
+    name: str,
+    info: TargetInfo,
+    wanted: seeded.Wanted,
+    dest: BinaryIO,
+    offset: int,
+    seeds: list[seeded.Seed],
+    session: requests.Session,
+    progress: ProgressCallback | None,
+) -> seeded.Transfer | None:
+    """Write `name` from `seeds` and range requests; None when ranges cannot complete it (the
+    caller streams it whole over what was written). The record of a seeded write in progress is
+    on disk before its first block, so that an apply interrupted by a power cut resumes from the
+    blocks already in place."""
+    record = _seed_state(ctx, name)
+    in_place = _resuming(record, info)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(record, json.dumps({"sha256": info.sha256, "url": info.url}).encode())
+    except OSError as e:
+        raise StorageError(f"cannot record the seeded write of {name} in {record}: {e}") from e
+
+    def report(done: int, reused: int) -> None:
+        if progress is not None:
+            progress(name, done, info.length, reused)
+
+    dest.flush()
+    try:
+        transfer = seeded.write(
+            wanted,
+            dest.fileno(),
+            offset,
+            seeds,
+            session=session,
+            options=ctx.fetch_options,
+            in_place=in_place,
+            report=report,
+        )
+    except seeded.Unseedable as e:
+        log.warning("%s; fetching %s whole", e, name)
+        record.unlink(missing_ok=True)
+        return None
+    record.unlink(missing_ok=True)
+    log.info(
+        "%s: %d bytes reused, %d fetched in %d requests",
+        name,
+        transfer.reused,
+        transfer.fetched,
+        transfer.requests,
+    )
+    return transfer
+
+
+def _root_seed(
+    ctx: Context, booted: slots.Slot, salt: bytes, stack: contextlib.ExitStack
+) -> seeded.Seed | None:
+    """The booted root, read from its partition (not its dm-verity device: see seeded.py), with
+    its own tree's bottom level as the digests when the trees share the salt (every release of
+    one image does: builder/verity.py). None when the booted slot cannot be read."""
+    disk = ctx.machine.disk
+    where = f"the booted slot {booted.name}"
+    try:
+        tree, tree_offset = stack.enter_context(
+            slots.open_partition(disk, booted.verity_number, booted.verity, mode="rb")
+        )
+        superblock = verity.read_superblock(tree.fileno(), tree_offset, where)
+        data, data_offset = stack.enter_context(
+            slots.open_partition(disk, booted.data_number, booted.data, mode="rb")
+        )
+        digests = None
+        if superblock.salt == salt and superblock.data_blocks > 1:
+            digests = verity.read_data_digests(tree.fileno(), tree_offset, superblock, where)
+    except (OSError, VerificationError) as e:
+        log.warning("%s cannot seed the update (%s): fetching the root whole", where, e)
+        return None
+    return seeded.Seed(where, data.fileno(), data_offset, superblock.data_size, digests)
 
 
 def _write_slot(
     ctx: Context,
+    plan: _Plan,
     target: slots.Slot,
-    infos: dict[str, TargetInfo],
     roothash: str,
     session: requests.Session,
     progress: ProgressCallback | None,
-) -> None:
-    """Steps 6 and 7: the hash tree, then the root, streamed into the slot; the tree built from
-    the root's blocks must be the signed root hash's and the one just written."""
+) -> seeded.Transfer:
+    """Steps 6 and 7: the hash tree, then the root, into the slot: the root from the blocks the
+    booted slot already has and ranges of the rest, or streamed whole. Either way the tree built
+    from the root's block digests must be the signed root hash's and the one just written."""
     disk = ctx.machine.disk
+    infos = plan.infos
     where = f"slot {target.name}"
-    with slots.open_partition(disk, target.verity_number, target.verity) as (tree, tree_offset):
+    transfer = seeded.Transfer(fetched=infos[_VERITY].length, requests=1)
+    with (
+        contextlib.ExitStack() as stack,
+        slots.open_partition(disk, target.verity_number, target.verity) as (tree, tree_offset),
+    ):
         _stream(
             ctx,
             _VERITY,
@@ -332,26 +476,95 @@ def _write_slot(
         )
         superblock = verity.read_superblock(tree.fileno(), tree_offset, where)
         superblock.check(infos[_DATA].length, f"{where} ({_VERITY})")
-        blocks = verity.BlockHashes(superblock.salt)
+        seed = _root_seed(ctx, plan.booted, superblock.salt, stack)
         with slots.open_partition(disk, target.data_number, target.data) as (data, data_offset):
-            _stream(
-                ctx,
-                _DATA,
-                infos[_DATA],
-                data,
-                data_offset,
-                session=session,
-                progress=progress,
-                into_slot=True,
-                blocks=blocks,
-            )
-        verity.check_tree(
-            tree.fileno(),
-            tree_offset,
-            superblock,
-            blocks.finish(f"{where} ({_DATA})"),
-            roothash,
-            where,
+            done = None
+            if seed is not None and superblock.data_blocks > 1:
+                # The new tree's bottom level, signed through root.verity's sha256: the digest
+                # every block of the new root must have, wherever it comes from.
+                wanted = seeded.Wanted(
+                    _DATA,
+                    infos[_DATA].url,
+                    infos[_DATA].length,
+                    verity.read_data_digests(tree.fileno(), tree_offset, superblock, where),
+                    seeded.BlockHash(superblock.salt),
+                )
+                done = _seeded(
+                    ctx, _DATA, infos[_DATA], wanted, data, data_offset, [seed], session, progress
+                )
+            if done is not None:
+                digests: verity.Digests = wanted.digests
+                transfer.add(done)
+            else:
+                blocks = verity.BlockHashes(superblock.salt)
+                _stream(
+                    ctx,
+                    _DATA,
+                    infos[_DATA],
+                    data,
+                    data_offset,
+                    session=session,
+                    progress=progress,
+                    into_slot=True,
+                    blocks=blocks,
+                )
+                digests = blocks.finish(f"{where} ({_DATA})")
+                transfer.add(seeded.Transfer(fetched=infos[_DATA].length, requests=1))
+        verity.check_tree(tree.fileno(), tree_offset, superblock, digests, roothash, where)
+    return transfer
+
+
+def _write_uki(
+    ctx: Context,
+    plan: _Plan,
+    booted: Booted,
+    out: BinaryIO,
+    session: requests.Session,
+    progress: ProgressCallback | None,
+) -> seeded.Transfer:
+    """Step 10's bytes: from the booted UKI and ranges of the rest when the release has the
+    UKI's block index, else streamed whole; then its sha256 must be the signed one."""
+    info = plan.infos[_UKI]
+    index = plan.indexes.get(_UKI)
+    current = [e for e in plan.entries if e.version == booted.version]
+    if index is not None and current:
+        with contextlib.ExitStack() as stack:
+            try:
+                source = stack.enter_context(current[0].path.open("rb"))
+                seed = seeded.Seed(
+                    f"the booted UKI {current[0].name}",
+                    source.fileno(),
+                    0,
+                    os.fstat(source.fileno()).st_size,
+                )
+            except OSError as e:
+                log.warning("the booted UKI cannot seed the update (%s)", e)
+            else:
+                out.truncate(info.length)
+                wanted = seeded.Wanted(_UKI, info.url, info.length, index, seeded.BlockHash(None))
+                done = _seeded(ctx, _UKI, info, wanted, out, 0, [seed], session, progress)
+                if done is not None:
+                    _check_sha256(out, info, f"the new {_UKI}")
+                    return done
+    _stream(ctx, _UKI, info, out, 0, session=session, progress=progress)
+    return seeded.Transfer(fetched=info.length, requests=1)
+
+
+def _check_sha256(f: BinaryIO, info: TargetInfo, what: str) -> None:
+    """The whole file, read back, against its signed sha256: every block matched the signed
+    index already; this is the file's own signature, and cheap for a UKI."""
+    digest = hashlib.sha256()
+    position = 0
+    try:
+        while data := os.pread(f.fileno(), MiB, position):
+            digest.update(data)
+            position += len(data)
+    except OSError as e:
+        raise StorageError(f"reading back {what} failed: {e}") from e
+    if position != info.length or digest.hexdigest() != info.sha256:
+        raise VerificationError(
+            f"refused {info.url}: {what} hashes to sha256 {digest.hexdigest()} ({position} "
+            f"bytes), the trusted metadata says {info.sha256} ({info.length} bytes)"
         )
 
 
@@ -413,7 +626,7 @@ def apply(
         with machine.disk.open("r+b") as disk:
             target = slots.prepare_slot(disk, target, booted=booted.roothash)
         # (6) stream the hash tree, then the root, into the slot; (7) check the tree
-        _write_slot(ctx, target, plan.infos, release.roothash, session, progress)
+        transfer = _write_slot(ctx, plan, target, release.roothash, session, progress)
         # (8) name the slot (gpt writes and fsyncs both table copies)
         ctx.step(f"installing {release.version} into slot {target.name} and the ESP")
         with machine.disk.open("r+b") as disk:
@@ -427,7 +640,7 @@ def apply(
         etcdrift.keep_booted_list(machine.etc_list, machine.state_dir, booted.version)
         # (10) the UKI: temporary name, fsync, rename with a boot counter (the last step)
         with bootentries.staged_uki(esp, release.version) as out:
-            _stream(ctx, _UKI, plan.infos[_UKI], out, 0, session=session, progress=progress)
+            transfer.add(_write_uki(ctx, plan, booted, out, session, progress))
     entry = bootentries.entry_dir(esp) / bootentries.entry_name(
         release.version, bootentries.DEFAULT_TRIES
     )
@@ -446,10 +659,25 @@ def apply(
         ),
         last_check=LastCheck(ctx.now(), f"{release.version} installed", True),
     )
+    # The manifest and the block indexes came whole too.
+    small = [plan.infos[name] for name in (_MANIFEST, *INDEX_TARGETS) if name in plan.infos]
+    record = TransferRecord(
+        release.version,
+        transfer.fetched + sum(info.length for info in small),
+        transfer.reused,
+        transfer.requests + len(small),
+        ctx.now().replace(microsecond=0),  # as the state file keeps it
+    )
+    state = state.with_transfer(record)
     ctx.save_state(state)
     write_reboot_required(machine)
-    log.info("installed %s into slot %s; a reboot starts it", release.version, target.name)
-    return Applied(release.version, str(target.name), release.roothash, entry)
+    log.info(
+        "installed %s into slot %s; a reboot starts it (%s)",
+        release.version,
+        target.name,
+        record.describe().split(": ", 1)[1],
+    )
+    return Applied(release.version, str(target.name), release.roothash, entry, transfer=record)
 
 
 def _pending_already(ctx: Context, state: State, release: Release) -> Applied | None:

@@ -52,6 +52,32 @@ class Pending:
 
 
 @dataclass(frozen=True)
+class TransferRecord:
+    """What installing `version` took from the network and from this machine's own disk."""
+
+    version: Version
+    fetched: int  # bytes received (payload, manifest, block index)
+    reused: int  # bytes of the payload copied from the booted slot and UKI
+    requests: int  # HTTP requests for the payload
+    when: datetime
+
+    def describe(self) -> str:
+        total = self.fetched + self.reused
+        share = f" ({self.reused / total:.0%} reused)" if total else ""
+        return (
+            f"{self.version}: fetched {_mb(self.fetched)}, reused {_mb(self.reused)}{share} "
+            f"in {self.requests} requests"
+        )
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+TRANSFERS_KEPT = 5
+
+
+@dataclass(frozen=True)
 class BadVersion:
     version: Version
     reason: str  # "rolled back from 1.3.0: boot did not complete"
@@ -79,6 +105,11 @@ class State:
     # show it and so that a machine whose machine-id went missing keeps its place in the waves.
     seed: int | None = None
     reboot_held: RebootHeld | None = None
+    # The newest installs' transfers, oldest first (at most TRANSFERS_KEPT).
+    transfers: tuple[TransferRecord, ...] = ()
+
+    def with_transfer(self, record: TransferRecord) -> State:
+        return replace(self, transfers=(*self.transfers, record)[-TRANSFERS_KEPT:])
 
     @property
     def bad_versions(self) -> frozenset[Version]:
@@ -126,6 +157,16 @@ class State:
                 "since": _time(self.reboot_held.since),
                 "retry": _time(self.reboot_held.retry),
             },
+            "transfers": [
+                {
+                    "version": str(t.version),
+                    "fetched": t.fetched,
+                    "reused": t.reused,
+                    "requests": t.requests,
+                    "when": _time(t.when),
+                }
+                for t in self.transfers
+            ],
         }
         return json.dumps(doc, indent=2) + "\n"
 
@@ -169,6 +210,16 @@ class State:
                 str(held["reason"]),
                 _parse_time(held["since"]),
                 _parse_time(held["retry"]),
+            ),
+            transfers=tuple(
+                TransferRecord(
+                    Version.parse(t["version"]),
+                    _count(t["fetched"]),
+                    _count(t["reused"]),
+                    _count(t["requests"]),
+                    _parse_time(t["when"]),
+                )
+                for t in doc.get("transfers", [])  # absent in files from before seeded updates
             ),
         )
 
@@ -229,6 +280,12 @@ def save_state(path: Path, state: State) -> None:
         write_file_atomic(path, state.to_json().encode())
     except OSError as e:
         raise StorageError(f"cannot save the agent's state to {path}: {e}") from e
+
+
+def _count(raw: object) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+        raise ValueError(f"expected a byte or request count, got {raw!r}")
+    return raw
 
 
 def _lines(raw: object, where: str) -> tuple[str, ...]:

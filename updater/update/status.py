@@ -67,6 +67,9 @@ class Status:
     pending_changes: tuple[str, ...] = ()
     # /etc files this machine changed that the booted release changed too: they hide its version.
     etc_drift: tuple[str, ...] = ()
+    # The newest installs, newest last: "2.0.0: fetched 3.1 MB, reused 181.2 MB (98% reused) in
+    # 14 requests"
+    transfers: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -76,6 +79,7 @@ class Status:
         doc["boot_entries"] = list(self.boot_entries)
         doc["pending_changes"] = list(self.pending_changes)
         doc["etc_drift"] = list(self.etc_drift)
+        doc["transfers"] = list(self.transfers)
         return doc
 
 
@@ -137,6 +141,7 @@ def read_status(ctx: Context) -> Status:
             ctx.machine.state_dir, ctx.machine.etc_list, ctx.machine.etc_upper, booted.version
         ),
         bad=tuple(f"{b.version}: {b.reason}" for b in state.bad),
+        transfers=tuple(t.describe() for t in state.transfers),
         rollback_note=note,
         boot_entries=tuple(e.name for e in bootentries.list_entries(ctx.machine.esp)),
         busy=None if holder is None else holder.describe(),
