@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import importlib
+import json
 import random
 import subprocess
 import sys
@@ -95,6 +96,7 @@ class Result:
     samples: list[tuple[float, Counter[Version], int]] = field(default_factory=list)
     seconds: float = 0.0
     events: int = 0
+    downloads: int = 0  # installs: each one fetches a release from the repository
 
 
 def simulate(args: argparse.Namespace, locked: bool) -> Result:
@@ -167,6 +169,7 @@ def simulate(args: argparse.Namespace, locked: bool) -> Result:
             if chosen is not None and (m.pending is None or chosen.version > m.pending):
                 at(now + rng.uniform(300, 900), m, "installed")  # download and verify
                 m.pending = chosen.version
+                result.downloads += 1
                 continue
             if m.pending is not None:
                 at(now, m, "gate")
@@ -241,6 +244,31 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+DELTA = OUT / "bench_delta.json"  # written by bench/bench_delta.py
+
+
+def egress(results: list[Result]) -> str:
+    """The repository's egress for the simulated downloads, full and seeded, from the bytes one
+    machine fetched in bench/bench_delta.py's last run (its pairs of real builds)."""
+    try:
+        measured = json.loads(DELTA.read_text())
+    except FileNotFoundError:
+        return f"egress: no {DELTA.relative_to(OUT.parent.parent)}; run bench/bench_delta.py first"
+    downloads = results[0].downloads
+    lines = [
+        f"repository egress for the {downloads} downloads of the etcd-lock run, per kind of "
+        "release (bytes one machine fetched in bench_delta's run of "
+        f"{measured['when']}):",
+        f"{'release like':<24} {'full':>10} {'seeded':>10} {'saved':>7}",
+    ]
+    for name, pair in measured["pairs"].items():
+        full, seeded = downloads * pair["full"], downloads * pair["seeded"]
+        lines.append(
+            f"{name:<24} {full / 1e9:>8.1f}GB {seeded / 1e9:>8.2f}GB {1 - seeded / full:>7.1%}"
+        )
+    return "\n".join(lines)
+
+
 def plot(results: list[Result], path: Path) -> None:
     try:
         plt = importlib.import_module("matplotlib.pyplot")
@@ -287,6 +315,8 @@ def main() -> int:
     args = parser.parse_args()
     results = [simulate(args, locked=True), simulate(args, locked=False)]
     print(table(results, args))
+    print()
+    print(egress(results))
     if not args.no_plot:
         path = OUT / "fleet_sim.png"
         plot(results, path)

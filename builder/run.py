@@ -21,6 +21,8 @@ from builder.log import log
 # the image (mkfs.erofs, veritysetup, ukify, depmod, ...) runs from the image's own tree.
 HOST_TOOLS: dict[str, str] = {
     "mmdebstrap": "mmdebstrap",
+    # bench/bench_delta.py measures casync beside seeded updates, on the same image pairs.
+    "casync": "casync",
     # The tests apply sysusers.d files to machine trees with the host's (builder/accounts.py).
     "systemd-sysusers": "systemd",
     "systemd-tmpfiles": "systemd",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def _entry(**targets: str) -> str:
         version=Version(1, 0, 0),
         roothash="ab" * 32,
         targets={**names, **targets},
-        waves=ch.immediate_waves(ch.datetime(2026, 1, 1, tzinfo=ch.UTC)),
+        waves=ch.immediate_waves(datetime(2026, 1, 1, tzinfo=UTC)),
     )
     return ChannelManifest("stable", None, (release,)).to_json()
 

@@ -28,6 +28,7 @@ from tests.support.containers import install_web_service, load_httpd_image, web_
 from tests.support.e2e import MARKER, PANIC_WORD, Machine, Site, build_release, record
 from tests.support.oci import SLEEPER_C, oci_archive, static_binary
 from tests.support.vms import login_as
+from updater.release.manifest import PAYLOAD_FILES
 
 # Power cuts: 4 in CI, one in each phase of an update; 20 in the slow run (-m slow);
 # BERTH_POWER_SEED replays a run's random moments.
@@ -119,6 +120,29 @@ def provisioned_machine(
         m.close()
 
 
+def payload_size(release: BuildResult) -> int:
+    return sum((release.output / name).stat().st_size for name in PAYLOAD_FILES)
+
+
+def check_seeded(m: Machine, site: Site) -> int:
+    """The update to 2.0.0 was seeded: nginx served its root and UKI by range requests only,
+    what it sent for 2.0.0 is what the agent recorded as fetched, and far less than the payload.
+    Returns the bytes fetched."""
+    transfer = json.loads(m.ssh("cat /var/lib/berth/state.json"))["transfers"][-1]
+    assert transfer["version"] == "2.0.0" and transfer["reused"] > 0, transfer
+    served = [
+        r
+        for r in site.server.requests()
+        if r.request.startswith("GET ") and "/targets/containerhost/2.0.0/" in r.path
+    ]
+    seeded = [r for r in served if r.path.endswith((".root.erofs", ".uki.efi"))]
+    assert seeded and all(r.status == 206 and r.range for r in seeded), seeded
+    assert {r.path.rsplit(".", 1)[1] for r in seeded} == {"erofs", "efi"}, seeded
+    assert sum(r.body_bytes for r in served) == transfer["fetched"], (served, transfer)
+    assert "reused" in m.journal("-u berth-update")
+    return int(transfer["fetched"])
+
+
 def start_container(m: Machine, work: Path) -> None:
     """A container with restart policy `always`: podman-restart.service starts it at boot."""
     sleeper = static_binary(work, "sleeper", SLEEPER_C)
@@ -163,6 +187,7 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         m.wait_for_boot("2.0.0", boot_id)
         m.wait_until_blessed("2.0.0")
         status = m.status()
+        fetched = check_seeded(m, site)
         assert status["boot_entries"] == ["berth_2.0.0.efi", "berth_1.0.0.efi"], status
         roles = {s["version"]: s["state"] for s in status["slots"]}
         assert roles == {"2.0.0": "booted", "1.0.0": "previous"}, status
@@ -193,7 +218,12 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         # (2d) The pulled 3.0.0 was never installed.
         assert not any("3.0.0" in e for e in status["boot_entries"])
         assert all(s["version"] != "3.0.0" for s in status["slots"])
-        record("update 1.0.0 -> 2.0.0 by the daemon", m.boots(), m.seconds(), "2.0.0 blessed")
+        record(
+            "update 1.0.0 -> 2.0.0 by the daemon",
+            m.boots(),
+            m.seconds(),
+            f"2.0.0 blessed; fetched {fetched / 1e6:.1f} of {payload_size(good) / 1e6:.1f} MB",
+        )
         journal = m.ssh("journalctl --no-pager -o cat -u berth-update")
         assert "skipped 3.0.0: pulled" in journal, journal[-3000:]
         record("pulled release 3.0.0", 0, 0, "never installed")
@@ -549,8 +579,8 @@ def _power_cuts(
             finally:
                 m.save_logs(artifacts)
                 m.close()
-    resumed = sum(1 for r in site.server.requests() if r.range)
-    outcome = f"2.0.0 blessed after cuts in {', '.join(outcomes)}; {resumed} resumed GETs"
+    ranged = sum(1 for r in site.server.requests() if r.range)
+    outcome = f"2.0.0 blessed after cuts in {', '.join(outcomes)}; {ranged} range GETs"
     record(f"power loss x{cuts} (seed {seed})", boots, seconds, outcome)
 
 

@@ -277,23 +277,37 @@ def check_tree(
         )
 
 
-def read_data_digests(fd: int, offset: int, superblock: Superblock, where: str) -> bytes:
-    """The digests of the data blocks as the tree at `offset` of `fd` stores them: its bottom
-    level, which comes last on disk. Nothing here proves them: a caller trusts them as far as it
-    trusts the tree (a signed hash of the whole file, or `check_tree` afterwards), or uses them
-    only as hints whose blocks it hashes again."""
+def data_digests_at(offset: int, superblock: Superblock, where: str) -> int:
+    """Where, in the file whose tree starts at `offset`, the digests of the data blocks are
+    stored: the tree's bottom level, which comes last on disk."""
     sizes = _level_sizes(superblock.data_blocks)
     if not sizes:
         raise VerificationError(f"refused: the tree in {where} covers one block and has no levels")
-    start = offset + superblock.hash_block_size + sum(sizes[1:])
-    want = superblock.data_blocks * _DIGEST
+    return offset + superblock.hash_block_size + sum(sizes[1:])
+
+
+def read_data_digests(
+    fd: int, offset: int, superblock: Superblock, where: str, first: int = 0, end: int | None = None
+) -> bytes:
+    """The digests of data blocks first..end-1 (all by default) as the tree at `offset` of `fd`
+    stores them. Nothing here proves them: a caller trusts them as far as it trusts the tree (a
+    signed hash of the whole file, or `check_tree` afterwards), or uses them only as hints whose
+    blocks it hashes again."""
+    end = superblock.data_blocks if end is None else min(end, superblock.data_blocks)
+    start = data_digests_at(offset, superblock, where) + first * _DIGEST
+    want = max(0, end - first) * _DIGEST
+    data = bytearray()
     try:
-        data = os.pread(fd, want, start)
+        while len(data) < want:
+            piece = os.pread(fd, min(want - len(data), 16 << 20), start + len(data))
+            if not piece:
+                break
+            data += piece
     except OSError as e:
         raise VerificationError(f"refused: cannot read the hash tree in {where}: {e}") from e
     if len(data) != want:
         raise VerificationError(
-            f"refused: the hash tree in {where} ends after {len(data)} of the {want} bytes of "
-            "its bottom level"
+            f"refused: the hash tree in {where} ends {want - len(data)} bytes before the end "
+            "of its bottom level"
         )
-    return data
+    return bytes(data)

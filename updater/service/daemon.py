@@ -465,7 +465,7 @@ class Daemon:
             percent = done * 100 // total if total else 100
             if percent // 10 != last[0]:  # STATUS at most every 10%: it is a datagram each
                 last[0] = percent // 10
-                note = f" ({reused * 100 // done}% reused)" if reused and done else ""
+                note = f" ({reused / 1e6:.0f} MB reused)" if reused else ""
                 self._status(f"downloading {version}: {name} {percent}%{note}")
 
         return report

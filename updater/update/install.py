@@ -436,13 +436,18 @@ def _root_seed(
         data, data_offset = stack.enter_context(
             slots.open_partition(disk, booted.data_number, booted.data, mode="rb")
         )
-        digests = None
+        reader = None
         if superblock.salt == salt and superblock.data_blocks > 1:
-            digests = verity.read_data_digests(tree.fileno(), tree_offset, superblock, where)
+            fd = tree.fileno()
+            verity.data_digests_at(tree_offset, superblock, where)  # a tree with levels
+
+            def reader(first: int, end: int) -> bytes:
+                return verity.read_data_digests(fd, tree_offset, superblock, where, first, end)
+
     except (OSError, VerificationError) as e:
         log.warning("%s cannot seed the update (%s): fetching the root whole", where, e)
         return None
-    return seeded.Seed(where, data.fileno(), data_offset, superblock.data_size, digests)
+    return seeded.Seed(where, data.fileno(), data_offset, superblock.data_size, reader)
 
 
 def _write_slot(

@@ -45,7 +45,7 @@ from typing import Any
 import requests
 import urllib3.exceptions
 
-from updater.errors import DownloadError, StorageError
+from updater.errors import DownloadError, StorageError, VerificationError
 from updater.release.blockindex import BLOCK, DIGEST, block_count
 from updater.update.machine import FetchOptions
 
@@ -114,17 +114,22 @@ class Wanted:
     hash: BlockHash
 
 
+# (first, end) -> the digests of a seed's blocks first..end-1, 32 bytes each
+DigestReader = Callable[[int, int], bytes]
+
+
 @dataclass(frozen=True)
 class Seed:
     """Bytes on this machine that may hold blocks of the new file, at `offset` of `fd`.
-    `digests`: its blocks' digests made the same way, when known without reading it (the booted
-    tree's bottom level); None to compute them by reading it."""
+    `digests` reads its blocks' digests made the same way, when they are stored (the booted
+    tree's bottom level); None computes them by reading the seed. Either way they are read a
+    chunk at a time, never held whole: a 2 GiB root has 16 MiB of them."""
 
     name: str
     fd: int
     offset: int
     length: int
-    digests: bytes | None = None
+    digests: DigestReader | None = None
 
 
 @dataclass
@@ -225,16 +230,22 @@ def _drop_cache(fd: int, offset: int, length: int) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def _digest_file(fd: int, offset: int, length: int, hash: BlockHash, what: str) -> bytes:
-    """The digests of the blocks of `length` bytes at `offset` of `fd`, read a MiB at a time."""
+def _computed(seed: Seed, hash: BlockHash) -> DigestReader:
+    """A reader of `seed`'s digests that hashes its blocks, read a MiB at a time."""
     salted = hash.start()
-    out = bytearray()
-    for at in range(0, length, _RUN * BLOCK):
-        data = memoryview(_pread(fd, min(_RUN * BLOCK, length - at), offset + at, what))
-        for start in range(0, len(data), BLOCK):
-            out += hash.digest(salted, data[start : start + BLOCK])
-    _drop_cache(fd, offset, length)
-    return bytes(out)
+
+    def read(first: int, end: int) -> bytes:
+        out = bytearray()
+        stop = min(end * BLOCK, seed.length)
+        for at in range(first * BLOCK, stop, _RUN * BLOCK):
+            size = min(_RUN * BLOCK, stop - at)
+            data = memoryview(_pread(seed.fd, size, seed.offset + at, seed.name))
+            _drop_cache(seed.fd, seed.offset + at, size)
+            for start in range(0, len(data), BLOCK):
+                out += hash.digest(salted, data[start : start + BLOCK])
+        return bytes(out)
+
+    return read
 
 
 def _keep_in_place(plan: _Plan) -> None:
@@ -253,36 +264,55 @@ def _keep_in_place(plan: _Plan) -> None:
                 plan.progress(len(block), True)
 
 
+_CHUNK = 32768  # digests read from a seed at once (1 MiB)
+
+
 def _match(plan: _Plan, index: int, seed: Seed) -> None:
+    """Which blocks still missing `seed` holds; a seed that cannot be read holds none more."""
+    try:
+        _match_digests(plan, index, seed)
+    except (StorageError, VerificationError) as e:
+        log.warning("%s cannot seed %s any further: %s", seed.name, plan.wanted.name, e)
+
+
+def _match_digests(plan: _Plan, index: int, seed: Seed) -> None:
     """Which blocks still missing `seed` holds, by digest: at the same position first (a
     layout-stable build keeps most blocks there), then anywhere (a dictionary of the blocks not
     found in place, keyed by a digest prefix: small when the layout is stable)."""
-    digests = seed.digests
-    if digests is None:
-        digests = _digest_file(seed.fd, seed.offset, seed.length, plan.wanted.hash, seed.name)
-    have = len(digests) // DIGEST
+    read = seed.digests or _computed(seed, plan.wanted.hash)
+    have = block_count(seed.length)
     source = plan.source
     need: dict[bytes, list[int]] = {}
-    for i in range(plan.blocks):
-        if source[i] != _FETCH:
-            continue
-        want = plan.want(i)
-        if i < have and digests[i * DIGEST : (i + 1) * DIGEST] == want:
-            source[i] = index * _SEED + i
-        else:
-            need.setdefault(bytes(want[:8]), []).append(i)
+    for first in range(0, plan.blocks, _CHUNK):
+        end = min(plan.blocks, first + _CHUNK)
+        digests = read(first, min(end, have)) if first < have else b""
+        for i in range(first, end):
+            if source[i] != _FETCH:
+                continue
+            want = plan.want(i)
+            at = (i - first) * DIGEST
+            if i < have and digests[at : at + DIGEST] == want:
+                source[i] = index * _SEED + i
+            else:
+                need.setdefault(bytes(want[:8]), []).append(i)
     if not need:
         return
-    for j in range(have):
-        hits = need.get(digests[j * DIGEST : j * DIGEST + 8])
-        if hits is None:
-            continue
-        full = digests[j * DIGEST : (j + 1) * DIGEST]
-        for i in [i for i in hits if plan.want(i) == full]:
-            source[i] = index * _SEED + j
-            hits.remove(i)
-        if not hits:
-            del need[digests[j * DIGEST : j * DIGEST + 8]]
+    for first in range(0, have, _CHUNK):
+        digests = read(first, min(have, first + _CHUNK))
+        for j in range(first, first + len(digests) // DIGEST):
+            at = (j - first) * DIGEST
+            key = digests[at : at + 8]
+            hits = need.get(key)
+            if hits is None:
+                continue
+            full = digests[at : at + DIGEST]
+            for i in [i for i in hits if plan.want(i) == full]:
+                source[i] = index * _SEED + j
+                hits.remove(i)
+            if not hits:
+                del need[key]
+            if not need:
+                return
 
 
 def _missing_runs(source: array[int]) -> list[tuple[int, int]]:
@@ -333,10 +363,14 @@ def _copy(plan: _Plan, seeds: list[Seed]) -> None:
             j = source[first] % _SEED
             size = sum(plan.size(i) for i in range(first, last))
             position = seed.offset + j * BLOCK
-            data = memoryview(_pread(seed.fd, size, position, seed.name))
-            _drop_cache(seed.fd, position, size)
             for i in range(first, last):
                 source[i] = _FETCH  # missing until its bytes are checked
+            try:
+                data = memoryview(_pread(seed.fd, size, position, seed.name))
+            except StorageError as e:
+                log.warning("%s; fetching those blocks", e)
+                continue
+            _drop_cache(seed.fd, position, size)
             rejected = plan.transfer.rejected
             _accept(plan, first, data, True, salted)
             if plan.transfer.rejected > rejected:
