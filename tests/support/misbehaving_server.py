@@ -62,6 +62,7 @@ class Misbehaviour:
     declare_length: bool = True  # False: no Content-Length, the body ends with the connection
     declared_length: int | None = None  # a Content-Length that lies
     ignore_range: bool = False  # the whole file with 200, whatever the Range asked for
+    single_ranges: bool = False  # the whole file with 200 to a Range of several (object stores)
     garble_ranges: bool = False  # 206 answers whose bytes are not the file's (each one inverted)
     botch_multipart: bool = False  # multipart answers whose parts use another boundary
     piece: int = 64 * KiB  # the body goes out in pieces of this size...
@@ -191,6 +192,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         data, status, headers = answer.body, answer.status, dict(answer.headers)
         start = 0
         asked = _parse_ranges(seen.range, len(data))
+        if rule.single_ranges and asked is not None and len(asked) > 1:
+            asked = None
         if status == 200 and asked is not None and not rule.ignore_range:
             if not asked:
                 self._head(seen, 416, {}, 0)

@@ -189,6 +189,11 @@ def _level_sizes(blocks: int) -> list[int]:
     return sizes
 
 
+def tree_size(superblock: Superblock) -> int:
+    """The bytes of the tree file: the superblock's block, then every level."""
+    return superblock.hash_block_size + sum(_level_sizes(superblock.data_blocks))
+
+
 def _walk(digests: Digests, salt: bytes, visit: Callable[[memoryview, int, int], None]) -> str:
     """Build the tree from the bottom up, one level at a time: `visit(level, position, size)`
     sees each level's digests (its zero padding left implicit), where the level starts within

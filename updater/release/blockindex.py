@@ -1,10 +1,13 @@
 """The block index of a payload file: the sha256 of each of its 4 KiB blocks, in order.
 
 A machine that updates compares the index of a new release's file with the blocks it already
-holds (the UKI it booted), copies those it has and fetches only the others by HTTP range
-(updater/update/seeded.py). The publisher writes the index of `uki.efi` as a TUF target of its
-own, `uki.efi.blocks`, so every digest is as trusted as the file's own hash. `root.erofs` needs
-none: its dm-verity tree is its index (the salted digest of each block), already a target.
+holds (the UKI it booted, the hash tree of its booted slot), copies those it has and fetches only
+the others by HTTP range (updater/update/seeded.py). The publisher writes the index of `uki.efi`
+and of `root.verity` as TUF targets of their own (`uki.efi.blocks`, `root.verity.blocks`), so
+every digest is as trusted as the file's own hash. `root.erofs` needs none: its dm-verity tree is
+its index (the salted digest of each block), already a target. The tree's own index is 1/128 of
+the tree (10 KB for a 190 MB root): where a release changes a few blocks of the root, it saves
+fetching the whole tree (1.2 MB), most of what such an update moves.
 
 The format is the digests alone, 32 bytes each, no header: block i covers bytes
 [4096 i, 4096 (i + 1)) of the file, the last one whatever is left (its digest is that of the
@@ -21,7 +24,8 @@ from pathlib import Path
 BLOCK = 4096
 DIGEST = 32
 SUFFIX = ".blocks"  # uki.efi -> uki.efi.blocks
-INDEXED_FILES = ("uki.efi",)  # the payload files published with an index target
+# The payload files published with an index target (root.erofs is indexed by its tree).
+INDEXED_FILES = ("root.verity", "uki.efi")
 
 
 class BlockIndexError(ValueError):

@@ -21,7 +21,10 @@
  6. root.verity, then root.erofs, are streamed straight into the slot's partitions while
     hashing (resumable with HTTP Range; progress in <var>/lib/berth/download-<name>.json). Each
     block of root.erofs is also hashed as dm-verity does, with the salt of root.verity's
-    superblock.
+    superblock. When the release has block indexes, each file is instead put together from the
+    blocks the booted slot (and UKI) already has and range requests for the rest (seeded.py);
+    root.verity is then checked against its signed sha256 as a whole, before root.erofs uses it
+    as its index.
  7. The hash tree built from those block hashes must have the release's root hash and equal the
     tree written in step 6 (disk/verity.py): the whole slot verified without reading it back.
  8. `commit_slot`: UUIDs from the root hash, version labels (both table copies fsynced).
@@ -420,25 +423,62 @@ def _seeded(
     return transfer
 
 
+@dataclass(frozen=True)
+class _BootedTree:
+    """The booted slot's hash tree, read from its partition."""
+
+    file: BinaryIO
+    offset: int
+    superblock: verity.Superblock
+    where: str
+
+
+def _booted_tree(
+    ctx: Context, booted: slots.Slot, stack: contextlib.ExitStack
+) -> _BootedTree | None:
+    """The booted slot's tree partition, open for the seeds; None when it cannot be read (the
+    update is then fetched whole: a seed is an optimisation, never a condition)."""
+    where = f"the booted slot {booted.name}"
+    try:
+        tree, offset = stack.enter_context(
+            slots.open_partition(ctx.machine.disk, booted.verity_number, booted.verity, mode="rb")
+        )
+        superblock = verity.read_superblock(tree.fileno(), offset, where)
+    except (OSError, VerificationError) as e:
+        log.warning("%s cannot seed the update (%s): fetching it whole", where, e)
+        return None
+    return _BootedTree(tree, offset, superblock, where)
+
+
+def _tree_seed(booted: _BootedTree | None) -> seeded.Seed | None:
+    """The booted root.verity as a seed of the new one: a version bump or a changed file leaves
+    most of its blocks as they were."""
+    if booted is None:
+        return None
+    size = verity.tree_size(booted.superblock)
+    return seeded.Seed(f"{booted.where}'s hash tree", booted.file.fileno(), booted.offset, size)
+
+
 def _root_seed(
-    ctx: Context, booted: slots.Slot, salt: bytes, stack: contextlib.ExitStack
+    ctx: Context,
+    booted: slots.Slot,
+    tree: _BootedTree | None,
+    salt: bytes,
+    stack: contextlib.ExitStack,
 ) -> seeded.Seed | None:
     """The booted root, read from its partition (not its dm-verity device: see seeded.py), with
     its own tree's bottom level as the digests when the trees share the salt (every release of
     one image does: builder/verity.py). None when the booted slot cannot be read."""
-    disk = ctx.machine.disk
-    where = f"the booted slot {booted.name}"
+    if tree is None:
+        return None
+    superblock, where = tree.superblock, tree.where
     try:
-        tree, tree_offset = stack.enter_context(
-            slots.open_partition(disk, booted.verity_number, booted.verity, mode="rb")
-        )
-        superblock = verity.read_superblock(tree.fileno(), tree_offset, where)
         data, data_offset = stack.enter_context(
-            slots.open_partition(disk, booted.data_number, booted.data, mode="rb")
+            slots.open_partition(ctx.machine.disk, booted.data_number, booted.data, mode="rb")
         )
         reader = None
         if superblock.salt == salt and superblock.data_blocks > 1:
-            fd = tree.fileno()
+            fd, tree_offset = tree.file.fileno(), tree.offset
             verity.data_digests_at(tree_offset, superblock, where)  # a tree with levels
 
             def reader(first: int, end: int) -> bytes:
@@ -450,6 +490,33 @@ def _root_seed(
     return seeded.Seed(where, data.fileno(), data_offset, superblock.data_size, reader)
 
 
+def _write_indexed(
+    ctx: Context,
+    plan: _Plan,
+    name: str,
+    seed: seeded.Seed | None,
+    out: BinaryIO,
+    offset: int,
+    session: requests.Session,
+    progress: ProgressCallback | None,
+    *,
+    into_slot: bool,
+) -> seeded.Transfer:
+    """A file the release publishes a block index for (root.verity, the UKI) at `offset` of
+    `out`: from `seed` and ranges of the rest when the index and the seed are there, else
+    streamed whole. Either way its sha256 must be the signed one."""
+    info = plan.infos[name]
+    index = plan.indexes.get(name)
+    if index is not None and seed is not None:
+        wanted = seeded.Wanted(name, info.url, info.length, index, seeded.BlockHash(None))
+        done = _seeded(ctx, name, info, wanted, out, offset, [seed], session, progress)
+        if done is not None:
+            _check_sha256(out, offset, info, f"the new {name}")
+            return done
+    _stream(ctx, name, info, out, offset, session=session, progress=progress, into_slot=into_slot)
+    return seeded.Transfer(fetched=info.length, requests=1)
+
+
 def _write_slot(
     ctx: Context,
     plan: _Plan,
@@ -458,30 +525,24 @@ def _write_slot(
     session: requests.Session,
     progress: ProgressCallback | None,
 ) -> seeded.Transfer:
-    """Steps 6 and 7: the hash tree, then the root, into the slot: the root from the blocks the
+    """Steps 6 and 7: the hash tree, then the root, into the slot, each from the blocks the
     booted slot already has and ranges of the rest, or streamed whole. Either way the tree built
     from the root's block digests must be the signed root hash's and the one just written."""
     disk = ctx.machine.disk
     infos = plan.infos
     where = f"slot {target.name}"
-    transfer = seeded.Transfer(fetched=infos[_VERITY].length, requests=1)
     with (
         contextlib.ExitStack() as stack,
         slots.open_partition(disk, target.verity_number, target.verity) as (tree, tree_offset),
     ):
-        _stream(
-            ctx,
-            _VERITY,
-            infos[_VERITY],
-            tree,
-            tree_offset,
-            session=session,
-            progress=progress,
-            into_slot=True,
+        booted = _booted_tree(ctx, plan.booted, stack)
+        seed = _tree_seed(booted)
+        transfer = _write_indexed(
+            ctx, plan, _VERITY, seed, tree, tree_offset, session, progress, into_slot=True
         )
         superblock = verity.read_superblock(tree.fileno(), tree_offset, where)
         superblock.check(infos[_DATA].length, f"{where} ({_VERITY})")
-        seed = _root_seed(ctx, plan.booted, superblock.salt, stack)
+        seed = _root_seed(ctx, plan.booted, booted, superblock.salt, stack)
         with slots.open_partition(disk, target.data_number, target.data) as (data, data_offset):
             done = None
             if seed is not None and superblock.data_blocks > 1:
@@ -530,38 +591,32 @@ def _write_uki(
     """Step 10's bytes: from the booted UKI and ranges of the rest when the release has the
     UKI's block index, else streamed whole; then its sha256 must be the signed one."""
     info = plan.infos[_UKI]
-    index = plan.indexes.get(_UKI)
     current = [e for e in plan.entries if e.version == booted.version]
-    if index is not None and current:
-        with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
+        seed = None
+        if current and _UKI in plan.indexes:
             try:
                 source = stack.enter_context(current[0].path.open("rb"))
-                seed = seeded.Seed(
-                    f"the booted UKI {current[0].name}",
-                    source.fileno(),
-                    0,
-                    os.fstat(source.fileno()).st_size,
-                )
+                size = os.fstat(source.fileno()).st_size
             except OSError as e:
                 log.warning("the booted UKI cannot seed the update (%s)", e)
             else:
+                seed = seeded.Seed(f"the booted UKI {current[0].name}", source.fileno(), 0, size)
                 out.truncate(info.length)
-                wanted = seeded.Wanted(_UKI, info.url, info.length, index, seeded.BlockHash(None))
-                done = _seeded(ctx, _UKI, info, wanted, out, 0, [seed], session, progress)
-                if done is not None:
-                    _check_sha256(out, info, f"the new {_UKI}")
-                    return done
-    _stream(ctx, _UKI, info, out, 0, session=session, progress=progress)
-    return seeded.Transfer(fetched=info.length, requests=1)
+        return _write_indexed(ctx, plan, _UKI, seed, out, 0, session, progress, into_slot=False)
 
 
-def _check_sha256(f: BinaryIO, info: TargetInfo, what: str) -> None:
-    """The whole file, read back, against its signed sha256: every block matched the signed
-    index already; this is the file's own signature, and cheap for a UKI."""
+def _check_sha256(f: BinaryIO, offset: int, info: TargetInfo, what: str) -> None:
+    """The file at `offset` of `f`, read back, against its signed sha256: every block matched
+    the signed index already; this is the file's own signature, and cheap for a UKI or a tree
+    (1/128 of its root)."""
     digest = hashlib.sha256()
     position = 0
     try:
-        while data := os.pread(f.fileno(), MiB, position):
+        while position < info.length:
+            data = os.pread(f.fileno(), min(MiB, info.length - position), offset + position)
+            if not data:
+                break
             digest.update(data)
             position += len(data)
     except OSError as e:

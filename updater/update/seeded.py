@@ -2,24 +2,30 @@
 fetched by HTTP range requests from the same static repository.
 
 The new file's block digests come from a trusted source: for root.erofs the bottom level of its
-dm-verity tree (root.verity, checked against its signed sha256 before this runs), for the UKI its
-block index target (updater/release/blockindex.py). A seed (the booted slot's root, the booted
-UKI, or the half-written destination itself after an interrupted apply) is never trusted: a
-block is copied from it only after its bytes, read here, hash to the digest the new file wants.
-The same holds for a block fetched from the server. So every block written is one the release
-names, whatever a seed or a server holds; a seed block that does not match (corrupted on disk)
-is fetched instead, and a server block that does not match is asked for again.
+dm-verity tree (root.verity, checked against its signed sha256 before this runs), for the UKI and
+for root.verity itself their block index targets (updater/release/blockindex.py). A seed (the
+booted slot's root or tree, the booted UKI, or the half-written destination itself after an
+interrupted apply) is never trusted: a block is copied from it only after its bytes, read here,
+hash to the digest the new file wants. The same holds for a block fetched from the server. So
+every block written is one the release names, whatever a seed or a server holds; a seed block
+that does not match (corrupted on disk) is fetched instead, and a server block that does not
+match is asked for again.
 
 The booted root is read from its partition, never through its dm-verity device: a corrupted
 block there would make dm-verity restart the machine (restart-on-corruption); read raw, it is
 only a block that does not match.
 
-Range requests coalesce missing runs closer than `GAP` blocks (fetching a few blocks twice costs
-less than a request), are bounded to `MAX_RANGES` ranges in all (gaps widen until they fit) and
-carry up to `PER_REQUEST` ranges each (multipart/byteranges). Whatever a server does, the result
+Range requests ask for each missing run as it is, as long as there are at most `MAX_RANGES` runs;
+beyond that the runs with the smallest gaps between them are merged (the blocks in those gaps are
+fetched although the machine has them) until they fit. A part of a multipart answer costs about
+100 bytes of headers and a block 4096, so merging only pays when the bound forces it. Up to
+`PER_REQUEST` ranges go in one request (multipart/byteranges). Whatever a server does, the result
 is a correct file or an exception:
 
-- it ignores Range (200), or answers 416: `Unseedable`, and the caller streams the whole file;
+- it ignores a multi-range request (200, or 416: object stores and some CDNs answer only single
+  ranges): the rest goes one range per request;
+- it ignores Range altogether (200 to one range), or answers 416 to one: `Unseedable`, and the
+  caller streams the whole file;
 - its multipart answer is malformed, or a part lies outside what was asked: the rest goes one
   range per request;
 - its bytes are not the ones asked for: those blocks are asked for again, in a later round;
@@ -51,9 +57,10 @@ from updater.update.machine import FetchOptions
 
 log = logging.getLogger(__name__)
 
-GAP = 16  # blocks: missing runs closer than 64 KiB are fetched as one range
-MAX_RANGES = 512  # ranges per file, before the gaps are widened
-PER_REQUEST = 32  # ranges per multipart request: a short Range header, few requests
+MAX_RANGES = 1024  # ranges per file, before the closest runs are merged
+# Ranges per multipart request: a Range header of about 1.3 KB (servers take 8 KB), and a file
+# of MAX_RANGES runs in 16 requests.
+PER_REQUEST = 64
 # Below this share of the file found on the machine, streaming it whole (O_DIRECT, resumable
 # by offset, no per-block bookkeeping) costs about the same bytes and less time.
 MIN_REUSE = 0.1
@@ -383,20 +390,20 @@ def _copy(plan: _Plan, seeds: list[Seed]) -> None:
 
 
 def _ranges(source: array[int]) -> list[tuple[int, int]]:
-    """The missing blocks as [start, end) ranges: runs closer than GAP merged, and gaps widened
-    until there are at most MAX_RANGES."""
+    """The missing blocks as [start, end) ranges: each missing run, or, when there are more than
+    MAX_RANGES, the runs with the smallest gaps between them merged until MAX_RANGES remain."""
     runs = _missing_runs(source)
-    gap = GAP
-    while True:
-        merged: list[tuple[int, int]] = []
-        for start, end in runs:
-            if merged and start - merged[-1][1] < gap:
-                merged[-1] = (merged[-1][0], end)
-            else:
-                merged.append((start, end))
-        if len(merged) <= MAX_RANGES:
-            return merged
-        gap *= 2
+    if len(runs) <= MAX_RANGES:
+        return runs
+    gaps = sorted(range(1, len(runs)), key=lambda k: (runs[k][0] - runs[k - 1][1], k))
+    joined = set(gaps[: len(runs) - MAX_RANGES])  # run k merges into the run before it
+    merged: list[tuple[int, int]] = []
+    for k, (start, end) in enumerate(runs):
+        if k in joined:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
 
 
 class _Body:
@@ -533,6 +540,8 @@ def _request(
         raise _Transient(f"{url}: request failed: {e}") from e
     with response:
         status = response.status_code
+        if status in (200, 416) and len(asked) > 1:
+            raise _Botched(f"{url}: the server answers {len(asked)} ranges with HTTP {status}")
         if status == 200:
             raise Unseedable(f"{url}: the server ignores Range requests (200 to 'Range')")
         if status == 416:
