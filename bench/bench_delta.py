@@ -246,6 +246,8 @@ def main() -> int:
         memory_child(args.memory_child)
         return 0
     ensure_host_packages(("casync", "nginx"))
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-delta-") as tmp:
         work = Path(tmp)
         built = build_pairs(args.image, args.add, args.remove, work)
