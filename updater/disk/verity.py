@@ -303,11 +303,15 @@ def read_data_digests(
     want = max(0, end - first) * _DIGEST
     data = bytearray()
     try:
-        while len(data) < want:
-            piece = os.pread(fd, min(want - len(data), 16 << 20), start + len(data))
-            if not piece:
-                break
-            data += piece
+        # One read gives the bytes without a copy: 16 MiB for a 2 GiB root, and the copy out
+        # of a bytearray would hold them twice at the apply's peak.
+        whole = os.pread(fd, want, start)
+        if len(whole) == want:
+            return whole
+        data += whole
+        while whole and len(data) < want:
+            whole = os.pread(fd, min(want - len(data), 16 << 20), start + len(data))
+            data += whole
     except OSError as e:
         raise VerificationError(f"refused: cannot read the hash tree in {where}: {e}") from e
     if len(data) != want:
