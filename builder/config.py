@@ -150,11 +150,14 @@ _PARTITION_MINIMUMS = {"esp": MIN_ESP, "root": MIN_ROOT, "verity": MIN_VERITY, "
 _UPDATE_KEYS = ("channel", "url")
 
 # Lower-case and no dots: image names end up in output file names, and "base.toml" is a typo.
-_IMAGE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+# Names that become path components are bounded: a longer one would meet the file system's limit
+# (ENAMETOOLONG) as an OSError far from the definition that named it.
+_NAME_MAX = 64
+_IMAGE_NAME_RE = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{_NAME_MAX - 1}}}")
 # Debian Policy 5.6.7; a leading "-" (removal from the inherited list) is split off before.
 _PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
-_OVERLAY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_SUITE_RE = re.compile(r"[a-z][a-z0-9-]*")
+_OVERLAY_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{_NAME_MAX - 1}}}")
+_SUITE_RE = re.compile(rf"[a-z][a-z0-9-]{{0,{_NAME_MAX - 1}}}")
 # Variables become jinja2 template names, so they must be identifiers.
 _VARIABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SIZE_RE = re.compile(rf"([0-9]{{1,{MAX_DIGITS}}})\s*([KMGT])(iB)?", re.IGNORECASE)
@@ -223,7 +226,10 @@ def load_image(name_or_path: str, images_dir: Path) -> ImageConfig:
         if not _IMAGE_NAME_RE.fullmatch(name_or_path):
             raise ConfigError(
                 f"{name_or_path!r} is not an image name",
-                hint="an image name is a file name in images/ without .toml, like 'containerhost'",
+                hint=(
+                    "an image name is a file name in images/ without .toml, like "
+                    f"'containerhost', of at most {_NAME_MAX} characters"
+                ),
             )
         path = images_dir / f"{name_or_path}.toml"
         if not path.is_file():
@@ -390,7 +396,11 @@ def _parse_layer(source: _Source, table: dict[str, Any], images_dir: Path) -> _L
     overlays_dir = images_dir.parent / "overlays"
     for name in overlays:
         if not _OVERLAY_RE.fullmatch(name):
-            raise source.error("overlays", "names of directories in overlays/", _show(name))
+            raise source.error(
+                "overlays",
+                f"names of directories in overlays/ (at most {_NAME_MAX} characters)",
+                _show(name),
+            )
         if not (overlays_dir / name).is_dir():
             existing = sorted(p.name for p in overlays_dir.glob("*") if p.is_dir())
             raise source.error(

@@ -470,6 +470,21 @@ def test_overlay_name_cannot_escape(images: Path) -> None:
     assert "images/foo.toml: key 'overlays'" in message
 
 
+@pytest.mark.parametrize(
+    ("key", "text"),
+    [
+        ("overlays", 'overlays = ["{}"]'),
+        ("extends", 'extends = "{}"'),
+        ("suite", 'suite = "{}"'),
+    ],
+)
+def test_names_longer_than_a_file_name_are_refused(images: Path, key: str, text: str) -> None:
+    # a name that becomes a path component: the file system's limit must not surface as OSError
+    write(images, "foo", text.format("a" * 5000))
+    message = error_of(images, "foo")
+    assert f"images/foo.toml: key '{key}'" in message
+
+
 @pytest.mark.parametrize("url", ["deb.example/debian", "ftp://x.example/", "http://", "file:rel"])
 def test_bad_mirror(images: Path, url: str) -> None:
     write(images, "foo", f'mirror = "{url}"')
