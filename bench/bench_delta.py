@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from bench.table import print_table
-from builder.config import load_image
+from builder.config import ImageConfig, load_image
 from builder.image import BuildResult, build_image
 from builder.run import ensure_host_packages, run
 from updater.release.blockindex import digest_blocks
@@ -50,10 +50,24 @@ BLOCK = 4096
 EXTRA_FILE = "etc/berth-bench.conf"
 
 
+def package_variants(config: ImageConfig, add: str, remove: str) -> dict[str, ImageConfig]:
+    """The image, with `add` added, and with `remove` removed: one-package changes."""
+    if remove not in config.packages:
+        raise SystemExit(
+            f"{remove} is not one of {config.name}'s packages: pick another with --remove"
+        )
+    return {
+        "base": config,
+        f"+{add}": dataclasses.replace(config, packages=(*config.packages, add)),
+        f"-{remove}": dataclasses.replace(
+            config, packages=tuple(p for p in config.packages if p != remove)
+        ),
+    }
+
+
 def build_pairs(image: str, add: str, remove: str, work: Path) -> dict[str, BuildResult]:
     config = load_image(image, REPO / "images")
-    if remove not in config.packages:
-        raise SystemExit(f"{remove} is not one of {image}'s packages: pick another with --remove")
+    one = package_variants(config, add, remove)
     base = Version(8000, int(time.time()) % 100000, 0)
 
     def tree(name: str, text: str) -> Path:
@@ -66,11 +80,8 @@ def build_pairs(image: str, add: str, remove: str, work: Path) -> dict[str, Buil
     variants = {
         "base": (config, same),
         "(a) version bump": (config, same),
-        f"(b) +{add}": (dataclasses.replace(config, packages=(*config.packages, add)), same),
-        f"(c) -{remove}": (
-            dataclasses.replace(config, packages=tuple(p for p in config.packages if p != remove)),
-            same,
-        ),
+        f"(b) +{add}": (one[f"+{add}"], same),
+        f"(c) -{remove}": (one[f"-{remove}"], same),
         "(d) one file changed": (config, changed),
     }
     built = {}
@@ -98,9 +109,10 @@ class Applied:
     fetched: int
     requests: int
     seconds: float
+    before: int = 0  # resident bytes just before the apply, when measured
 
 
-def apply_on(work: Path, booted: Path, new: Path, label: str) -> Applied:
+def apply_on(work: Path, booted: Path, new: Path, label: str, measure: bool = False) -> Applied:
     """Publish `new`, apply it on a fake machine booted from `booted`: nginx's figures."""
     from builder import publish as pub
     from tests.support import machine as tm
@@ -123,13 +135,14 @@ def apply_on(work: Path, booted: Path, new: Path, label: str) -> Applied:
         agent = Agent(
             fake.machine(keys / "root.json"), UpdateConfig(url=server.url, channel="stable")
         )
-        _reset_peak()
+        before = _reset_peak() if measure else 0
         start = time.perf_counter()
         agent.apply()
         seconds = time.perf_counter() - start
         served = [r for r in server.requests() if r.request.startswith("GET ")]
         payload = [r for r in served if "/targets/" in r.request and "/channels/" not in r.request]
-        return Applied(sum(r.body_bytes for r in payload), len(payload), seconds)
+        fetched = sum(r.body_bytes for r in payload)
+        return Applied(fetched, len(payload), seconds, before)
 
 
 def unrelated(work: Path, like: Path) -> Path:
@@ -187,24 +200,21 @@ def _status_kib(field: str) -> int:
     raise SystemExit(f"/proc/self/status has no {field}")
 
 
-_BEFORE: list[int] = []  # resident KiB just before the apply, when measured
-
-
-def _reset_peak() -> None:
+def _reset_peak() -> int:
     """Make the peak resident size start again from the current one (Linux: clear_refs 5), so
-    that the setup (building the fake disk, publishing) does not count as the apply's."""
-    if os.environ.get("BERTH_BENCH_MEMORY"):
-        Path("/proc/self/clear_refs").write_text("5")
-        _BEFORE.append(_status_kib("VmRSS"))
+    that the setup (building the fake disk, publishing) does not count as the apply's; the
+    resident bytes now."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
 
 
 def memory_child(work: Path) -> None:
     """In a child: a seeded apply of a large root; print the peak resident memory during the
     apply (the peak is reset just before it) and the resident memory just before."""
     spec = json.loads((work / "memory.json").read_text())
-    applied = apply_on(work, Path(spec["booted"]), Path(spec["new"]), "memory")
+    applied = apply_on(work, Path(spec["booted"]), Path(spec["new"]), "memory", measure=True)
     peak = _status_kib("VmHWM") * 1024
-    print(json.dumps({"peak": peak, "before": _BEFORE[-1] * 1024, "fetched": applied.fetched}))
+    print(json.dumps({"peak": peak, "before": applied.before, "fetched": applied.fetched}))
 
 
 def peak_memory(work: Path, mib: int) -> tuple[int, int, int]:
@@ -223,7 +233,6 @@ def peak_memory(work: Path, mib: int) -> tuple[int, int, int]:
         check=True,
         capture_output=True,
         text=True,
-        env={**os.environ, "BERTH_BENCH_MEMORY": "1"},
     ).stdout
     doc = json.loads(out.strip().splitlines()[-1])
     return int(doc["peak"]), int(doc["before"]), int(doc["fetched"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import shutil
 import statistics
@@ -32,26 +31,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from unittest import mock
 
-from bench.bench_delta import layout
+from bench.bench_delta import layout, package_variants
 from bench.table import print_table
 from builder import image
 from builder.config import load_image
+from builder.erofs import erofs_command, fixed_options
 from builder.image import build_image
 from builder.run import run
-from builder.treetool import tree_command
 from updater.release.blockindex import BLOCK, block_count
 from updater.release.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
 # builder/erofs.py's options that no candidate changes; the UUID is one for every image here.
-FIXED = ("-T", "0", "-U", str(uuid.UUID(int=0x5EED)), "--exclude-regex=^var/.+")
+FIXED = fixed_options(uuid.UUID(int=0x5EED))
 ZSTD = ("-zzstd,3", "-C262144")
-# The build's choice until this bench first, every other row read against it; "(build)" marks
-# builder/erofs.py's.
+# The option sets measured; "(build)" marks builder/erofs.py's, which every other row is read
+# against.
 CANDIDATES: dict[str, tuple[str, ...]] = {
-    "zstd,3 -C256k tailpacking": (*ZSTD, "-Eztailpacking"),
+    "zstd,3 -C256k tailpacking (build)": (*ZSTD, "-Eztailpacking"),
     "zstd,3 -C256k": ZSTD,
-    "zstd,3 -C256k noinline_data (build)": (*ZSTD, "-Enoinline_data"),
+    "zstd,3 -C256k noinline_data": (*ZSTD, "-Enoinline_data"),
     "zstd,3 -C256k tailpacking noinline_data": (*ZSTD, "-Eztailpacking,noinline_data"),
     "zstd,3 -C256k tailpacking dedupe": (*ZSTD, "-Eztailpacking,dedupe"),
     "zstd,3 -C256k fragments": (*ZSTD, "-Efragments"),
@@ -74,16 +73,7 @@ def build_trees(
     image_name: str, add: str, remove: str, work: Path, offline: bool
 ) -> dict[str, Path]:
     """The image trees of the base, base + `add` and base - `remove`, kept under `work`."""
-    config = load_image(image_name, REPO / "images")
-    if remove not in config.packages:
-        raise SystemExit(f"{remove} is not one of {image_name}'s packages: pick another")
-    variants = {
-        "base": config,
-        f"+{add}": dataclasses.replace(config, packages=(*config.packages, add)),
-        f"-{remove}": dataclasses.replace(
-            config, packages=tuple(p for p in config.packages if p != remove)
-        ),
-    }
+    variants = package_variants(load_image(image_name, REPO / "images"), add, remove)
     trees = {name: work / f"tree{name}" for name in variants}
     for patch, (name, variant) in enumerate(variants.items()):
         if trees[name].is_dir():
@@ -110,10 +100,7 @@ def make_root(tree: Path, options: Sequence[str], output: Path) -> float:
     """Pack `tree` into `output` as builder/erofs.py would with `options`; the seconds taken."""
     output.unlink(missing_ok=True)
     start = time.perf_counter()
-    run(
-        [*tree_command(tree, "/usr/bin/mkfs.erofs"), "--quiet", *FIXED, *options, output, tree],
-        env={"SOURCE_DATE_EPOCH": "0"},
-    )
+    run(erofs_command(tree, output, [*FIXED, *options]), env={"SOURCE_DATE_EPOCH": "0"})
     return time.perf_counter() - start
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from builder.config import Compression
@@ -10,9 +11,21 @@ from builder.run import run
 from builder.treetool import tree_command
 
 
+def erofs_command(tree: Path, output: Path, options: Sequence[str]) -> list[str | Path]:
+    """The tree's own mkfs.erofs packing `tree` into `output` with `options` besides the fixed
+    ones (bench/bench_layout.py packs with other options through this too)."""
+    return [*tree_command(tree, "/usr/bin/mkfs.erofs"), "--quiet", *options, output, tree]
+
+
+def fixed_options(fs_uuid: uuid.UUID) -> list[str]:
+    """What every root gets: no timestamps, a stable UUID, /var left empty (STATE is mounted
+    there)."""
+    return ["-T", "0", "-U", str(fs_uuid), "--exclude-regex=^var/.+"]
+
+
 def make_erofs(tree: Path, output: Path, compression: Compression, fs_uuid: uuid.UUID) -> None:
     """Pack `tree` into `output`. /var is left empty: STATE is mounted there."""
-    options = ["-T", "0", "-U", str(fs_uuid), "--exclude-regex=^var/.+"]
+    options = fixed_options(fs_uuid)
     if compression is not Compression.NONE:
         # Measured on containerhost (docs/building.md): lz4hc above 9 and zstd above 3 cost
         # build time for under 1% of size.
@@ -24,7 +37,4 @@ def make_erofs(tree: Path, output: Path, compression: Compression, fs_uuid: uuid
         # erofs packs small files' tails inline and dedupes fragments only when asked.
         options += ["-Eztailpacking"]
     output.unlink(missing_ok=True)
-    run(
-        [*tree_command(tree, "/usr/bin/mkfs.erofs"), "--quiet", *options, output, tree],
-        env={"SOURCE_DATE_EPOCH": "0"},
-    )
+    run(erofs_command(tree, output, options), env={"SOURCE_DATE_EPOCH": "0"})

@@ -301,17 +301,15 @@ def read_data_digests(
     end = superblock.data_blocks if end is None else min(end, superblock.data_blocks)
     start = data_digests_at(offset, superblock, where) + first * _DIGEST
     want = max(0, end - first) * _DIGEST
-    data = bytearray()
     try:
-        # One read gives the bytes without a copy: 16 MiB for a 2 GiB root, and the copy out
-        # of a bytearray would hold them twice at the apply's peak.
-        whole = os.pread(fd, want, start)
-        if len(whole) == want:
-            return whole
-        data += whole
-        while whole and len(data) < want:
-            whole = os.pread(fd, min(want - len(data), 16 << 20), start + len(data))
-            data += whole
+        # One read gives the bytes without a copy: 16 MiB for a 2 GiB root, which a copy out of
+        # a buffer would hold twice at the apply's peak. A short read (rare) is continued.
+        data = os.pread(fd, want, start)
+        while len(data) < want:
+            piece = os.pread(fd, want - len(data), start + len(data))
+            if not piece:
+                break
+            data += piece
     except OSError as e:
         raise VerificationError(f"refused: cannot read the hash tree in {where}: {e}") from e
     if len(data) != want:
@@ -319,4 +317,4 @@ def read_data_digests(
             f"refused: the hash tree in {where} ends {want - len(data)} bytes before the end "
             "of its bottom level"
         )
-    return bytes(data)
+    return data
