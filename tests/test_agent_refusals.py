@@ -39,7 +39,9 @@ from updater.release.version import Version
 from updater.update import trust
 from updater.update.machine import FetchOptions
 
-FAST = FetchOptions(timeout=(2.0, 2.0), attempts=2, backoff=0.0, state_interval=64 * 1024)
+FAST = FetchOptions(
+    timeout=(2.0, 2.0), attempts=2, backoff=0.0, state_interval=64 * 1024, state_seconds=0.0
+)
 
 
 def refused(

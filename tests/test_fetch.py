@@ -61,7 +61,7 @@ def dest(tmp_path: Path) -> Path:
 
 def download(server: MisbehavingServer, dest: Path, **options: object) -> None:
     """stream_to with the download limits (FetchOptions fields) and its other keywords mixed."""
-    limits: dict[str, object] = {"backoff": 0.0, "timeout": (2.0, 2.0)}
+    limits: dict[str, object] = {"backoff": 0.0, "timeout": (2.0, 2.0), "state_seconds": 0.0}
     limits.update({k: options.pop(k) for k in LIMITS if k in options})
     sha256 = str(options.pop("sha256", SHA256))
     length = int(options.pop("length", len(CONTENT)))  # type: ignore[call-overload]
@@ -483,3 +483,35 @@ def test_a_file_that_shrank_on_the_server_restarts_then_is_refused(
         (None, 200),
     ]
     assert not state.exists()
+
+
+def test_verity_digests_survive_a_retry_within_the_call(
+    server: MisbehavingServer, dest: Path
+) -> None:
+    # A connection cut mid-file is retried in the same call: the digests of what the failed
+    # attempt received (some still being computed when it failed) must stay, in order.
+    server.rules.append(Misbehaviour(times=1, cut_at=700 * KiB + 5))
+    salt = b"salt"
+    blocks = verity.BlockHashes(salt)
+    download(server, dest, blocks=blocks, check_sha256=False, chunk=64 * KiB)
+    assert server.seen[1].range == f"bytes={700 * KiB + 5}-"
+    assert_written(dest)
+    assert bytes(blocks.digests) == _verity_digests(salt, CONTENT)
+
+
+def test_without_hashing_processes_a_thread_computes_the_same_digests(
+    server: MisbehavingServer,
+    dest: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A machine where no child can start (no interpreter at sys.executable, a process limit):
+    # the download goes on, hashed on a thread, with the same result.
+    monkeypatch.setattr("updater.disk.hashers.sys.executable", "/nonexistent/python3")
+    salt = b"salt"
+    blocks = verity.BlockHashes(salt)
+    download(server, dest, blocks=blocks, check_sha256=False, chunk=64 * KiB + 3)
+    assert_written(dest)
+    assert bytes(blocks.digests) == _verity_digests(salt, CONTENT)
+    assert "cannot start a block hashing process" in caplog.text
+    assert "hashing on a thread instead" in caplog.text

@@ -284,7 +284,13 @@ def make_agent(
         fake.machine(site.keys / "root.json"),
         site.config(url),
         fetch_options=options
-        or FetchOptions(timeout=(5.0, 5.0), attempts=2, backoff=0.0, state_interval=64 * 1024),
+        or FetchOptions(
+            timeout=(5.0, 5.0),
+            attempts=2,
+            backoff=0.0,
+            state_interval=64 * 1024,
+            state_seconds=0.0,
+        ),
     )
 
 

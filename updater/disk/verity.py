@@ -125,6 +125,7 @@ class BlockHashes:
     anywhere, and hands the results back with `add`, in the order of the pieces."""
 
     def __init__(self, salt: bytes) -> None:
+        self.salt = salt
         self._salted = hashlib.sha256(salt)
         self.digests = bytearray()
         self._partial = bytearray()  # the start of a block whose end has not come yet

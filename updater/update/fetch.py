@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 import requests
 import urllib3.exceptions
 
+from updater.disk.hashers import HashProcesses, Job
 from updater.disk.verity import BlockHashes
 from updater.errors import (
     DownloadError,
@@ -77,6 +78,10 @@ _STAGE = 4 * MiB  # bytes per staged write: large enough that the syscall cost v
 _STAGES = 3  # one filling while two wait for (or are in) the write thread
 
 
+# Verity digests on their way: a child process's job, or a thread's future.
+_Digesting = Job | Future[bytearray]
+
+
 def _round_down(n: int) -> int:
     return n - n % _BLOCK
 
@@ -95,6 +100,7 @@ class _Progress:
     blocks: BlockHashes | None = None  # the caller's verity digests of the same bytes
     done: int = 0
     saved: int = 0  # `done` as last recorded in the state file
+    saved_at: float = field(default_factory=time.monotonic)  # when
 
     def restart(self) -> None:
         if self.hasher is not None:
@@ -120,6 +126,7 @@ class _Knobs:
     rate_window: float
     chunk: int
     state_interval: int
+    state_seconds: float
     save: Callable[[], None]  # record progress (after the writes are drained)
     report: Callable[[int], None] | None
 
@@ -219,31 +226,53 @@ class _Destination:
 
 @dataclass(frozen=True)
 class _Pools:
-    """One thread writes, one computes the file's sha256 (when it is checked) and one the verity
-    digests of its blocks (when asked for). Each keeps the order of the work it is given; the
-    verity digests come back as results, added in order by the `_Writer`. (A second verity
-    thread was slower: 4 KiB hashes hand the GIL back and forth between the two.) The staging
-    buffers live as long as the threads, across attempts (and are unmapped when the last
-    reference goes: a traceback may still hold a view of one)."""
+    """One thread writes, one computes the file's sha256 (when it is checked); the verity
+    digests of its blocks (when asked for) are computed by child processes (hashers.py says
+    why), or by one more thread where none can start. Each keeps the order of the work it is
+    given; the verity digests come back as results, added in order by the `_Writer`. (A second
+    verity thread was slower: 4 KiB hashes hand the GIL back and forth between the two.) The
+    staging buffers live as long as the threads, across attempts (and are unmapped when the
+    last reference goes: a traceback may still hold a view of one)."""
 
     write: ThreadPoolExecutor
     hash: ThreadPoolExecutor
     blocks: ThreadPoolExecutor
     stages: list[_Stage]
+    processes: HashProcesses | None
 
     @classmethod
-    def start(cls) -> _Pools:
+    def start(cls, blocks: BlockHashes | None) -> _Pools:
+        processes = None
+        if blocks is not None:
+            try:
+                processes = HashProcesses(blocks.salt)
+            except VerificationError as e:
+                log.warning("%s; hashing on a thread instead", e)
         return cls(
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-write"),
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-hash"),
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-verity"),
             [_Stage() for _ in range(_STAGES)],
+            processes,
         )
+
+    def digest(self, blocks: BlockHashes, piece: bytes | memoryview) -> _Digesting:
+        if self.processes is None:
+            return self.blocks.submit(blocks.hash_blocks, piece)
+        if len(piece) > _BLOCK:
+            return self.processes.submit(piece)
+        # The block a read's end cut in two, completed by the next read: hashed here, in
+        # microseconds, rather than sent to a child as a job of its own (half of all jobs).
+        done: Future[bytearray] = Future()
+        done.set_result(blocks.hash_blocks(piece))
+        return done
 
     def shutdown(self) -> None:
         self.write.shutdown()
         self.hash.shutdown()
         self.blocks.shutdown()
+        if self.processes is not None:
+            self.processes.close()
 
 
 class _Writer:
@@ -257,7 +286,7 @@ class _Writer:
         self.dest = dest
         self.progress = progress
         self.hashing: deque[Future[None]] = deque()
-        self.digesting: deque[Future[bytearray]] = deque()  # verity digests, in order
+        self.digesting: deque[_Digesting] = deque()  # verity digests, in order
         self.writing: deque[tuple[Future[None], _Stage]] = deque()
         self.free = list(pools.stages)
         self.stage = self.free.pop()
@@ -274,7 +303,7 @@ class _Writer:
             while len(self.digesting) >= _IN_FLIGHT:
                 blocks.add(self.digesting.popleft().result())
             for piece in blocks.pieces(data):
-                self.digesting.append(self.pools.blocks.submit(blocks.hash_blocks, piece))
+                self.digesting.append(self.pools.digest(blocks, piece))
         view = memoryview(data)
         while view:
             view = view[self.stage.take(view) :]
@@ -332,8 +361,16 @@ class _Writer:
         else:
             failures = []
         futures: list[Future[Any]] = [f for f, _ in self.writing]
-        futures += [*self.hashing, *self.digesting]
+        futures += self.hashing
         failures += [f.exception() for f in futures]  # exception() waits for each
+        # The bytes handed over are counted in `progress.done`, and a retry goes on after them:
+        # their digests must be in `blocks`, in order, or the tree would miss them.
+        blocks = self.progress.blocks
+        for job in self.digesting:
+            failure = job.exception()
+            failures.append(failure)
+            if failure is None and blocks is not None:
+                blocks.add(job.result())
         self.writing.clear()
         self.hashing.clear()
         self.digesting.clear()
@@ -557,7 +594,10 @@ def _receive(
         window_bytes += len(data)
         if knobs.report is not None:
             knobs.report(progress.done)
-        if progress.done - progress.saved >= knobs.state_interval:
+        if (
+            progress.done - progress.saved >= knobs.state_interval
+            and time.monotonic() - progress.saved_at >= knobs.state_seconds
+        ):
             writer.drain()  # the state file may only point past bytes that are written
             knobs.save()
         now = time.monotonic()
@@ -601,7 +641,8 @@ def stream_to(
 
     `options` are the limits (FetchOptions, whose defaults are the device's). `dest` is an open
     block device or file (read-write, for resuming). With `state_path`, the bytes written so far
-    are recorded there (at most every `options.state_interval` bytes, after an fsync of `dest`),
+    are recorded there (at most every `options.state_interval` bytes and `options.state_seconds`,
+    after an fsync of `dest`),
     and a later call with `resume` reads them back, hashes them again and asks the server only
     for the rest (HTTP Range). Transient failures (connection reset, timeout, 5xx, slow
     retrieval) are retried within this call up to `options.attempts` times, resuming each time,
@@ -647,13 +688,21 @@ def stream_to(
             except OSError as e:
                 raise StorageError(f"cannot record download progress in {state_path}: {e}") from e
         state.saved = state.done
+        state.saved_at = time.monotonic()
 
     own_session = session is None
     client = requests.Session() if session is None else session
     knobs = _Knobs(
-        opts.timeout, opts.min_rate, opts.rate_window, chunk, opts.state_interval, save, progress
+        opts.timeout,
+        opts.min_rate,
+        opts.rate_window,
+        chunk,
+        opts.state_interval,
+        opts.state_seconds,
+        save,
+        progress,
     )
-    pools = _Pools.start()
+    pools = _Pools.start(blocks)
     target = _Destination.open(url, fd, direct)
     try:
         attempt = 0

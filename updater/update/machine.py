@@ -75,6 +75,9 @@ class FetchOptions:
     attempts: int = 5
     backoff: float = 1.0
     state_interval: int = 16 * MiB
+    # ... and no more often than this: each record is an fsync of the slot, which stalls the
+    # stream, and on a fast link a second's worth is cheaper to fetch again than to record.
+    state_seconds: float = 1.0
 
 
 def write_reboot_required(machine: Machine) -> None:
