@@ -42,10 +42,14 @@ import http.client
 import logging
 import os
 import re
+import struct
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from itertools import compress, repeat
+from operator import eq, itemgetter, mul
 from typing import Any
 
 import requests
@@ -282,44 +286,62 @@ def _match(plan: _Plan, index: int, seed: Seed) -> None:
         log.warning("%s cannot seed %s any further: %s", seed.name, plan.wanted.name, e)
 
 
+_KEY = struct.Struct("<Q")  # a digest's first 8 bytes as a number: the key it is looked up by
+_KEYS = struct.Struct(f"<Q{DIGEST - 8}x")  # the same, digest after digest
+_DIGESTS = struct.Struct(f"{DIGEST}s")
+
+
 def _match_digests(plan: _Plan, index: int, seed: Seed) -> None:
     """Which blocks still missing `seed` holds, by digest: at the same position first (a
-    layout-stable build keeps most blocks there), then anywhere (a dictionary of the blocks not
-    found in place, keyed by a digest prefix: small when the layout is stable)."""
+    layout-stable build keeps most blocks there), then anywhere, by a set of the keys of the
+    blocks not found in place (small when the layout is stable).
+
+    The loops over every block run inside C (map, compress, struct.iter_unpack): a 2 GiB root
+    has half a million blocks, and a Python statement for each cost a quarter of a second of a
+    full apply's time. Python code runs only for the blocks that match."""
     read = seed.digests or _computed(seed, plan.wanted.hash)
     have = block_count(seed.length)
     source = plan.source
-    need: dict[bytes, list[int]] = {}
-    for first in range(0, plan.blocks, _CHUNK):
-        end = min(plan.blocks, first + _CHUNK)
-        digests = read(first, min(end, have)) if first < have else b""
-        for i in range(first, end):
-            if source[i] != _FETCH:
-                continue
-            want = plan.want(i)
-            at = (i - first) * DIGEST
-            if i < have and digests[at : at + DIGEST] == want:
-                source[i] = index * _SEED + i
-            else:
-                need.setdefault(bytes(want[:8]), []).append(i)
-    if not need:
+    wanted = plan.wanted.digests
+    base = index * _SEED
+    for first in range(0, min(plan.blocks, have), _CHUNK):
+        end = min(plan.blocks, have, first + _CHUNK)
+        digests = read(first, end)
+        mine = wanted[first * DIGEST : end * DIGEST]
+        if len(digests) != len(mine):  # a reader that came up short: no position matches
+            continue
+        same = map(eq, _DIGESTS.iter_unpack(mine), _DIGESTS.iter_unpack(digests))
+        for i in compress(range(first, end), same):
+            if source[i] == _FETCH:
+                source[i] = base + i
+    missing = array("q", compress(range(plan.blocks), map(_FETCH.__eq__, source)))
+    if not missing or not have:
         return
+
+    def keys(blocks: Iterable[int]) -> Iterator[int]:
+        offsets = map(mul, blocks, repeat(DIGEST))
+        return map(itemgetter(0), map(partial(_KEY.unpack_from, wanted), offsets))
+
+    need = set(keys(missing))
+    found: dict[int, tuple[int, bytes]] = {}  # key: the first seed block with it, its digest
     for first in range(0, have, _CHUNK):
         digests = read(first, min(have, first + _CHUNK))
-        for j in range(first, first + len(digests) // DIGEST):
+        seen = map(itemgetter(0), _KEYS.iter_unpack(digests[: len(digests) // DIGEST * DIGEST]))
+        for j in compress(
+            range(first, first + len(digests) // DIGEST), map(need.__contains__, seen)
+        ):
+            key = _KEY.unpack_from(digests, (j - first) * DIGEST)[0]
             at = (j - first) * DIGEST
-            key = digests[at : at + 8]
-            hits = need.get(key)
-            if hits is None:
-                continue
-            full = digests[at : at + DIGEST]
-            for i in [i for i in hits if plan.want(i) == full]:
-                source[i] = index * _SEED + j
-                hits.remove(i)
-            if not hits:
-                del need[key]
-            if not need:
-                return
+            found.setdefault(key, (j, bytes(digests[at : at + DIGEST])))
+        if len(found) == len(need):
+            break
+    del need
+    if not found:
+        return
+    for i in compress(missing, map(found.__contains__, keys(missing))):
+        j, digest = found[_KEY.unpack_from(wanted, i * DIGEST)[0]]
+        if plan.want(i) == digest:  # the whole digest, not just its key
+            source[i] = base + j
 
 
 def _missing_runs(source: array[int]) -> list[tuple[int, int]]:
