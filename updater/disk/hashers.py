@@ -25,7 +25,8 @@ import os
 import struct
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import IO
 
 from updater.errors import VerificationError
@@ -82,10 +83,12 @@ class _Child:
     process: subprocess.Popen[bytes]
     stdin: IO[bytes]
     stdout: IO[bytes]
+    waiting: deque[_Part] = field(default_factory=deque)  # asked for, not read yet, in order
 
 
 class _Part:
-    """One slot's worth of a job: its digests, read from its child when first asked for."""
+    """One slot's worth of a job: its digests, read from its child when first asked for (with
+    those of every part the child was given before it, which its answers come after)."""
 
     def __init__(self, owner: HashProcesses, child: _Child, size: int) -> None:
         self.owner = owner
@@ -94,14 +97,15 @@ class _Part:
         self.digests: bytes | bytearray | None = None
 
     def read(self) -> bytes | bytearray:
-        if self.digests is None:
-            self.digests = self.owner._read(self.child, self.size)
+        while self.digests is None:
+            head = self.child.waiting.popleft()
+            head.digests = self.owner._read(self.child, head.size)
         return self.digests
 
 
 class Job:
-    """Digests still being computed: `result()` waits for them. Collect jobs in the order they
-    were submitted (what a deque of futures does); `exception()` is `result()`'s error, or None."""
+    """Digests still being computed: `result()` waits for them, `exception()` is its error or
+    None. Jobs may be collected in any order."""
 
     def __init__(self, parts: list[_Part]) -> None:
         self._parts = parts
@@ -181,6 +185,7 @@ class HashProcesses:
             self._turn += 1
             self._write(child, _REQUEST.pack(at, len(data)))
             part = _Part(self, child, len(data) // BLOCK * _DIGEST)
+            child.waiting.append(part)
             self._parts[slot] = part
             parts.append(part)
         return Job(parts)
