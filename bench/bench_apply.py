@@ -30,6 +30,7 @@ import hashlib
 import json
 import mmap
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -37,7 +38,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -177,10 +178,19 @@ def _dense(fake: tm.FakeMachine) -> None:
     dense.replace(fake.disk)
 
 
-def apply_rate(work: Path, size: int, phases: Phases) -> tuple[float, float, str, str]:
-    """Apply a `size`-byte release: bytes/s; the raw write speed of the slot partition it goes
-    to; the VmRSS of a daemon idle on that machine; then that of a daemon idle after it applied
-    the release itself, on a second machine (what a machine waiting for its reboot holds)."""
+@dataclass(frozen=True)
+class Run:
+    seconds: float
+    cpu: float  # CPU seconds of the agent and the children it waited for (the hashers)
+    server_cpu: float  # of nginx (master and workers) meanwhile
+    phases: Phases
+
+
+def apply_rate(work: Path, size: int, runs: int) -> tuple[list[Run], int, float, str, str]:
+    """Apply a `size`-byte release on `runs` machines in turn: each run; the bytes applied; the
+    raw write speed of the slot partition it goes to; the VmRSS of a daemon idle on such a
+    machine; then that of a daemon idle after it applied the release itself, on one more
+    machine (what a machine waiting for its reboot holds)."""
     from builder import publish as pub
     from tests.support import machine as tm
     from tests.support.servers import NginxServer
@@ -193,39 +203,69 @@ def apply_rate(work: Path, size: int, phases: Phases) -> tuple[float, float, str
     pub.init_keys(work / "keys")
     (work / "repo").mkdir()
     installed = tm.make_verity_release(work / "out-installed", "1.0.0")
-    fake = tm.FakeMachine(work / "machine", installed)
-    second = tm.FakeMachine(work / "machine-2", installed)
+    fakes = [tm.FakeMachine(work / f"machine-{k}", installed) for k in range(runs)]
+    second = tm.FakeMachine(work / "machine-daemon", installed)
     release = tm.make_verity_release(work / "out-new", "1.1.0", data_size=size)
     pub.publish(release, work / "repo", work / "keys", "stable", immediate=True)
-    _dense(fake)
-    _dense(second)
+    for fake in [*fakes, second]:
+        _dense(fake)
     os.sync()  # the copy's writeback must not run during the measurements
     server = NginxServer(work / "repo", work / "nginx").start()
+    measured = []
+    raw = 0.0
     try:
         site = tm.Site(work, server)
-        with loop_device(fake.disk) as device:
-            with device.open("rb") as f:
-                slot_b = slots.read_slots(f)[1]
-            raw, _ = raw_write_rate(slots.partition_path(device, slot_b.data_number), size)
-            machine = replace(fake.machine(work / "keys/root.json"), disk=device)
-            agent = Agent(machine, site.config())
-            _watch(phases)
-            try:
-                start = time.perf_counter()
-                applied = agent.apply()
-                elapsed = time.perf_counter() - start
-            finally:
-                phases.restore()
-        phases.seconds["total"] = elapsed
-        assert str(applied.version) == "1.1.0"
+        for fake in fakes:
+            with loop_device(fake.disk) as device:
+                if not raw:
+                    with device.open("rb") as f:
+                        slot_b = slots.read_slots(f)[1]
+                    raw, _ = raw_write_rate(slots.partition_path(device, slot_b.data_number), size)
+                machine = replace(fake.machine(work / "keys/root.json"), disk=device)
+                agent = Agent(machine, site.config())
+                phases = Phases()
+                _watch(phases)
+                assert server.pid is not None
+                try:
+                    cpu, server_cpu = _cpu(), _tree_cpu(server.pid)
+                    start = time.perf_counter()
+                    applied = agent.apply()
+                    elapsed = time.perf_counter() - start
+                    cpu, server_cpu = _cpu() - cpu, _tree_cpu(server.pid) - server_cpu
+                finally:
+                    phases.restore()
+            assert str(applied.version) == "1.1.0"
+            measured.append(Run(elapsed, cpu, server_cpu, phases))
         total = sum((release / n).stat().st_size for n in ("root.erofs", "root.verity", "uki.efi"))
-        _idle_rss_setup(work, fake, server.url)
+        _idle_rss_setup(work, fakes[0], server.url)
         rss = idle_rss(work)
         _idle_rss_setup(work, second, server.url)
         rss_applied = idle_rss(work)
     finally:
         server.stop()
-    return total / elapsed, raw, rss, rss_applied
+    return measured, total, raw, rss, rss_applied
+
+
+def _cpu() -> float:
+    """CPU seconds used so far by this process and the children it has waited for."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by process `pid` and its direct children (/proc)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:  # fields[1]: the parent
+            total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _idle_rss_setup(work: Path, fake: tm.FakeMachine, url: str) -> None:
@@ -300,6 +340,7 @@ def _outer(phases: Phases) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-mib", type=int, default=512)
+    p.add_argument("--runs", type=int, default=3, help="applies, each on its own machine")
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     p.add_argument("--daemon-child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -312,9 +353,10 @@ def main() -> int:
         sha = sha256_rate(size)
         hashing, children = hashing_rate(size)
         raw_file, how = raw_write_rate(work / "raw", size)
-        phases = Phases()
-        rate, raw, rss, rss_applied = apply_rate(work, size, phases)
-    total = phases.seconds.pop("total")
+        runs, applied, raw, rss, rss_applied = apply_rate(work, size, args.runs)
+    run = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]  # the median
+    rate, total, phases = applied / run.seconds, run.seconds, run.phases
+    cores = os.cpu_count() or 1
     rows = [
         ("sha256 (hashlib, in memory)", f"{sha / MB:.0f} MB/s", ""),
         (
@@ -325,9 +367,25 @@ def main() -> int:
         (f"raw sequential write, a new file ({how})", f"{raw_file / MB:.0f} MB/s", "for reference"),
         ("raw sequential write, slot B (O_DIRECT)", f"{raw / MB:.0f} MB/s", ""),
         (
-            f"apply {args.size_mib} MiB (loopback, verify incl.)",
+            f"apply {args.size_mib} MiB (loopback, verify incl.), median of {len(runs)}",
             f"{rate / MB:.0f} MB/s",
             f"ratio {rate / sha:.2f} of sha256 (target >= 0.60); {rate / raw:.2f} of the write",
+        ),
+        (
+            "  each run",
+            " ".join(f"{applied / r.seconds / MB:.0f}" for r in runs),
+            "MB/s",
+        ),
+        (
+            "  CPU of the agent and its hashers",
+            f"{run.cpu / (applied / 1e9):.2f} s/GB",
+            f"{run.cpu / run.seconds:.2f} of {cores} cores busy for it",
+        ),
+        (
+            "  CPU of nginx meanwhile",
+            f"{run.server_cpu / (applied / 1e9):.2f} s/GB",
+            f"{run.server_cpu / run.seconds:.2f} of {cores} cores (loopback: the server shares "
+            "them)",
         ),
     ]
     rows += [(f"  {name}", f"{t:.2f} s", "") for name, t in sorted(phases.seconds.items())]

@@ -66,6 +66,11 @@ class ServerProcess:
     def log_path(self) -> Path:
         raise NotImplementedError
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process (for nginx, its master), while it runs."""
+        return None if self._process is None else self._process.pid
+
     def _spawn(self) -> subprocess.Popen[bytes]:
         """Start the server on `self.port`."""
         raise NotImplementedError
