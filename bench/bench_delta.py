@@ -16,9 +16,10 @@ The layout columns say how many of X's root.erofs blocks sit where the base has 
 bytes, and how many the base has anywhere.
 
 Last, the seeded apply's peak memory for a `--memory-mib` root that differs from the booted one
-in a few blocks, against the target of 64 MB: the peak resident size of the child that runs it,
-reset (clear_refs) just before the apply so that the setup (the fake disk, publishing) does not
-count, and what was resident just before (the interpreter, the imports, the setup's heap).
+in a few blocks, against the target of 64 MB: the peak resident size of the worker that runs
+it, forked as the daemon forks its worker, in a process that imports only what the daemon
+does (bench/worker_memory.py), and what that worker held when it was forked.
+`--memory-only` measures just that, without building anything.
 
 Runs as root. Compare figures from one run only.
 """
@@ -109,10 +110,9 @@ class Applied:
     fetched: int
     requests: int
     seconds: float
-    before: int = 0  # resident bytes just before the apply, when measured
 
 
-def apply_on(work: Path, booted: Path, new: Path, label: str, measure: bool = False) -> Applied:
+def apply_on(work: Path, booted: Path, new: Path, label: str) -> Applied:
     """Publish `new`, apply it on a fake machine booted from `booted`: nginx's figures."""
     from builder import publish as pub
     from tests.support import machine as tm
@@ -135,14 +135,13 @@ def apply_on(work: Path, booted: Path, new: Path, label: str, measure: bool = Fa
         agent = Agent(
             fake.machine(keys / "root.json"), UpdateConfig(url=server.url, channel="stable")
         )
-        before = _reset_peak() if measure else 0
         start = time.perf_counter()
         agent.apply()
         seconds = time.perf_counter() - start
         served = [r for r in server.requests() if r.request.startswith("GET ")]
         payload = [r for r in served if "/targets/" in r.request and "/channels/" not in r.request]
         fetched = sum(r.body_bytes for r in payload)
-        return Applied(fetched, len(payload), seconds, before)
+        return Applied(fetched, len(payload), seconds)
 
 
 def unrelated(work: Path, like: Path) -> Path:
@@ -193,32 +192,15 @@ def casync_fetch(work: Path, old: Path, new: Path, label: str) -> tuple[int, int
         return sum(r.body_bytes for r in served), len(served)
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise SystemExit(f"/proc/self/status has no {field}")
+def peak_memory(work: Path, mib: int) -> dict[str, int]:
+    """A seeded apply of a `mib` MiB root that differs from the booted one in 8 blocks, run by
+    bench.worker_memory as the daemon's worker runs it: its figures."""
+    import pickle
 
-
-def _reset_peak() -> int:
-    """Make the peak resident size start again from the current one (Linux: clear_refs 5), so
-    that the setup (building the fake disk, publishing) does not count as the apply's; the
-    resident bytes now."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def memory_child(work: Path) -> None:
-    """In a child: a seeded apply of a large root; print the peak resident memory during the
-    apply (the peak is reset just before it) and the resident memory just before."""
-    spec = json.loads((work / "memory.json").read_text())
-    applied = apply_on(work, Path(spec["booted"]), Path(spec["new"]), "memory", measure=True)
-    peak = _status_kib("VmHWM") * 1024
-    print(json.dumps({"peak": peak, "before": applied.before, "fetched": applied.fetched}))
-
-
-def peak_memory(work: Path, mib: int) -> tuple[int, int, int]:
+    from builder import publish as pub
     from tests.support import machine as tm
+    from tests.support.servers import NginxServer
+    from updater.config import UpdateConfig
 
     data = bytearray(os.urandom(mib * MiB))
     booted = tm.make_verity_release(work / "out-mem-old", "1.0.0", data=bytes(data))
@@ -226,16 +208,49 @@ def peak_memory(work: Path, mib: int) -> tuple[int, int, int]:
         data[i * BLOCK : (i + 1) * BLOCK] = os.urandom(BLOCK)
     new = tm.make_verity_release(work / "out-mem-new", "1.1.0", data=bytes(data))
     del data
-    (work / "memory.json").write_text(json.dumps({"booted": str(booted), "new": str(new)}))
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.bench_delta", "--memory-child", str(work)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    doc = json.loads(out.strip().splitlines()[-1])
-    return int(doc["peak"]), int(doc["before"]), int(doc["fetched"])
+    base = work / "memory"
+    base.mkdir()
+    keys = work / "keys"
+    if not keys.exists():
+        pub.init_keys(keys)
+    tm.SLOT_DATA = -(-((new / "root.erofs").stat().st_size + 16 * MiB) // MiB) * MiB
+    tm.SLOT_VERITY = -(-((new / "root.erofs").stat().st_size // 64 + 4 * MiB) // MiB) * MiB
+    (base / "repo").mkdir()
+    pub.publish(new, base / "repo", keys, "stable", immediate=True)
+    fake = tm.FakeMachine(base / "machine", booted)
+    with NginxServer(base / "repo", base / "nginx") as server:
+        spec = base / "spec.pickle"
+        config = UpdateConfig(url=server.url, channel="stable")
+        spec.write_bytes(pickle.dumps((fake.machine(keys / "root.json"), config)))
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.worker_memory", str(spec)],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    figures: dict[str, int] = json.loads(out.strip().splitlines()[-1])
+    return figures
+
+
+def _print_memory(mib: int, memory: dict[str, int]) -> None:
+    peak, at_fork = memory["peak"], memory["at_fork"]
+    print_table(
+        [
+            (
+                f"the worker's peak RSS, seeded apply of a {mib} MiB root, 8 blocks changed",
+                _mb(peak),
+                f"target <= 64 MB: {peak / 64e6:.2f} of it; fetched {_mb(memory['fetched'])}, "
+                f"reused {_mb(memory['reused'])}",
+            ),
+            (
+                "  of which resident when it was forked (interpreter, the daemon's imports)",
+                _mb(at_fork),
+                f"the apply added {_mb(peak - at_fork)} (the agent's imports included)",
+            ),
+        ],
+        10,
+    )
 
 
 def _mb(n: float) -> str:
@@ -249,10 +264,13 @@ def main() -> int:
     p.add_argument("--remove", default="curl", help="the package pair (c) removes")
     p.add_argument("--memory-mib", type=int, default=2048)
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
-    p.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--memory-only", action="store_true", help="only the peak memory: no builds, no pairs"
+    )
     args = p.parse_args()
-    if args.memory_child:
-        memory_child(args.memory_child)
+    if args.memory_only:
+        with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-delta-") as tmp:
+            _print_memory(args.memory_mib, peak_memory(Path(tmp), args.memory_mib))
         return 0
     ensure_host_packages(("casync", "nginx"))
     if args.workdir is not None:
@@ -307,7 +325,7 @@ def main() -> int:
                     f"{anywhere:.1%}",
                 )
             )
-        peak, before, fetched = peak_memory(work, args.memory_mib)
+        memory = peak_memory(work, args.memory_mib)
     OUT.mkdir(exist_ok=True)
     (OUT / "bench_delta.json").write_text(
         json.dumps(
@@ -325,21 +343,7 @@ def main() -> int:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     print()
-    print_table(
-        [
-            (
-                f"seeded apply of a {args.memory_mib} MiB root, 8 blocks changed: peak RSS",
-                _mb(peak),
-                f"target <= 64 MB: {peak / 64e6:.2f} of it; fetched {_mb(fetched)}",
-            ),
-            (
-                "  of which resident before the apply (interpreter, imports, setup)",
-                _mb(before),
-                f"the apply added {_mb(peak - before)}",
-            ),
-        ],
-        10,
-    )
+    _print_memory(args.memory_mib, memory)
     print("targets: (a) <= 1% of the full payload; (b)-(d) <= 10%, and below casync")
     return 0
 

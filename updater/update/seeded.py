@@ -80,7 +80,11 @@ _BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))')
 _FETCH = -1  # still to be fetched
 _KEPT = -2  # already in the destination (an interrupted apply wrote it)
 _DONE = -3  # written here, from a seed or the server
-_SEED = 1 << 40
+# 32-bit entries (a 2 GiB root's plan is 2 MiB, not 4, at the apply's peak): a file of up to
+# 2^28 blocks (1 TiB) from up to 7 seeds.
+_SEED = 1 << 28
+_MAX_SEEDS = 7
+_SOURCE = "i"
 
 
 class Unseedable(Exception):
@@ -314,7 +318,7 @@ def _match_digests(plan: _Plan, index: int, seed: Seed) -> None:
         for i in compress(range(first, end), same):
             if source[i] == _FETCH:
                 source[i] = base + i
-    missing = array("q", compress(range(plan.blocks), map(_FETCH.__eq__, source)))
+    missing = array(_SOURCE, compress(range(plan.blocks), map(_FETCH.__eq__, source)))
     if not missing or not have:
         return
 
@@ -633,7 +637,12 @@ def write(
         raise ValueError(
             f"{wanted.name}: {len(wanted.digests)} bytes of digests for {blocks} blocks"
         )
-    plan = _Plan(wanted, fd, offset, array("q", [_FETCH]) * blocks, Transfer(), report)
+    if blocks >= _SEED or len(seeds) > _MAX_SEEDS:
+        raise Unseedable(
+            f"{wanted.name}: {blocks} blocks from {len(seeds)} seeds is past what a plan holds "
+            f"({_SEED - 1} blocks, {_MAX_SEEDS} seeds)"
+        )
+    plan = _Plan(wanted, fd, offset, array(_SOURCE, [_FETCH]) * blocks, Transfer(), report)
     if in_place:
         _keep_in_place(plan)
     for index, seed in enumerate(seeds):
