@@ -10,7 +10,7 @@ import argparse
 
 from builder import publish
 from builder.log import log
-from builder.publish import PublishResult
+from builder.publish import PublishResult, secureboot
 from updater.release.packages import change_lines
 
 DEFAULT_CHANNEL = "stable"
@@ -92,13 +92,7 @@ def publish_conflict(args: argparse.Namespace) -> str | None:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.action == "init":
-        root_keys = DEFAULT_ROOT_KEYS if args.root_keys is None else args.root_keys
-        threshold = DEFAULT_ROOT_THRESHOLD if args.root_threshold is None else args.root_threshold
-        publish.init_keys(args.keys, root_threshold=threshold, root_keys=root_keys)
-        log(
-            f"Created TUF keys in {args.keys}/ (root: {root_keys} key(s), threshold "
-            f"{threshold}). Move root-*.pem offline: see docs/updates.md."
-        )
+        _init_keys(args)
     elif args.action == "rotate":
         publish.rotate_key(args.keys, args.role)
         log(f"Rotated the {args.role} key; publish or refresh to re-sign with it.")
@@ -108,7 +102,46 @@ def cmd_keys(args: argparse.Namespace) -> int:
     else:
         for role, info in publish.describe_keys(args.keys).items():
             print(f"{role:<10} {info}")
+        described = secureboot.describe_secureboot_keys(args.keys)
+        if not described:
+            print("secure boot: no keys (./build.py keys init makes them)")
+        for key in described:
+            print(f"secure boot {key.name:<4} {key.describe()}")
     return 0
+
+
+def _init_keys(args: argparse.Namespace) -> None:
+    """Make what the keys directory lacks of the TUF keys and the Secure Boot keys; a directory
+    that has both is refused (keys are never overwritten)."""
+    has_tuf = publish.has_keys(args.keys)
+    has_secureboot = secureboot.has_secureboot_keys(args.keys)
+    if has_tuf and has_secureboot:
+        raise publish.PublishError(
+            f"{args.keys} already holds TUF and Secure Boot keys",
+            hint="keys are never overwritten; choose another directory or rotate a key instead",
+        )
+    if has_tuf and (args.root_keys is not None or args.root_threshold is not None):
+        raise publish.PublishError(
+            f"{args.keys} already holds TUF keys: --root-keys and --root-threshold apply only "
+            "when they are made",
+            hint="drop them to add the missing Secure Boot keys",
+        )
+    if not has_tuf:
+        root_keys = DEFAULT_ROOT_KEYS if args.root_keys is None else args.root_keys
+        threshold = DEFAULT_ROOT_THRESHOLD if args.root_threshold is None else args.root_threshold
+        publish.init_keys(args.keys, root_threshold=threshold, root_keys=root_keys)
+        log(
+            f"Created TUF keys in {args.keys}/ (root: {root_keys} key(s), threshold "
+            f"{threshold}). Move root-*.pem offline: see docs/updates.md."
+        )
+    if not has_secureboot:
+        made = secureboot.init_secureboot_keys(args.keys)
+        kept = [name for name in secureboot.NAMES if name not in made]
+        log(
+            f"Created Secure Boot keys in {secureboot.secureboot_dir(args.keys)}/ "
+            f"({', '.join(made)}{'; kept ' + ', '.join(kept) if kept else ''}). Keep PK.key and "
+            "KEK.key offline: see docs/updates.md."
+        )
 
 
 def _print_result(result: PublishResult) -> None:

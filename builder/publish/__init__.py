@@ -13,6 +13,8 @@ modules behind it, each importing only those listed before it:
     channels.py    channel documents: reading and writing them, pulling a release, pinning a
                    channel's max_version
     releases.py    a release directory into the repository and a channel (`publish`)
+    secureboot.py  the Secure Boot keys (PK, KEK, db as X.509 certificates) in <keys>/secureboot/:
+                   making them once, describing them, refusing private keys others could read
 
 Besides python-tuf they may import builder.errors, builder.lock and the formats the agent reads
 (updater.files, updater.release); never the command line (cli/) or qemu/.
@@ -20,7 +22,7 @@ Besides python-tuf they may import builder.errors, builder.lock and the formats 
 
 from builder.errors import PublishError
 from builder.publish.channels import pull, read_channel, set_max_version
-from builder.publish.keys import describe_keys, init_keys, renew_root, rotate_key
+from builder.publish.keys import describe_keys, has_keys, init_keys, renew_root, rotate_key
 from builder.publish.releases import publish, read_release
 from builder.publish.repository import PublishResult, refresh
 
@@ -28,6 +30,7 @@ __all__ = [
     "PublishError",
     "PublishResult",
     "describe_keys",
+    "has_keys",
     "init_keys",
     "publish",
     "pull",

@@ -129,6 +129,11 @@ def init_keys(
     _write_new(keys_dir / "root.json", data, PUBLIC_MODE)
 
 
+def has_keys(keys_dir: Path) -> bool:
+    """Whether `keys_dir` holds TUF keys or root metadata already."""
+    return bool(_key_dir_files(keys_dir))
+
+
 def _key_dir_files(keys_dir: Path) -> list[Path]:
     if not keys_dir.exists():
         return []
