@@ -106,6 +106,25 @@ def test_status_fields(site: Site, fake: FakeMachine) -> None:
     assert doc["seed"] == status.seed
 
 
+def test_status_shows_secure_boot_and_lockdown(site: Site, fake: FakeMachine) -> None:
+    from updater.cli import format_status
+    from updater.disk import firmware
+
+    status = make_agent(fake, site).status()  # no such variables: a firmware without them
+    assert status.secure_boot == "not supported by the firmware"
+    assert status.lockdown == "unknown"
+    for name, value in (("SecureBoot", 1), ("SetupMode", 0)):
+        path = fake.efivars / f"{name}-{firmware.GLOBAL_GUID}"
+        path.write_bytes(b"\x06\x00\x00\x00" + bytes([value]))
+    fake.lockdown.parent.mkdir(parents=True)
+    fake.lockdown.write_text("none [integrity] confidentiality\n")
+    status = make_agent(fake, site).status()
+    assert (status.secure_boot, status.lockdown) == ("enabled", "integrity")
+    assert "secure boot:  enabled (kernel lockdown: integrity)\n" in format_status(status)
+    doc = json.loads(json.dumps(status.to_json()))
+    assert (doc["secure_boot"], doc["lockdown"]) == ("enabled", "integrity")
+
+
 def test_status_reads_and_never_writes(site: Site, fake: FakeMachine) -> None:
     def tree() -> dict[str, bytes | None]:
         return {

@@ -164,6 +164,8 @@ class FakeMachine:
         self.loader_entry.parent.mkdir()
         self.loader_entries = root / "efivars/LoaderEntries"
         self.loader_entries_missing = False  # True: a boot loader without that variable
+        self.efivars = root / "efivars"  # the Secure Boot variables go here, when a test sets them
+        self.lockdown = root / "security/lockdown"
         self.os_release = root / "etc/os-release"
         self.machine_id = root / "etc/machine-id"
         self.machine_id.write_text(MACHINE_ID + "\n")
@@ -210,6 +212,8 @@ class FakeMachine:
             arch=ARCH,
             etc_list=self.base / "usr/lib/berth/etc.json",
             etc_upper=self.var / "lib/berth/etc/upper",
+            efivars=self.efivars,
+            lockdown=self.lockdown,
         )
 
     def slots(self) -> tuple[slots.Slot, slots.Slot]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from updater import files
-from updater.disk import bootentries, slots
+from updater.disk import bootentries, firmware, slots
 from updater.errors import StorageError
 
 MiB = 1 << 20
@@ -42,6 +42,9 @@ class Machine:
     # The image's list of its /etc and the machine's changes to /etc (update/etcdrift.py).
     etc_list: Path = Path("/usr/lib/berth/etc.json")
     etc_upper: Path = Path("/var/lib/berth/etc/upper")
+    # Secure Boot's and lockdown's state, for status (disk/firmware.py).
+    efivars: Path = firmware.EFIVARS
+    lockdown: Path = firmware.LOCKDOWN
 
     @classmethod
     def detect(cls) -> Machine:

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from updater.config import Strategy
-from updater.disk import bootentries, slots
+from updater.disk import bootentries, firmware, slots
 from updater.release.version import Version
 from updater.update import choose, etcdrift
 from updater.update.context import Context
@@ -70,6 +70,10 @@ class Status:
     # The newest installs, newest last: "2.0.0: fetched 3.1 MB, reused 181.2 MB (98% reused) in
     # 14 requests"
     transfers: tuple[str, ...] = ()
+    # What the firmware says of Secure Boot ("enabled", "setup mode", ...), and the kernel's
+    # lockdown mode ("integrity", "none", ...): disk/firmware.py.
+    secure_boot: str = str(firmware.SecureBoot.NOT_UEFI)
+    lockdown: str = "unknown"
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -142,6 +146,8 @@ def read_status(ctx: Context) -> Status:
         ),
         bad=tuple(f"{b.version}: {b.reason}" for b in state.bad),
         transfers=tuple(t.describe() for t in state.transfers),
+        secure_boot=str(firmware.secure_boot(ctx.machine.efivars)),
+        lockdown=firmware.lockdown(ctx.machine.lockdown),
         rollback_note=note,
         boot_entries=tuple(e.name for e in bootentries.list_entries(ctx.machine.esp)),
         busy=None if holder is None else holder.describe(),
