@@ -56,6 +56,11 @@ HOST_TOOLS: dict[str, str] = {
     # Preloading container images runs the image's podman in a private mount namespace.
     "unshare": "util-linux",
     "sh": "dash",
+    # Secure Boot: the tests sign PE images and write EFI signature lists with the real tools.
+    "sbsign": "sbsigntool",
+    "sbverify": "sbsigntool",
+    "cert-to-efi-sig-list": "efitools",
+    "hash-to-efi-sig-list": "efitools",
 }
 
 # Files (not commands) the build or the VM harness needs, with their packages.
@@ -65,6 +70,8 @@ HOST_FILES: dict[str, str] = {
     "/usr/share/OVMF/OVMF_VARS_4M.fd": "ovmf",
     # Static libc: the tests compile a tiny static program to put in an OCI image.
     "/usr/lib/x86_64-linux-gnu/libc.a": "libc6-dev",
+    # A real PE image (systemd-boot) for the signature tests.
+    "/usr/lib/systemd/boot/efi/systemd-bootx64.efi": "systemd-boot-efi",
 }
 
 DEBUG = bool(os.environ.get("BERTH_DEBUG"))

@@ -27,11 +27,16 @@ TEST_TOOLS = (
     "gpg",
     "systemd-sysusers",
     "systemd-tmpfiles",
+    # Secure Boot signatures, made and listed by the real tools (tests/test_authenticode.py).
+    "sbsign",
+    "cert-to-efi-sig-list",
+    "hash-to-efi-sig-list",
 )
 TEST_FILES = (
     "/usr/share/OVMF/OVMF_CODE_4M.fd",
     "/usr/share/OVMF/OVMF_VARS_4M.fd",
     "/usr/lib/x86_64-linux-gnu/libc.a",
+    "/usr/lib/systemd/boot/efi/systemd-bootx64.efi",
 )
 
 
