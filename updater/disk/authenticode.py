@@ -20,6 +20,7 @@ handling already brings).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import struct
 import uuid
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ _OID_INDIRECT_DATA = "1.3.6.1.4.1.311.2.1.4"
 _OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
 _OID_SHA256 = "2.16.840.1.101.3.4.2.1"
 _MAX_CHAIN = 4
+
+# A PE image in memory, or mapped from its file (a UKI is tens of MB: hashed where it lies).
+Image = bytes | bytearray | memoryview | mmap.mmap
 
 
 class _Malformed(Exception):
@@ -120,7 +124,7 @@ class _Layout:
     table: bytes  # the certificate table
 
 
-def _layout(image: bytes) -> _Layout:
+def _layout(image: Image) -> _Layout:
     if image[:2] != b"MZ" or len(image) < 0x40:
         raise _Malformed("not a PE image (no MZ header)")
     pe = struct.unpack_from("<I", image, 0x3C)[0]
@@ -163,18 +167,19 @@ def _layout(image: bytes) -> _Layout:
     end = table_at if table_size else len(image)
     if hashed < end:  # data after the sections (debug data, padding before the table)
         regions.append((hashed, end))
-    return _Layout(regions, image[table_at : table_at + table_size] if table_size else b"")
+    return _Layout(regions, bytes(image[table_at : table_at + table_size]) if table_size else b"")
 
 
-def image_digest(image: bytes) -> bytes:
+def image_digest(image: Image) -> bytes:
     """The Authenticode sha256 of a PE image, as signtools and firmware compute it."""
     try:
         layout = _layout(image)
     except (_Malformed, struct.error) as e:
         raise VerificationError(f"not a signable PE image: {e}") from e
     digest = hashlib.sha256()
+    view = memoryview(image)
     for start, end in layout.regions:
-        digest.update(image[start:end])
+        digest.update(view[start:end])
     return digest.digest()
 
 
@@ -199,7 +204,7 @@ def describe(certificate: x509.Certificate) -> str:
     return f"{certificate.subject.rfc4514_string()} (sha256 {hashlib.sha256(der).hexdigest()})"
 
 
-def signatures(image: bytes) -> list[Signature]:
+def signatures(image: Image) -> list[Signature]:
     """The Authenticode signatures in the image's certificate table (none: unsigned)."""
     try:
         table = _layout(image).table
@@ -353,7 +358,7 @@ def _chain(signature: Signature, db: Database) -> list[x509.Certificate] | None:
     return None
 
 
-def check_image(image: bytes, db: Database, dbx: Database, what: str) -> Signature:
+def check_image(image: Image, db: Database, dbx: Database, what: str) -> Signature:
     """The signature through which the firmware would start `image`; VerificationError naming
     the certificates otherwise (unsigned, a signature that does not verify or does not chain
     to db, or one that dbx revokes)."""

@@ -72,6 +72,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -82,7 +83,7 @@ from typing import BinaryIO, Protocol
 
 import requests
 
-from updater.disk import bootentries, slots, verity
+from updater.disk import authenticode, bootentries, firmware, slots, verity
 from updater.errors import (
     DownloadError,
     LengthMismatchError,
@@ -606,6 +607,64 @@ def _write_uki(
         return _write_indexed(ctx, plan, _UKI, seed, out, 0, session, progress, into_slot=False)
 
 
+@dataclass(frozen=True)
+class _CheckedUKI:
+    path: Path  # in the agent's state directory, removed once copied to the ESP
+    transfer: seeded.Transfer
+
+
+def _firmware_check(
+    ctx: Context,
+    plan: _Plan,
+    release: Release,
+    booted: Booted,
+    session: requests.Session,
+    progress: ProgressCallback | None,
+) -> _CheckedUKI | None:
+    """With Secure Boot enforced: the new UKI, fetched (or seeded) into the state directory and
+    checked as the firmware will check it, against the machine's db and dbx; refused, with the
+    certificate it was signed with, before anything is written to the slot or the ESP. None when
+    Secure Boot is not enforced: the UKI then goes straight to the ESP in step 10."""
+    state = firmware.secure_boot(ctx.machine.efivars)
+    if state is not firmware.SecureBoot.ENABLED:
+        return None
+    path = ctx.machine.state_dir / "uki.checked.tmp"
+    try:
+        ctx.machine.state_dir.mkdir(parents=True, exist_ok=True)
+        with path.open("w+b") as out:
+            done = _write_uki(ctx, plan, booted, out, session, progress)
+            out.seek(0)
+            with mmap.mmap(out.fileno(), 0, access=mmap.ACCESS_READ) as image:
+                db = authenticode.read_database(ctx.machine.efivars, "db")
+                dbx = authenticode.read_database(ctx.machine.efivars, "dbx")
+                signature = authenticode.check_image(
+                    image, db, dbx, f"the UKI of {release.version}"
+                )
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise StorageError(f"cannot stage the new UKI in {path}: {e}") from e
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    log.info(
+        "the UKI of %s is signed by %s, which this machine's db trusts",
+        release.version,
+        signature.describe(),
+    )
+    return _CheckedUKI(path, done)
+
+
+def _copy_checked(checked: _CheckedUKI, out: BinaryIO) -> seeded.Transfer:
+    """Step 10's bytes from the UKI `_firmware_check` accepted (no network: it was fetched)."""
+    try:
+        with checked.path.open("rb") as source:
+            shutil.copyfileobj(source, out, 1 << 20)
+    except OSError as e:
+        raise StorageError(f"cannot copy the checked UKI from {checked.path}: {e}") from e
+    checked.path.unlink(missing_ok=True)
+    return checked.transfer
+
+
 def _check_sha256(f: BinaryIO, offset: int, info: TargetInfo, what: str) -> None:
     """The file at `offset` of `f`, read back, against its signed sha256: every block matched
     the signed index already; this is the file's own signature, and cheap for a UKI or a tree
@@ -674,6 +733,9 @@ def apply(
         session.headers["User-Agent"] = "berth-update"
         try:
             plan = _plan(ctx, repo, release, booted, session)  # (2)-(4)
+            # (4b) with Secure Boot enforced, the UKI first, into /var: one the firmware would
+            # refuse must not cost the other slot's contents or an entry (see _firmware_check).
+            checked = _firmware_check(ctx, plan, release, booted, session, progress)
         except BaseException:
             ctx.save_state(state)  # refused before the slot is touched: the choice's record
             raise
@@ -700,7 +762,10 @@ def apply(
         etcdrift.keep_booted_list(machine.etc_list, machine.state_dir, booted.version)
         # (10) the UKI: temporary name, fsync, rename with a boot counter (the last step)
         with bootentries.staged_uki(esp, release.version) as out:
-            transfer.add(_write_uki(ctx, plan, booted, out, session, progress))
+            if checked is None:
+                transfer.add(_write_uki(ctx, plan, booted, out, session, progress))
+            else:
+                transfer.add(_copy_checked(checked, out))
     entry = bootentries.entry_dir(esp) / bootentries.entry_name(
         release.version, bootentries.DEFAULT_TRIES
     )

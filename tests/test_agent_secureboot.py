@@ -1,0 +1,92 @@
+"""Agent.apply with Secure Boot enforced: a UKI the firmware would refuse is never installed,
+and refusing it leaves the disk, the ESP and the boot order byte-identical."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from builder.publish import secureboot
+from builder.run import find_tool, run
+from tests.support.machine import FakeMachine, Site, make_agent
+from updater.disk import authenticode, firmware
+from updater.errors import VerificationError
+
+SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
+ATTRIBUTES = b"\x27\x00\x00\x00"
+
+
+def sign(keys: Path, out: Path) -> bytes:
+    run(
+        [
+            find_tool("sbsign"),
+            "--key",
+            keys / "db.key",
+            "--cert",
+            keys / "db.crt",
+            "--output",
+            out,
+            SYSTEMD_BOOT,
+        ]
+    )
+    return out.read_bytes()
+
+
+def enforce(fake: FakeMachine, db_cert: Path, tmp_path: Path) -> None:
+    """Secure Boot on, in user mode, with `db_cert` in db (written by efitools)."""
+    for name, value in (("SecureBoot", 1), ("SetupMode", 0)):
+        (fake.efivars / f"{name}-{firmware.GLOBAL_GUID}").write_bytes(ATTRIBUTES + bytes([value]))
+    esl = tmp_path / "db.esl"
+    run([find_tool("cert-to-efi-sig-list"), "-g", str(uuid.uuid4()), db_cert, esl])
+    db = fake.efivars / f"db-{authenticode.SECURITY_GUID}"
+    db.write_bytes(ATTRIBUTES + esl.read_bytes())
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    secureboot.init_secureboot_keys(tmp_path / "sb-keys")
+    return tmp_path / "sb-keys/secureboot"
+
+
+def test_a_uki_signed_by_db_is_installed(
+    site: Site, fake: FakeMachine, keys: Path, tmp_path: Path
+) -> None:
+    enforce(fake, keys / "db.crt", tmp_path)
+    uki = sign(keys, tmp_path / "uki.efi")
+    site.publish(site.release("2.0.0", uki=uki))
+    applied = make_agent(fake, site).apply()
+    assert applied.entry.read_bytes() == uki
+    assert not (fake.var / "lib/berth/uki.checked.tmp").exists()
+
+
+@pytest.mark.parametrize("kind", ["another key", "no signature"])
+def test_a_uki_the_firmware_would_refuse_is_never_installed(
+    site: Site, fake: FakeMachine, keys: Path, tmp_path: Path, kind: str
+) -> None:
+    enforce(fake, keys / "db.crt", tmp_path)
+    if kind == "another key":
+        secureboot.init_secureboot_keys(tmp_path / "other", owner="Someone Else")
+        uki = sign(tmp_path / "other/secureboot", tmp_path / "uki.efi")
+        pattern = r"refused the UKI of 2\.0\.0: signed by CN=Someone Else Secure Boot db \(sha256 "
+    else:
+        uki = SYSTEMD_BOOT.read_bytes()
+        pattern = r"refused the UKI of 2\.0\.0: it is not signed, and Secure Boot is enforced"
+    site.publish(site.release("2.0.0", uki=uki))
+    before = fake.snapshot()
+    with pytest.raises(VerificationError, match=pattern):
+        make_agent(fake, site).apply()
+    assert fake.snapshot() == before  # the disk, the ESP (names and bytes) and the boot order
+    assert not (fake.var / "lib/berth/uki.checked.tmp").exists()
+    assert not (fake.run / "reboot-required").exists()
+
+
+def test_without_secure_boot_enforced_the_uki_is_not_checked(
+    site: Site, fake: FakeMachine, tmp_path: Path
+) -> None:
+    # Setup mode: the firmware checks nothing, so neither does the agent (a random UKI passes).
+    for name, value in (("SecureBoot", 0), ("SetupMode", 1)):
+        (fake.efivars / f"{name}-{firmware.GLOBAL_GUID}").write_bytes(ATTRIBUTES + bytes([value]))
+    site.publish(site.release("2.0.0"))
+    assert make_agent(fake, site).apply().entry.exists()
