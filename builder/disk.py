@@ -40,8 +40,12 @@ def uki_name(version: str) -> str:
     return f"berth_{version}.efi"
 
 
-def make_esp(tree: Path, uki: Path, version: str, size: int, output: Path, seed: str) -> None:
-    """A FAT32 ESP with systemd-boot (no menu delay, editor off) and the version's UKI."""
+SYSTEMD_BOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"  # in the image tree
+
+
+def make_esp(boot: Path, uki: Path, version: str, size: int, output: Path, seed: str) -> None:
+    """A FAT32 ESP with systemd-boot (`boot`, signed; no menu delay, editor off) and the
+    version's UKI."""
     output.unlink(missing_ok=True)
     with output.open("wb") as f:
         f.truncate(size)
@@ -52,7 +56,6 @@ def make_esp(tree: Path, uki: Path, version: str, size: int, output: Path, seed:
         quiet=True,
         env=env,
     )
-    boot = tree / "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
     conf = output.parent / "loader.conf"
     conf.write_text(LOADER_CONF)
     img = ["-i", str(output)]

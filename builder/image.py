@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import accounts, disk, elf, formats, initrd, overlay, preload, rootfs, uki
+from builder import accounts, disk, elf, formats, initrd, overlay, preload, rootfs, signing, uki
 from builder.config import ImageConfig
 from builder.disk import stable_uuid
 from builder.erofs import make_erofs
@@ -88,6 +88,29 @@ def trust_anchor(keys_dir: Path) -> bytes:
         warn("(./build.py keys init) and keep the root key offline: see docs/updates.md.")
         warn("")
     return root.read_bytes()
+
+
+def secure_boot_key(keys_dir: Path) -> tuple[Path, Path]:
+    """The db key and certificate that sign systemd-boot and the UKI; development Secure Boot
+    keys are created (loudly) when the keys directory has none."""
+    from builder.publish import secureboot
+
+    directory = secureboot.secureboot_dir(keys_dir)
+    if not secureboot.has_secureboot_keys(keys_dir):
+        secureboot.init_secureboot_keys(keys_dir)
+        warn("")
+        warn(f"NO SECURE BOOT KEYS in {directory}: created DEVELOPMENT keys there.")
+        warn("systemd-boot and the UKI are signed with them. For releases, create keys")
+        warn("deliberately (./build.py keys init) and keep PK and KEK offline: docs/updates.md.")
+        warn("")
+    secureboot.describe_secureboot_keys(keys_dir)  # private, and what they claim to be
+    key = directory / "db.key"
+    if not key.exists():
+        raise BuildError(
+            f"no {key}: the db private key signs every build",
+            hint="bring it back from offline storage (PK and KEK may stay offline)",
+        )
+    return key, directory / "db.crt"
 
 
 def update_defaults(config: ImageConfig) -> str:
@@ -204,6 +227,7 @@ def _build_image(
         # The only trust anchor for updates, inside the verity-protected /usr. Written through
         # host_path, as everything after the overlays: a link they left must not lead out.
         anchor = trust_anchor(keys_dir or repo / "keys")
+        db_key = secure_boot_key(keys_dir or repo / "keys")
         overlay.install_file(tree, "/usr/share/berth/tuf/root.json", anchor)
         overlay.install_file(tree, "/usr/lib/berth/update.toml", update_defaults(config).encode())
         overlay.install_file(tree, "/usr/share/berth/packages.txt", _package_list(root.packages))
@@ -251,9 +275,14 @@ def _build_image(
             cmdline,
             staging / "uki.efi",
         )
+        # Machines only ever install signed UKIs: the payload's is this one.
+        signing.sign_file(staging / "uki.efi", *db_key)
     with complete_step("Assembling the disk image"):
+        boot = staging / "systemd-bootx64.efi"
+        shutil.copyfile(tree / disk.SYSTEMD_BOOT, boot)
+        signing.sign_file(boot, *db_key)
         disk.make_esp(
-            tree,
+            boot,
             staging / "uki.efi",
             str(version),
             config.partitions.esp,
@@ -273,6 +302,7 @@ def _build_image(
         )
         disk.make_disk(layout, staging / "disk.raw", seed)
         (staging / "esp.vfat").unlink()
+        boot.unlink()
         (staging / "state.ext4").unlink()
     disk_size = (staging / "disk.raw").stat().st_size
     appliance = formats.Appliance(config.name, str(version), config.description)

@@ -29,6 +29,7 @@ TEST_TOOLS = (
     "systemd-tmpfiles",
     # Secure Boot signatures, made and listed by the real tools (tests/test_authenticode.py).
     "sbsign",
+    "sbverify",
     "cert-to-efi-sig-list",
     "hash-to-efi-sig-list",
 )

@@ -119,9 +119,20 @@ def _expect(node: _Node, tag: int, what: str) -> list[_Node]:
 
 
 @dataclass(frozen=True)
+class Offsets:
+    """Where a PE image keeps what signing changes."""
+
+    checksum: int  # the optional header's CheckSum field
+    cert_entry: int  # the certificate table's data directory entry (offset, size)
+    table_at: int  # the certificate table (a file offset)
+    table_size: int
+
+
+@dataclass(frozen=True)
 class _Layout:
     regions: list[tuple[int, int]]  # what the Authenticode hash covers, in order
     table: bytes  # the certificate table
+    offsets: Offsets
 
 
 def _layout(image: Image) -> _Layout:
@@ -167,7 +178,24 @@ def _layout(image: Image) -> _Layout:
     end = table_at if table_size else len(image)
     if hashed < end:  # data after the sections (debug data, padding before the table)
         regions.append((hashed, end))
-    return _Layout(regions, bytes(image[table_at : table_at + table_size]) if table_size else b"")
+    table = bytes(image[table_at : table_at + table_size]) if table_size else b""
+    return _Layout(regions, table, Offsets(checksum, cert_entry, table_at, table_size))
+
+
+def offsets(image: Image) -> Offsets:
+    """Where `image` keeps its checksum and certificate table, for a signer."""
+    try:
+        return _layout(image).offsets
+    except (_Malformed, struct.error) as e:
+        raise VerificationError(f"not a signable PE image: {e}") from e
+
+
+def der_contents(encoded: bytes) -> bytes:
+    """The value octets of one DER element (what Authenticode hashes of its content)."""
+    try:
+        return _read(encoded)[0].value
+    except _Malformed as e:
+        raise VerificationError(f"malformed DER: {e}") from e
 
 
 def image_digest(image: Image) -> bytes:

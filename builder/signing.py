@@ -1,0 +1,173 @@
+"""Authenticode signing of PE images (systemd-boot, UKIs) with the Secure Boot db key.
+
+The same inputs give the same signed file. sbsign cannot promise that: OpenSSL's PKCS#7 signer
+adds the signing time, so two builds a second apart differ in their signature (and in the PE
+checksum over it). This signer writes exactly what firmware reads and nothing that changes with
+the clock: a PKCS#7 SignedData over Authenticode's SpcIndirectDataContent (the image's sha256,
+as updater/disk/authenticode.py computes it, the module the agent checks with), with the
+contentType and messageDigest attributes, signed with RSA PKCS#1 v1.5 and SHA-256 (which is
+deterministic); the db certificate is included. The certificate table is appended 8-byte
+aligned, the directory entry set, and the PE checksum recomputed. sbverify accepts the result
+(tests/test_signing.py).
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from builder.errors import BuildError
+from updater.disk import authenticode
+from updater.errors import VerificationError
+
+_SHA256 = "2.16.840.1.101.3.4.2.1"
+_RSA = "1.2.840.113549.1.1.1"
+_SIGNED_DATA = "1.2.840.113549.1.7.2"
+_INDIRECT_DATA = "1.3.6.1.4.1.311.2.1.4"
+_PE_IMAGE_DATA = "1.3.6.1.4.1.311.2.1.15"
+_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+
+
+def _der(tag: int, value: bytes) -> bytes:
+    n = len(value)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(raw)]) + raw
+    return bytes([tag]) + length + value
+
+
+def _seq(*parts: bytes) -> bytes:
+    return _der(0x30, b"".join(parts))
+
+
+def _set(*parts: bytes) -> bytes:
+    return _der(0x31, b"".join(sorted(parts)))  # DER: a SET OF in sorted order
+
+
+def _oid(dotted: str) -> bytes:
+    numbers = [int(p) for p in dotted.split(".")]
+    out = bytearray([numbers[0] * 40 + numbers[1]])
+    for n in numbers[2:]:
+        chunk = [n & 0x7F]
+        n >>= 7
+        while n:
+            chunk.append(0x80 | (n & 0x7F))
+            n >>= 7
+        out += bytes(reversed(chunk))
+    return _der(0x06, bytes(out))
+
+
+def _integer(n: int) -> bytes:
+    return _der(0x02, n.to_bytes(n.bit_length() // 8 + 1, "big", signed=False))
+
+
+_NULL = b"\x05\x00"
+
+
+def _indirect_data(digest: bytes) -> bytes:
+    # SpcPeImageData: flags (an empty BIT STRING) and an SpcLink of an empty file name, as
+    # signtool and sbsign write it: "<<<Obsolete>>>" in UTF-16.
+    obsolete = "<<<Obsolete>>>".encode("utf-16-be")
+    pe_image_data = _seq(_der(0x03, b"\x00"), _der(0xA0, _der(0xA2, _der(0x80, obsolete))))
+    return _seq(
+        _seq(_oid(_PE_IMAGE_DATA), pe_image_data),
+        _seq(_seq(_oid(_SHA256), _NULL), _der(0x04, digest)),
+    )
+
+
+def authenticode_signature(
+    digest: bytes, key: rsa.RSAPrivateKey, certificate: x509.Certificate
+) -> bytes:
+    """The DER PKCS#7 ContentInfo signing an image whose Authenticode sha256 is `digest`."""
+    indirect = _indirect_data(digest)
+    content_value = authenticode.der_contents(indirect)  # hashed without its tag and length
+    attributes = [
+        _seq(_oid(_CONTENT_TYPE), _set(_oid(_INDIRECT_DATA))),
+        _seq(_oid(_MESSAGE_DIGEST), _set(_der(0x04, _sha256(content_value)))),
+    ]
+    signed_attributes = _set(*attributes)
+    signature = key.sign(signed_attributes, padding.PKCS1v15(), hashes.SHA256())
+    issuer_serial = _seq(certificate.issuer.public_bytes(), _integer(certificate.serial_number))
+    signer_info = _seq(
+        _integer(1),
+        issuer_serial,
+        _seq(_oid(_SHA256), _NULL),
+        b"\xa0" + signed_attributes[1:],  # [0] IMPLICIT SET OF
+        _seq(_oid(_RSA), _NULL),
+        _der(0x04, signature),
+    )
+    signed_data = _seq(
+        _integer(1),
+        _set(_seq(_oid(_SHA256), _NULL)),
+        _seq(_oid(_INDIRECT_DATA), _der(0xA0, indirect)),
+        _der(0xA0, certificate.public_bytes(serialization.Encoding.DER)),
+        _set(signer_info),
+    )
+    return _seq(_oid(_SIGNED_DATA), _der(0xA0, signed_data))
+
+
+def _sha256(data: bytes) -> bytes:
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    return digest.finalize()
+
+
+def _pe_checksum(image: bytearray, checksum_at: int) -> int:
+    """The PE checksum: the 16-bit sum of the file's words with the carries folded back in,
+    plus the file's length (the checksum field must be zero when this runs)."""
+    if struct.unpack_from("<I", image, checksum_at)[0]:
+        raise ValueError("the checksum field must be zeroed first")
+    padded = bytes(image) + b"\0" * (len(image) % 2)
+    words = array("H", padded)  # little-endian, as PE files and x86 are
+    if sys.byteorder != "little":
+        words.byteswap()
+    total = sum(words)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return (total + len(image)) & 0xFFFFFFFF
+
+
+def sign_image(image: bytes, key_path: Path, cert_path: Path, what: str) -> bytes:
+    """`image` signed with the db key: any signature it had is replaced."""
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError, TypeError) as e:
+        raise BuildError(
+            f"cannot load the Secure Boot db key ({key_path}, {cert_path}): {e}"
+        ) from e
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise BuildError(f"{key_path}: expected an RSA private key (firmware verifies RSA)")
+    try:
+        offsets = authenticode.offsets(image)
+    except VerificationError as e:
+        raise BuildError(f"cannot sign {what}: {e}") from e
+    data = bytearray(image[: offsets.table_at] if offsets.table_size else image)
+    struct.pack_into("<II", data, offsets.cert_entry, 0, 0)
+    data += b"\0" * (-len(data) % 8)  # the table starts 8-byte aligned, the padding hashed
+    signature = authenticode_signature(authenticode.image_digest(bytes(data)), key, certificate)
+    entry = struct.pack("<IHH", 8 + len(signature), 0x0200, 0x0002) + signature
+    entry += b"\0" * (-len(entry) % 8)
+    table_at = len(data)
+    data += entry
+    struct.pack_into("<II", data, offsets.cert_entry, table_at, len(entry))
+    struct.pack_into("<I", data, offsets.checksum, 0)
+    struct.pack_into("<I", data, offsets.checksum, _pe_checksum(data, offsets.checksum))
+    return bytes(data)
+
+
+def sign_file(path: Path, key_path: Path, cert_path: Path) -> None:
+    """Sign the PE file at `path` in place (through a temporary file and a rename)."""
+    signed = sign_image(path.read_bytes(), key_path, cert_path, str(path))
+    temp = path.with_name(path.name + ".signing")
+    temp.write_bytes(signed)
+    temp.replace(path)
