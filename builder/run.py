@@ -61,6 +61,7 @@ HOST_TOOLS: dict[str, str] = {
     "sbverify": "sbsigntool",
     "cert-to-efi-sig-list": "efitools",
     "hash-to-efi-sig-list": "efitools",
+    "openssl": "openssl",
 }
 
 # Files (not commands) the build or the VM harness needs, with their packages.

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import struct
 import sys
+import uuid
 from array import array
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -23,7 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from builder.errors import BuildError
-from updater.disk import authenticode
+from builder.publish import secureboot
+from updater.disk import authenticode, firmware
 from updater.errors import VerificationError
 
 _SHA256 = "2.16.840.1.101.3.4.2.1"
@@ -84,6 +87,19 @@ def _indirect_data(digest: bytes) -> bytes:
     )
 
 
+def _signer_info(certificate: x509.Certificate, signature: bytes, attributes: bytes = b"") -> bytes:
+    """A SignerInfo: the signer by issuer and serial, SHA-256, the signed attributes (if any),
+    RSA, the signature."""
+    return _seq(
+        _integer(1),
+        _seq(certificate.issuer.public_bytes(), _integer(certificate.serial_number)),
+        _seq(_oid(_SHA256), _NULL),
+        attributes,
+        _seq(_oid(_RSA), _NULL),
+        _der(0x04, signature),
+    )
+
+
 def authenticode_signature(
     digest: bytes, key: rsa.RSAPrivateKey, certificate: x509.Certificate
 ) -> bytes:
@@ -96,15 +112,8 @@ def authenticode_signature(
     ]
     signed_attributes = _set(*attributes)
     signature = key.sign(signed_attributes, padding.PKCS1v15(), hashes.SHA256())
-    issuer_serial = _seq(certificate.issuer.public_bytes(), _integer(certificate.serial_number))
-    signer_info = _seq(
-        _integer(1),
-        issuer_serial,
-        _seq(_oid(_SHA256), _NULL),
-        b"\xa0" + signed_attributes[1:],  # [0] IMPLICIT SET OF
-        _seq(_oid(_RSA), _NULL),
-        _der(0x04, signature),
-    )
+    # The attributes as [0] IMPLICIT SET OF; what was signed is them as a SET.
+    signer_info = _signer_info(certificate, signature, b"\xa0" + signed_attributes[1:])
     signed_data = _seq(
         _integer(1),
         _set(_seq(_oid(_SHA256), _NULL)),
@@ -171,3 +180,104 @@ def sign_file(path: Path, key_path: Path, cert_path: Path) -> None:
     temp = path.with_name(path.name + ".signing")
     temp.write_bytes(signed)
     temp.replace(path)
+
+
+# --- enrolment: the signed key lists a machine in setup mode takes ----------------------------
+
+_DATA = "1.2.840.113549.1.7.1"
+_PKCS7_GUID = uuid.UUID("4aafd29d-68df-49ee-8aa9-347d375665a7")  # EFI_CERT_TYPE_PKCS7_GUID
+_GLOBAL = uuid.UUID(firmware.GLOBAL_GUID)
+_SECURITY = uuid.UUID(authenticode.SECURITY_GUID)
+# Non-volatile, boot and runtime access, time-based authenticated writes: what PK, KEK and db are.
+AUTH_ATTRIBUTES = 0x27
+# Which key signs which list, and the variable's vendor GUID (UEFI 2.x, 8.2: PK and KEK are
+# global variables, db is the image security database's).
+ENROLMENT = {"PK": ("PK", _GLOBAL), "KEK": ("PK", _GLOBAL), "db": ("KEK", _SECURITY)}
+
+
+def signature_list(certificate: x509.Certificate, owner: uuid.UUID) -> bytes:
+    """An EFI_SIGNATURE_LIST of one X.509 certificate, as efitools' cert-to-efi-sig-list makes."""
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    size = 16 + len(der)
+    header = authenticode.CERT_X509.bytes_le + struct.pack("<III", 28 + size, 0, size)
+    return header + owner.bytes_le + der
+
+
+def _efi_time(when: datetime) -> bytes:
+    when = when.astimezone(UTC)
+    return struct.pack(
+        "<HBBBBBBIhBB",
+        when.year,
+        when.month,
+        when.day,
+        when.hour,
+        when.minute,
+        when.second,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
+
+
+def detached_signed_data(
+    content: bytes, key: rsa.RSAPrivateKey, certificate: x509.Certificate
+) -> bytes:
+    """A bare PKCS#7 SignedData (no ContentInfo around it, as UEFI wants it in an authenticated
+    variable) signing `content` detached, without signed attributes: deterministic."""
+    signature = key.sign(content, padding.PKCS1v15(), hashes.SHA256())
+    signer_info = _signer_info(certificate, signature)
+    return _seq(
+        _integer(1),
+        _set(_seq(_oid(_SHA256), _NULL)),
+        _seq(_oid(_DATA)),
+        _der(0xA0, certificate.public_bytes(serialization.Encoding.DER)),
+        _set(signer_info),
+    )
+
+
+def auth_file(
+    name: str,
+    data: bytes,
+    key: rsa.RSAPrivateKey,
+    certificate: x509.Certificate,
+    when: datetime,
+) -> bytes:
+    """`name`'s EFI_VARIABLE_AUTHENTICATION_2 payload (what systemd-boot's enrolment and
+    efi-updatevar write): the time, a PKCS#7 signature over name, vendor GUID, attributes,
+    time and data, then the data."""
+    vendor = ENROLMENT[name][1]
+    stamp = _efi_time(when)
+    signed = name.encode("utf-16-le") + vendor.bytes_le + struct.pack("<I", AUTH_ATTRIBUTES)
+    signed += stamp + data
+    pkcs7 = detached_signed_data(signed, key, certificate)
+    header = struct.pack("<IHH", 8 + 16 + len(pkcs7), 0x0200, 0x0EF1) + _PKCS7_GUID.bytes_le
+    return stamp + header + pkcs7 + data
+
+
+def enrolment_files(keys_dir: Path, when: datetime) -> dict[str, bytes]:
+    """PK.auth, KEK.auth and db.auth for `keys_dir`'s Secure Boot keys: PK and KEK signed by
+    PK, db by KEK (so PK.key and KEK.key must be here to make them)."""
+    directory = secureboot.secureboot_dir(keys_dir)
+    owner = secureboot.read_guid(keys_dir)
+    out = {}
+    for name, (signer, _vendor) in ENROLMENT.items():
+        certificate = secureboot.load_certificate(directory / f"{name}.crt")
+        key_path = directory / f"{signer}.key"
+        try:
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except FileNotFoundError:
+            raise BuildError(
+                f"no {key_path}: {name}.auth is signed with the {signer} key",
+                hint=f"bring {signer}.key back from offline storage to make the enrolment files",
+            ) from None
+        except (OSError, ValueError) as e:
+            raise BuildError(f"cannot load {key_path}: {e}") from e
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise BuildError(f"{key_path}: expected an RSA private key (firmware verifies RSA)")
+        signer_cert = secureboot.load_certificate(directory / f"{signer}.crt")
+        out[f"{name}.auth"] = auth_file(
+            name, signature_list(certificate, owner), key, signer_cert, when
+        )
+    return out

@@ -32,6 +32,7 @@ TEST_TOOLS = (
     "sbverify",
     "cert-to-efi-sig-list",
     "hash-to-efi-sig-list",
+    "openssl",
 )
 TEST_FILES = (
     "/usr/share/OVMF/OVMF_CODE_4M.fd",

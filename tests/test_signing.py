@@ -102,3 +102,76 @@ def test_a_build_whose_db_key_is_offline_stops_with_the_fix(tmp_path: Path) -> N
     with pytest.raises(BuildError, match="db private key signs every build") as e:
         secure_boot_key(keys)
     assert "bring it back from offline storage" in (e.value.hint or "")
+
+
+def _content_info(signed_data: bytes) -> bytes:
+    """The bare SignedData wrapped in a ContentInfo, the form openssl cms reads."""
+    from builder import signing
+
+    return signing._seq(signing._oid(signing._SIGNED_DATA), signing._der(0xA0, signed_data))
+
+
+def test_enrolment_files_are_signed_key_lists_as_firmware_takes_them(
+    keys: Path, tmp_path: Path
+) -> None:
+    import struct
+    import uuid
+    from datetime import UTC, datetime
+
+    from builder import signing
+
+    when = datetime(2026, 12, 1, 12, 30, 5, tzinfo=UTC)
+    files = signing.enrolment_files(keys.parent, when)
+    assert sorted(files) == ["KEK.auth", "PK.auth", "db.auth"]
+    assert signing.enrolment_files(keys.parent, when) == files  # reproducible
+    owner = secureboot.read_guid(keys.parent)
+    for name, signer in (("PK", "PK"), ("KEK", "PK"), ("db", "KEK")):
+        auth = files[f"{name}.auth"]
+        assert struct.unpack_from("<HBBBBB", auth) == (2026, 12, 1, 12, 30, 5)
+        length, revision, kind = struct.unpack_from("<IHH", auth, 16)
+        assert (revision, kind) == (0x0200, 0x0EF1)
+        assert uuid.UUID(bytes_le=auth[24:40]) == uuid.UUID("4aafd29d-68df-49ee-8aa9-347d375665a7")
+        pkcs7, esl = auth[40 : 16 + length], auth[16 + length :]
+        # The list is what efitools makes of the same certificate and owner.
+        made = tmp_path / f"{name}.esl"
+        run([find_tool("cert-to-efi-sig-list"), "-g", str(owner), keys / f"{name}.crt", made])
+        assert esl == made.read_bytes()
+        # UEFI reads SignedData bare, with its digest algorithm at a fixed offset (edk2 checks).
+        assert pkcs7[0] == 0x30 and pkcs7[1] == 0x82
+        assert pkcs7[13:22] == bytes.fromhex("608648016503040201")
+        # The signature covers name, vendor GUID, attributes, time and the list; openssl agrees.
+        vendor = signing.ENROLMENT[name][1]
+        signed = name.encode("utf-16-le") + vendor.bytes_le + struct.pack("<I", 0x27)
+        (tmp_path / "content").write_bytes(signed + auth[:16] + esl)
+        (tmp_path / "sig.der").write_bytes(_content_info(pkcs7))
+        run(
+            [
+                "openssl", "cms", "-verify", "-binary", "-inform", "DER",
+                "-in", tmp_path / "sig.der", "-content", tmp_path / "content",
+                "-CAfile", keys / f"{signer}.crt", "-purpose", "any", "-out", tmp_path / "out",
+            ]
+        )  # fmt: skip
+        (tmp_path / "content").write_bytes(signed + auth[:16] + esl + b"x")
+        bad = run(
+            [
+                "openssl", "cms", "-verify", "-binary", "-inform", "DER",
+                "-in", tmp_path / "sig.der", "-content", tmp_path / "content",
+                "-CAfile", keys / f"{signer}.crt", "-purpose", "any", "-out", tmp_path / "out",
+            ],
+            check=False,
+            quiet=True,
+        )  # fmt: skip
+        assert bad.returncode != 0
+
+
+def test_enrolment_files_need_pk_and_kek_back_from_offline(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from builder import signing
+
+    keys = tmp_path / "keys"
+    secureboot.init_secureboot_keys(keys)
+    (keys / "secureboot/KEK.key").unlink()
+    with pytest.raises(BuildError, match=r"db\.auth is signed with the KEK key") as e:
+        signing.enrolment_files(keys, datetime(2026, 12, 1, tzinfo=UTC))
+    assert "bring KEK.key back from offline storage" in (e.value.hint or "")
