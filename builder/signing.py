@@ -13,6 +13,7 @@ aligned, the directory entry set, and the PE checksum recomputed. sbverify accep
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import sys
 import uuid
@@ -29,13 +30,9 @@ from builder.publish import secureboot
 from updater.disk import authenticode, firmware
 from updater.errors import VerificationError
 
-_SHA256 = "2.16.840.1.101.3.4.2.1"
 _RSA = "1.2.840.113549.1.1.1"
-_SIGNED_DATA = "1.2.840.113549.1.7.2"
-_INDIRECT_DATA = "1.3.6.1.4.1.311.2.1.4"
 _PE_IMAGE_DATA = "1.3.6.1.4.1.311.2.1.15"
 _CONTENT_TYPE = "1.2.840.113549.1.9.3"
-_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
 
 
 def _der(tag: int, value: bytes) -> bytes:
@@ -83,7 +80,7 @@ def _indirect_data(digest: bytes) -> bytes:
     pe_image_data = _seq(_der(0x03, b"\x00"), _der(0xA0, _der(0xA2, _der(0x80, obsolete))))
     return _seq(
         _seq(_oid(_PE_IMAGE_DATA), pe_image_data),
-        _seq(_seq(_oid(_SHA256), _NULL), _der(0x04, digest)),
+        _seq(_seq(_oid(authenticode.OID_SHA256), _NULL), _der(0x04, digest)),
     )
 
 
@@ -93,7 +90,7 @@ def _signer_info(certificate: x509.Certificate, signature: bytes, attributes: by
     return _seq(
         _integer(1),
         _seq(certificate.issuer.public_bytes(), _integer(certificate.serial_number)),
-        _seq(_oid(_SHA256), _NULL),
+        _seq(_oid(authenticode.OID_SHA256), _NULL),
         attributes,
         _seq(_oid(_RSA), _NULL),
         _der(0x04, signature),
@@ -107,8 +104,11 @@ def authenticode_signature(
     indirect = _indirect_data(digest)
     content_value = authenticode.der_contents(indirect)  # hashed without its tag and length
     attributes = [
-        _seq(_oid(_CONTENT_TYPE), _set(_oid(_INDIRECT_DATA))),
-        _seq(_oid(_MESSAGE_DIGEST), _set(_der(0x04, _sha256(content_value)))),
+        _seq(_oid(_CONTENT_TYPE), _set(_oid(authenticode.OID_INDIRECT_DATA))),
+        _seq(
+            _oid(authenticode.OID_MESSAGE_DIGEST),
+            _set(_der(0x04, hashlib.sha256(content_value).digest())),
+        ),
     ]
     signed_attributes = _set(*attributes)
     signature = key.sign(signed_attributes, padding.PKCS1v15(), hashes.SHA256())
@@ -116,18 +116,12 @@ def authenticode_signature(
     signer_info = _signer_info(certificate, signature, b"\xa0" + signed_attributes[1:])
     signed_data = _seq(
         _integer(1),
-        _set(_seq(_oid(_SHA256), _NULL)),
-        _seq(_oid(_INDIRECT_DATA), _der(0xA0, indirect)),
+        _set(_seq(_oid(authenticode.OID_SHA256), _NULL)),
+        _seq(_oid(authenticode.OID_INDIRECT_DATA), _der(0xA0, indirect)),
         _der(0xA0, certificate.public_bytes(serialization.Encoding.DER)),
         _set(signer_info),
     )
-    return _seq(_oid(_SIGNED_DATA), _der(0xA0, signed_data))
-
-
-def _sha256(data: bytes) -> bytes:
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(data)
-    return digest.finalize()
+    return _seq(_oid(authenticode.OID_SIGNED_DATA), _der(0xA0, signed_data))
 
 
 def _pe_checksum(image: bytearray, checksum_at: int) -> int:
@@ -230,7 +224,7 @@ def detached_signed_data(
     signer_info = _signer_info(certificate, signature)
     return _seq(
         _integer(1),
-        _set(_seq(_oid(_SHA256), _NULL)),
+        _set(_seq(_oid(authenticode.OID_SHA256), _NULL)),
         _seq(_oid(_DATA)),
         _der(0xA0, certificate.public_bytes(serialization.Encoding.DER)),
         _set(signer_info),

@@ -107,15 +107,13 @@ def test_status_fields(site: Site, fake: FakeMachine) -> None:
 
 
 def test_status_shows_secure_boot_and_lockdown(site: Site, fake: FakeMachine) -> None:
+    from tests.support.secureboot import set_flags
     from updater.cli import format_status
-    from updater.disk import firmware
 
     status = make_agent(fake, site).status()  # no such variables: a firmware without them
     assert status.secure_boot == "not supported by the firmware"
     assert status.lockdown == "unknown"
-    for name, value in (("SecureBoot", 1), ("SetupMode", 0)):
-        path = fake.efivars / f"{name}-{firmware.GLOBAL_GUID}"
-        path.write_bytes(b"\x06\x00\x00\x00" + bytes([value]))
+    set_flags(fake.efivars, SecureBoot=1, SetupMode=0)
     fake.lockdown.parent.mkdir(parents=True)
     fake.lockdown.write_text("none [integrity] confidentiality\n")
     status = make_agent(fake, site).status()

@@ -3,45 +3,26 @@ and refusing it leaves the disk, the ESP and the boot order byte-identical."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
 
 from builder.publish import secureboot
-from builder.run import find_tool, run
 from tests.support.machine import FakeMachine, Site, make_agent
-from updater.disk import authenticode, firmware
+from tests.support.secureboot import SYSTEMD_BOOT, sbsign, set_flags, signature_lists
+from updater.disk import authenticode
 from updater.errors import VerificationError
-
-SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
-ATTRIBUTES = b"\x27\x00\x00\x00"
 
 
 def sign(keys: Path, out: Path) -> bytes:
-    run(
-        [
-            find_tool("sbsign"),
-            "--key",
-            keys / "db.key",
-            "--cert",
-            keys / "db.crt",
-            "--output",
-            out,
-            SYSTEMD_BOOT,
-        ]
-    )
-    return out.read_bytes()
+    return sbsign(SYSTEMD_BOOT, keys / "db.key", keys / "db.crt", out)
 
 
 def enforce(fake: FakeMachine, db_cert: Path, tmp_path: Path) -> None:
     """Secure Boot on, in user mode, with `db_cert` in db (written by efitools)."""
-    for name, value in (("SecureBoot", 1), ("SetupMode", 0)):
-        (fake.efivars / f"{name}-{firmware.GLOBAL_GUID}").write_bytes(ATTRIBUTES + bytes([value]))
-    esl = tmp_path / "db.esl"
-    run([find_tool("cert-to-efi-sig-list"), "-g", str(uuid.uuid4()), db_cert, esl])
+    set_flags(fake.efivars, SecureBoot=1, SetupMode=0)
     db = fake.efivars / f"db-{authenticode.SECURITY_GUID}"
-    db.write_bytes(ATTRIBUTES + esl.read_bytes())
+    db.write_bytes(signature_lists(tmp_path, db_cert))
 
 
 @pytest.fixture
@@ -86,7 +67,6 @@ def test_without_secure_boot_enforced_the_uki_is_not_checked(
     site: Site, fake: FakeMachine, tmp_path: Path
 ) -> None:
     # Setup mode: the firmware checks nothing, so neither does the agent (a random UKI passes).
-    for name, value in (("SecureBoot", 0), ("SetupMode", 1)):
-        (fake.efivars / f"{name}-{firmware.GLOBAL_GUID}").write_bytes(ATTRIBUTES + bytes([value]))
+    set_flags(fake.efivars, SecureBoot=0, SetupMode=1)
     site.publish(site.release("2.0.0"))
     assert make_agent(fake, site).apply().entry.exists()

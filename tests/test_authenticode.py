@@ -3,7 +3,6 @@ by efitools' cert-to-efi-sig-list and hash-to-efi-sig-list, as firmware reads th
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,12 +14,10 @@ from cryptography.x509.oid import NameOID
 
 from builder.publish import secureboot
 from builder.run import find_tool, run
+from tests.support.secureboot import ATTRIBUTES, SYSTEMD_BOOT, sbsign, signature_lists
 from updater.disk import authenticode
 from updater.disk.authenticode import Database
 from updater.errors import VerificationError
-
-SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
-ATTRIBUTES = b"\x27\x00\x00\x00"  # non-volatile, boot and runtime access, time-based authenticated
 
 
 @pytest.fixture(scope="module")
@@ -37,33 +34,18 @@ def other(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return keys / "secureboot"
 
 
-def sign(image: Path, key: Path, cert: Path, out: Path, *extra: str | Path) -> bytes:
-    run([find_tool("sbsign"), "--key", key, "--cert", cert, *extra, "--output", out, image])
-    return out.read_bytes()
-
-
 def certificate(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-def efivar_of_certs(tmp_path: Path, *certs: Path) -> bytes:
-    """What efivarfs shows for a db holding `certs`: attributes, then the signature lists."""
-    out = b""
-    for n, cert in enumerate(certs):
-        esl = tmp_path / f"cert-{n}.esl"
-        run([find_tool("cert-to-efi-sig-list"), "-g", str(uuid.uuid4()), cert, esl])
-        out += esl.read_bytes()
-    return ATTRIBUTES + out
 
 
 @pytest.fixture(scope="module")
 def signed(keys: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
     out = tmp_path_factory.mktemp("signed") / "boot.efi"
-    return sign(SYSTEMD_BOOT, keys / "db.key", keys / "db.crt", out)
+    return sbsign(SYSTEMD_BOOT, keys / "db.key", keys / "db.crt", out)
 
 
 def test_an_image_signed_by_db_passes(signed: bytes, keys: Path, tmp_path: Path) -> None:
-    db = authenticode.parse_database(efivar_of_certs(tmp_path, keys / "db.crt"), "db")
+    db = authenticode.parse_database(signature_lists(tmp_path, keys / "db.crt"), "db")
     signature = authenticode.check_image(signed, db, Database(), "the new UKI")
     assert signature.signer == certificate(keys / "db.crt")
     # sbsign and this compute the same Authenticode hash: the one it signed
@@ -71,7 +53,7 @@ def test_an_image_signed_by_db_passes(signed: bytes, keys: Path, tmp_path: Path)
 
 
 def test_an_unsigned_image_is_refused(keys: Path, tmp_path: Path) -> None:
-    db = authenticode.parse_database(efivar_of_certs(tmp_path, keys / "db.crt"), "db")
+    db = authenticode.parse_database(signature_lists(tmp_path, keys / "db.crt"), "db")
     with pytest.raises(VerificationError, match="it is not signed, and Secure Boot is enforced"):
         authenticode.check_image(SYSTEMD_BOOT.read_bytes(), db, Database(), "the new UKI")
 
@@ -79,8 +61,8 @@ def test_an_unsigned_image_is_refused(keys: Path, tmp_path: Path) -> None:
 def test_an_image_signed_with_another_key_is_refused_naming_that_key(
     other: Path, keys: Path, tmp_path: Path
 ) -> None:
-    image = sign(SYSTEMD_BOOT, other / "db.key", other / "db.crt", tmp_path / "boot.efi")
-    db = authenticode.parse_database(efivar_of_certs(tmp_path, keys / "db.crt"), "db")
+    image = sbsign(SYSTEMD_BOOT, other / "db.key", other / "db.crt", tmp_path / "boot.efi")
+    db = authenticode.parse_database(signature_lists(tmp_path, keys / "db.crt"), "db")
     with pytest.raises(VerificationError) as e:
         authenticode.check_image(image, db, Database(), "the new UKI")
     message = str(e.value)
@@ -133,8 +115,8 @@ def test_a_signer_issued_by_a_db_certificate_passes(tmp_path: Path) -> None:
             serialization.NoEncryption(),
         )
     )
-    image = sign(SYSTEMD_BOOT, tmp_path / "leaf.key", tmp_path / "leaf.crt", tmp_path / "b.efi")
-    db = authenticode.parse_database(efivar_of_certs(tmp_path, tmp_path / "ca.crt"), "db")
+    image = sbsign(SYSTEMD_BOOT, tmp_path / "leaf.key", tmp_path / "leaf.crt", tmp_path / "b.efi")
+    db = authenticode.parse_database(signature_lists(tmp_path, tmp_path / "ca.crt"), "db")
     assert authenticode.check_image(image, db, Database(), "the new UKI").signer == leaf
 
 
@@ -150,7 +132,7 @@ def test_dbx_revokes_by_image_hash_and_by_certificate(
     assert dbx.hashes == {authenticode.image_digest(signed)}
     with pytest.raises(VerificationError, match="is in dbx"):
         authenticode.check_image(signed, db, dbx, "the new UKI")
-    dbx = authenticode.parse_database(efivar_of_certs(tmp_path, keys / "db.crt"), "dbx")
+    dbx = authenticode.parse_database(signature_lists(tmp_path, keys / "db.crt"), "dbx")
     with pytest.raises(VerificationError, match="revoked in dbx by CN=Berth Secure Boot db"):
         authenticode.check_image(signed, db, dbx, "the new UKI")
 
@@ -160,7 +142,7 @@ def test_databases_are_read_from_efivarfs(keys: Path, tmp_path: Path) -> None:
     efivars.mkdir()
     assert authenticode.read_database(efivars, "db") == Database()  # absent: empty
     path = efivars / f"db-{authenticode.SECURITY_GUID}"
-    path.write_bytes(efivar_of_certs(tmp_path, keys / "db.crt", keys / "KEK.crt"))
+    path.write_bytes(signature_lists(tmp_path, keys / "db.crt", keys / "KEK.crt"))
     db = authenticode.read_database(efivars, "db")
     assert db.certificates == (certificate(keys / "db.crt"), certificate(keys / "KEK.crt"))
     path.write_bytes(ATTRIBUTES + b"\x00" * 20)

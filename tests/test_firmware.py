@@ -7,17 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.secureboot import ATTRIBUTES, set_flags
 from updater.disk import firmware
 from updater.disk.firmware import SecureBoot
-
-ATTRIBUTES = b"\x06\x00\x00\x00"  # boot service + runtime access, as efivarfs shows them
 
 
 def variables(tmp_path: Path, **values: int) -> Path:
     efivars = tmp_path / "efivars"
-    efivars.mkdir()
-    for name, value in values.items():
-        (efivars / f"{name}-{firmware.GLOBAL_GUID}").write_bytes(ATTRIBUTES + bytes([value]))
+    set_flags(efivars, **values)
     return efivars
 
 

@@ -11,10 +11,9 @@ from builder.errors import BuildError
 from builder.publish import secureboot
 from builder.run import find_tool, run
 from builder.signing import sign_file, sign_image
+from tests.support.secureboot import SYSTEMD_BOOT
 from updater.disk import authenticode
 from updater.disk.authenticode import Database
-
-SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def _content_info(signed_data: bytes) -> bytes:
     """The bare SignedData wrapped in a ContentInfo, the form openssl cms reads."""
     from builder import signing
 
-    return signing._seq(signing._oid(signing._SIGNED_DATA), signing._der(0xA0, signed_data))
+    return signing._seq(signing._oid(authenticode.OID_SIGNED_DATA), signing._der(0xA0, signed_data))
 
 
 def test_enrolment_files_are_signed_key_lists_as_firmware_takes_them(

@@ -39,10 +39,11 @@ CERT_X509 = uuid.UUID("a5c059a1-94e4-4aa7-87b5-ab155c2bf072")
 CERT_SHA256 = uuid.UUID("c1c41626-504c-4092-aca9-41f936934328")
 
 _WIN_CERT_PKCS7 = 0x0002
-_OID_SIGNED_DATA = "1.2.840.113549.1.7.2"
-_OID_INDIRECT_DATA = "1.3.6.1.4.1.311.2.1.4"
-_OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
-_OID_SHA256 = "2.16.840.1.101.3.4.2.1"
+# The object identifiers a signature names (builder/signing.py writes them).
+OID_SIGNED_DATA = "1.2.840.113549.1.7.2"
+OID_INDIRECT_DATA = "1.3.6.1.4.1.311.2.1.4"  # Authenticode's SpcIndirectDataContent
+OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+OID_SHA256 = "2.16.840.1.101.3.4.2.1"
 _MAX_CHAIN = 4
 
 # A PE image in memory, or mapped from its file (a UKI is tens of MB: hashed where it lies).
@@ -252,17 +253,17 @@ def signatures(image: Image) -> list[Signature]:
 def _signature(der: bytes) -> Signature:
     info, _ = _read(der)
     content_type, wrapped = _expect(info, 0x30, "a PKCS#7 ContentInfo")[:2]
-    if _oid(content_type) != _OID_SIGNED_DATA:
+    if _oid(content_type) != OID_SIGNED_DATA:
         raise _Malformed("not PKCS#7 SignedData")
     signed = _expect(wrapped, 0xA0, "explicit content")[0]
     fields = _expect(signed, 0x30, "SignedData")
     content = _expect(fields[2], 0x30, "the signed content")
-    if _oid(content[0]) != _OID_INDIRECT_DATA:
+    if _oid(content[0]) != OID_INDIRECT_DATA:
         raise _Malformed("not Authenticode content (SpcIndirectDataContent)")
     indirect = _expect(content[1], 0xA0, "explicit content")[0]
     _data, digest_info = _expect(indirect, 0x30, "SpcIndirectDataContent")[:2]
     algorithm, digest = _expect(digest_info, 0x30, "DigestInfo")[:2]
-    if _oid(_expect(algorithm, 0x30, "an algorithm")[0]) != _OID_SHA256 or digest.tag != 0x04:
+    if _oid(_expect(algorithm, 0x30, "an algorithm")[0]) != OID_SHA256 or digest.tag != 0x04:
         raise _Malformed("an image digest other than sha256")
     certificates = tuple(
         x509.load_der_x509_certificate(member.data)
@@ -292,7 +293,7 @@ def _signature(der: bytes) -> Signature:
     message_digest = None
     for attribute in attributes.children():
         oid, values = _expect(attribute, 0x30, "an attribute")[:2]
-        if _oid(oid) == _OID_MESSAGE_DIGEST:
+        if _oid(oid) == OID_MESSAGE_DIGEST:
             message_digest = values.children()[0].value
     # Authenticode signs the SpcIndirectDataContent's contents, without its tag and length.
     valid = message_digest == hashlib.sha256(indirect.value).digest()

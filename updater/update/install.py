@@ -16,6 +16,10 @@
  3. Space: each payload file must fit its partition of the inactive slot, and the UKI the ESP.
  4. Sanity: the slot to overwrite must not be the booted one (its root hash is on the running
     kernel's command line).
+4b. With Secure Boot enforced (the firmware says so), uki.efi is fetched into the state directory
+    and its signature checked against the machine's db and dbx, as the firmware will check it: a
+    UKI it would refuse is refused here, before the slot or the ESP changes; step 10 then copies
+    the checked file instead of fetching it.
  5. `prepare_slot`: random UUIDs and `_writing` labels, before the first payload byte. From here
     on no UKI can boot that slot, old or new.
  6. root.verity, then root.erofs, are streamed straight into the slot's partitions while
