@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,12 @@ editor no
 auto-entries no
 auto-firmware no
 console-mode keep
+secure-boot-enroll if-safe
 """
+# Where systemd-boot looks for the signed key lists it enrols from setup mode by itself: only a
+# directory named "auto" is enrolled without a menu choice (`if-safe`: in a virtual machine;
+# on bare metal the menu entry "Enroll Secure Boot keys: auto" does it, see docs/platforms.md).
+ENROLMENT_DIR = "loader/keys/auto"
 
 
 def stable_uuid(seed: str, role: str) -> uuid.UUID:
@@ -43,9 +48,17 @@ def uki_name(version: str) -> str:
 SYSTEMD_BOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"  # in the image tree
 
 
-def make_esp(boot: Path, uki: Path, version: str, size: int, output: Path, seed: str) -> None:
-    """A FAT32 ESP with systemd-boot (`boot`, signed; no menu delay, editor off) and the
-    version's UKI."""
+def make_esp(
+    boot: Path,
+    uki: Path,
+    version: str,
+    size: int,
+    output: Path,
+    seed: str,
+    enrolment: Mapping[str, bytes] | None = None,
+) -> None:
+    """A FAT32 ESP with systemd-boot (`boot`, signed; no menu delay, editor off), the version's
+    UKI and, when given, the Secure Boot key lists (name -> .auth contents) to enrol."""
     output.unlink(missing_ok=True)
     with output.open("wb") as f:
         f.truncate(size)
@@ -59,15 +72,27 @@ def make_esp(boot: Path, uki: Path, version: str, size: int, output: Path, seed:
     conf = output.parent / "loader.conf"
     conf.write_text(LOADER_CONF)
     img = ["-i", str(output)]
-    run(["mmd", *img, "::EFI", "::EFI/BOOT", "::EFI/systemd", "::EFI/Linux", "::loader"], env=env)
-    for source, dest in (
+    dirs = ["::EFI", "::EFI/BOOT", "::EFI/systemd", "::EFI/Linux", "::loader"]
+    copies = [
         (boot, "::EFI/BOOT/BOOTX64.EFI"),
         (boot, "::EFI/systemd/systemd-bootx64.efi"),
         (conf, "::loader/loader.conf"),
         (uki, f"::EFI/Linux/{uki_name(version)}"),
-    ):
+    ]
+    staged = []
+    if enrolment:
+        dirs += ["::loader/keys", f"::{ENROLMENT_DIR}"]
+        for name, data in sorted(enrolment.items()):
+            path = output.parent / name
+            path.write_bytes(data)
+            staged.append(path)
+            copies.append((path, f"::{ENROLMENT_DIR}/{name}"))
+    run(["mmd", *img, *dirs], env=env)
+    for source, dest in copies:
         run(["mcopy", *img, source, dest], env=env)
     conf.unlink()
+    for path in staged:
+        path.unlink()
 
 
 def make_state(tree: Path, var: Path, size: int, output: Path, seed: str) -> None:

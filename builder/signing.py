@@ -29,6 +29,7 @@ from builder.errors import BuildError
 from builder.publish import secureboot
 from updater.disk import authenticode, firmware
 from updater.errors import VerificationError
+from updater.files import atomic_writer
 
 _RSA = "1.2.840.113549.1.1.1"
 _PE_IMAGE_DATA = "1.3.6.1.4.1.311.2.1.15"
@@ -275,3 +276,51 @@ def enrolment_files(keys_dir: Path, when: datetime) -> dict[str, bytes]:
             name, signature_list(certificate, owner), key, signer_cert, when
         )
     return out
+
+
+def _enrolment_time(directory: Path) -> datetime:
+    """The time stamp the enrolment files carry: the newest of the three certificates' start,
+    so that the files depend on the keys alone (reproducible) and a rotated db's are newer."""
+    starts = [
+        secureboot.load_certificate(directory / f"{name}.crt").not_valid_before_utc
+        for name in ENROLMENT
+    ]
+    return max(starts)
+
+
+def _lists_current(files: dict[str, bytes], directory: Path, owner: uuid.UUID) -> bool:
+    """Whether each kept .auth file enrols exactly today's certificate (its data is the end)."""
+    for name in ENROLMENT:
+        certificate = secureboot.load_certificate(directory / f"{name}.crt")
+        if not files[f"{name}.auth"].endswith(signature_list(certificate, owner)):
+            return False
+    return True
+
+
+def secureboot_enrolment(keys_dir: Path) -> dict[str, bytes] | None:
+    """PK.auth, KEK.auth and db.auth for the ESP's `loader/keys/auto/`.
+
+    They are kept beside the keys (`keys/secureboot/*.auth`, public) so that PK.key and KEK.key
+    can go offline once they are made: `keys init` makes them while both are still here. Files
+    that no longer list today's certificates (db rotated) are made again when PK and KEK are
+    here; when they are not, None: shipping them would enrol a db that does not sign this
+    build, and a machine enrolled from them would refuse to boot it.
+    """
+    directory = secureboot.secureboot_dir(keys_dir)
+    owner = secureboot.read_guid(keys_dir)
+    paths = {f"{name}.auth": directory / f"{name}.auth" for name in ENROLMENT}
+    try:
+        kept = {name: path.read_bytes() for name, path in paths.items()}
+    except FileNotFoundError:
+        kept = {}
+    except OSError as e:
+        raise BuildError(f"cannot read the enrolment files in {directory}: {e}") from e
+    if kept and _lists_current(kept, directory, owner):
+        return kept
+    if not all((directory / f"{signer}.key").exists() for signer, _ in ENROLMENT.values()):
+        return None
+    made = enrolment_files(keys_dir, _enrolment_time(directory))
+    for name, data in made.items():
+        with atomic_writer(paths[name], mode=0o644) as f:
+            f.write(data)
+    return made

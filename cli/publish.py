@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from builder import publish
+from builder import publish, signing
 from builder.log import log
 from builder.publish import PublishResult, secureboot
 from updater.release.packages import change_lines
@@ -142,6 +142,12 @@ def _init_keys(args: argparse.Namespace) -> None:
             f"({', '.join(made)}{'; kept ' + ', '.join(kept) if kept else ''}). Keep PK.key and "
             "KEK.key offline: see docs/updates.md."
         )
+        # While PK.key and KEK.key are still here: every later build puts these on the ESP.
+        if signing.secureboot_enrolment(args.keys) is not None:
+            log(
+                "Wrote the enrolment files PK.auth, KEK.auth and db.auth there: machines in "
+                "setup mode enrol them from the ESP."
+            )
 
 
 def _print_result(result: PublishResult) -> None:

@@ -175,3 +175,19 @@ def test_a_key_brought_in_without_its_certificate_is_refused(tmp_path: Path) -> 
     with pytest.raises(PublishError, match=r"db\.key without db\.crt"):
         secureboot.init_secureboot_keys(keys)
     assert sorted(p.name for p in (keys / "secureboot").iterdir()) == ["db.key"]
+
+
+def test_keys_init_writes_the_enrolment_files_while_pk_and_kek_are_here(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from builder import signing
+
+    keys = tmp_path / "keys"
+    assert main(["keys", "init", "--keys", str(keys)]) == 0
+    assert "Wrote the enrolment files PK.auth, KEK.auth and db.auth" in capsys.readouterr().err
+    directory = keys / "secureboot"
+    written = {name: (directory / name).read_bytes() for name in ("PK.auth", "KEK.auth", "db.auth")}
+    # What a build finds later, with PK and KEK gone offline, is exactly these.
+    (directory / "PK.key").unlink()
+    (directory / "KEK.key").unlink()
+    assert signing.secureboot_enrolment(keys) == written

@@ -174,3 +174,70 @@ def test_enrolment_files_need_pk_and_kek_back_from_offline(tmp_path: Path) -> No
     with pytest.raises(BuildError, match=r"db\.auth is signed with the KEK key") as e:
         signing.enrolment_files(keys, datetime(2026, 12, 1, tzinfo=UTC))
     assert "bring KEK.key back from offline storage" in (e.value.hint or "")
+
+
+def test_enrolment_files_are_kept_beside_the_keys_and_made_again_after_a_db_rotation(
+    tmp_path: Path,
+) -> None:
+    from builder import signing
+
+    keys = tmp_path / "keys"
+    secureboot.init_secureboot_keys(keys)
+    directory = keys / "secureboot"
+    made = signing.secureboot_enrolment(keys)
+    assert made is not None and sorted(made) == ["KEK.auth", "PK.auth", "db.auth"]
+    assert {name: (directory / name).read_bytes() for name in made} == made
+    assert (directory / "db.auth").stat().st_mode & 0o777 == 0o644  # public, as the .crt files
+    # PK and KEK go offline: builds still find the files they made.
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    for name in ("PK.key", "KEK.key"):
+        (directory / name).rename(offline / name)
+    assert signing.secureboot_enrolment(keys) == made
+    # db rotated while PK and KEK are offline: the kept db.auth would enrol the old db, which
+    # does not sign this build; nothing is shipped rather than that.
+    (directory / "db.crt").unlink()
+    (directory / "db.key").unlink()
+    secureboot.init_secureboot_keys(keys)
+    assert signing.secureboot_enrolment(keys) is None
+    assert (directory / "db.auth").read_bytes() == made["db.auth"]  # left as it was
+    # With PK and KEK back, the files are made again and list the new db.
+    for name in ("PK.key", "KEK.key"):
+        (offline / name).rename(directory / name)
+    again = signing.secureboot_enrolment(keys)
+    assert again is not None and again["db.auth"] != made["db.auth"]
+    new_db = secureboot.load_certificate(directory / "db.crt")
+    owner = secureboot.read_guid(keys)
+    assert again["db.auth"].endswith(signing.signature_list(new_db, owner))
+    assert (directory / "db.auth").read_bytes() == again["db.auth"]
+    # The files depend on the keys alone: made again, the same bytes.
+    for name in again:
+        (directory / name).unlink()
+    assert signing.secureboot_enrolment(keys) == again
+
+
+def test_the_esp_carries_the_key_lists_where_systemd_boot_enrols_them(tmp_path: Path) -> None:
+    from builder import disk, signing
+
+    keys = tmp_path / "keys"
+    secureboot.init_secureboot_keys(keys)
+    files = signing.secureboot_enrolment(keys)
+    assert files is not None
+    boot, uki = tmp_path / "boot.efi", tmp_path / "uki.efi"
+    boot.write_bytes(b"boot")
+    uki.write_bytes(b"uki")
+    esp = tmp_path / "esp.vfat"
+    disk.make_esp(boot, uki, "1.2.3", 64 << 20, esp, "seed", files)
+    env = {"MTOOLS_SKIP_CHECK": "1"}
+    for name, data in files.items():
+        out = tmp_path / f"read-{name}"
+        run(["mcopy", "-i", esp, f"::loader/keys/auto/{name}", out], env=env)
+        assert out.read_bytes() == data
+    conf = tmp_path / "loader.conf"
+    run(["mcopy", "-i", esp, "::loader/loader.conf", conf], env=env)
+    assert "secure-boot-enroll if-safe" in conf.read_text().splitlines()
+    # No key lists (PK or KEK offline and none kept): no keys directory at all.
+    bare = tmp_path / "bare.vfat"
+    disk.make_esp(boot, uki, "1.2.3", 64 << 20, bare, "seed", {})
+    listing = run(["mdir", "-i", bare, "-b", "::loader"], env=env, quiet=True).stdout.decode()
+    assert "keys" not in listing
