@@ -69,6 +69,8 @@ HOST_FILES: dict[str, str] = {
     "/usr/share/OVMF/OVMF_CODE_4M.fd": "ovmf",
     "/usr/share/keyrings/debian-archive-keyring.gpg": "debian-archive-keyring",
     "/usr/share/OVMF/OVMF_VARS_4M.fd": "ovmf",
+    # OVMF built with Secure Boot and SMM (`./build.py run --secure-boot`, the VM tests).
+    "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd": "ovmf",
     # Static libc: the tests compile a tiny static program to put in an OCI image.
     "/usr/lib/x86_64-linux-gnu/libc.a": "libc6-dev",
     # A real PE image (systemd-boot) for the signature tests.

@@ -37,6 +37,7 @@ TEST_TOOLS = (
 TEST_FILES = (
     "/usr/share/OVMF/OVMF_CODE_4M.fd",
     "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
     "/usr/lib/x86_64-linux-gnu/libc.a",
     "/usr/lib/systemd/boot/efi/systemd-bootx64.efi",
 )

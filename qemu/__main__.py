@@ -15,7 +15,7 @@ from types import FrameType
 
 from builder.errors import BuildError
 from builder.log import log
-from qemu.vm import VM, Accel, DiskBus, VMConfig, VMError, resolve_disk
+from qemu.vm import VM, Accel, DiskBus, Firmware, VMConfig, VMError, resolve_disk
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -60,6 +60,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-reboot", action="store_true", help="exit QEMU when the guest reboots")
     parser.add_argument(
+        "--secure-boot",
+        action="store_true",
+        help="boot OVMF's Secure Boot build in setup mode: systemd-boot enrols the image's keys "
+        "from its ESP and the machine then enforces them",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait for SSH (without a terminal)"
     )
 
@@ -89,8 +95,9 @@ def run_vm(args: argparse.Namespace, interactive: bool) -> int:
         accel=args.accel,
         interactive=interactive,
         no_reboot=args.no_reboot,
+        firmware=Firmware.SECURE_BOOT if args.secure_boot else Firmware.UEFI,
     )
-    log(f"booting {config.disk}")
+    log(f"booting {config.disk}" + (" with Secure Boot (setup mode)" if args.secure_boot else ""))
     with VM(config) as vm:
         login = shlex.join(vm.ssh_command())
         if interactive:

@@ -46,6 +46,10 @@ DEFAULT_USER_NETWORK = ipaddress.IPv4Network("10.0.2.0/24")
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# OVMF built with Secure Boot and SMM: only SMM code may write the authenticated variables, so
+# the guest OS cannot change db behind the firmware's back. Its empty variable store (OVMF_VARS)
+# is setup mode: no PK, nothing enforced until keys are enrolled.
+OVMF_CODE_SECBOOT = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
 
 SERIAL_TAIL_LINES = 40
 # A guest kernel's last line before the machine resets; the firmware prints again seconds later.
@@ -75,6 +79,12 @@ class Accel(enum.StrEnum):
     AUTO = "auto"
     KVM = "kvm"
     TCG = "tcg"
+
+
+class Firmware(enum.StrEnum):
+    UEFI = "uefi"
+    # OVMF's Secure Boot build, with SMM; its variables decide whether it enforces.
+    SECURE_BOOT = "secure-boot"
 
 
 class VMError(BuildError):
@@ -135,9 +145,19 @@ class VMConfig:
     # Defaults to a temporary directory that is removed on close().
     work_dir: Path | None = None
     serial_log: Path | None = None
-    ovmf_code: Path = OVMF_CODE
+    firmware: Firmware = Firmware.UEFI
+    # The firmware's code; None is the one `firmware` names.
+    ovmf_code: Path | None = None
+    # The variable store the machine starts from (copied): enrolled keys, say
+    # (qemu/secureboot.py); the default is OVMF's empty one (setup mode under SECURE_BOOT).
     ovmf_vars: Path = OVMF_VARS
     extra_args: tuple[str, ...] = ()
+
+    @property
+    def firmware_code(self) -> Path:
+        if self.ovmf_code is not None:
+            return self.ovmf_code
+        return OVMF_CODE_SECBOOT if self.firmware is Firmware.SECURE_BOOT else OVMF_CODE
 
 
 def _qemu_escape(value: str | os.PathLike[str]) -> str:
@@ -387,7 +407,7 @@ class VM:
         if self._prepared:
             return
         config = self.config
-        for firmware in (config.ovmf_code, config.ovmf_vars):
+        for firmware in (config.firmware_code, config.ovmf_vars):
             if not firmware.is_file():
                 raise ToolMissing(
                     f"UEFI firmware {firmware} not found", hint="apt-get install ovmf"
@@ -440,9 +460,11 @@ class VM:
         if not self._prepared:
             raise VMError("VM.command() needs VM.prepare() first")
         config = self.config
+        secure = config.firmware is Firmware.SECURE_BOOT
         argv = [
             find_tool("qemu-system-x86_64"),
-            *("-machine", "q35"),
+            # The Secure Boot firmware keeps its variable store in SMM-only flash.
+            *("-machine", "q35,smm=on" if secure else "q35"),
             *("-accel", str(self.accel)),
             # "max" is everything TCG can emulate; "host" is the only sensible KVM model.
             *("-cpu", "host" if self.accel is Accel.KVM else "max"),
@@ -450,9 +472,10 @@ class VM:
             *("-m", str(config.memory_mib)),
             *("-nodefaults", "-no-user-config", "-display", "none"),
             "-drive",
-            f"if=pflash,format=raw,unit=0,readonly=on,file={_qemu_escape(config.ovmf_code)}",
+            f"if=pflash,format=raw,unit=0,readonly=on,file={_qemu_escape(config.firmware_code)}",
             "-drive",
             f"if=pflash,format=raw,unit=1,file={_qemu_escape(self.vars_file.resolve())}",
+            *(("-global", "driver=cfi.pflash01,property=secure,value=on") if secure else ()),
             *("-nic", nic_argument(config, self.ssh_port)),
             # Early-boot entropy: without it TCG guests can stall in getrandom().
             *("-device", "virtio-rng-pci"),

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import base64
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
 from builder.formats import image_info
+from builder.run import run
 from qemu.__main__ import main
 from qemu.ssh import ssh_argv, write_ssh_config
 from qemu.vm import (
+    OVMF_VARS,
     Accel,
     DiskBus,
+    Firmware,
     VMError,
     disk_arguments,
     free_port,
@@ -308,3 +312,50 @@ def test_kvm_counts_as_usable_only_when_the_firmware_ran_and_printed(
     console: bytes, errors: bytes, usable: bool
 ) -> None:
     assert kvm_probe_passed(console, errors) is usable
+
+
+def test_secure_boot_firmware_runs_with_smm_and_a_secure_variable_store(
+    tmp_path: Path, blank: Path
+) -> None:
+    vm = prepared_vm(tmp_path, blank, firmware=Firmware.SECURE_BOOT)
+    argv = vm.command()
+    assert option_values(argv, "-machine") == ["q35,smm=on"]
+    assert option_values(argv, "-global") == ["driver=cfi.pflash01,property=secure,value=on"]
+    pflash = option_values(argv, "-drive")[:2]
+    assert pflash[0].endswith("readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+    # OVMF's empty store: setup mode, where systemd-boot enrols the ESP's keys.
+    assert (tmp_path / "vm" / "OVMF_VARS.fd").read_bytes() == OVMF_VARS.read_bytes()
+    plain = prepared_vm(tmp_path / "plain", blank).command()
+    assert "-global" not in plain
+
+
+def test_enrolled_variables_hold_the_keys_directory_certificates(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from builder.publish import secureboot
+    from qemu.secureboot import enrolled_vars
+
+    keys = tmp_path / "keys"
+    secureboot.init_secureboot_keys(keys)
+    store = enrolled_vars(keys / "secureboot", tmp_path / "vars.fd")
+    assert store.stat().st_size == OVMF_VARS.stat().st_size
+    printed = run(
+        [sys.executable, "-m", "virt.firmware.vars", "-i", store, "-p"], quiet=True
+    ).stdout.decode()
+    names = {line.split(":")[0].strip() for line in printed.splitlines() if ":" in line}
+    assert {"PK", "KEK", "db", "SecureBootEnable"} <= names
+    data = store.read_bytes()
+    owner = secureboot.read_guid(keys)
+    for name in ("PK", "KEK", "db"):
+        der = secureboot.load_certificate(keys / f"secureboot/{name}.crt").public_bytes(
+            serialization.Encoding.DER
+        )
+        assert owner.bytes_le + der in data, name  # each list entry: owner GUID, then the cert
+
+
+def test_enrolling_without_the_certificates_names_the_missing_one(tmp_path: Path) -> None:
+    from qemu.secureboot import enrolled_vars
+
+    (tmp_path / "secureboot").mkdir()
+    with pytest.raises(VMError, match=r"secureboot/PK\.crt: enrolling Secure Boot keys needs"):
+        enrolled_vars(tmp_path / "secureboot", tmp_path / "vars.fd")
