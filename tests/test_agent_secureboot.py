@@ -70,3 +70,72 @@ def test_without_secure_boot_enforced_the_uki_is_not_checked(
     set_flags(fake.efivars, SecureBoot=0, SetupMode=1)
     site.publish(site.release("2.0.0"))
     assert make_agent(fake, site).apply().entry.exists()
+
+
+def test_entries_the_firmware_would_refuse_are_set_aside_and_the_rest_kept(
+    fake: FakeMachine, keys: Path, tmp_path: Path
+) -> None:
+    from updater.update.bootcheck import set_aside_refused
+
+    enforce(fake, keys / "db.crt", tmp_path)
+    linux = fake.esp / "EFI/Linux"
+    good = sign(keys, tmp_path / "good.efi")
+    secureboot.init_secureboot_keys(tmp_path / "other", owner="Someone Else")
+    foreign = sign(tmp_path / "other/secureboot", tmp_path / "foreign.efi")
+    # Put there by hand: the newest Berth entry with a counter, one under any other name (which
+    # systemd-boot boots too), an unsigned one, and an upper-case suffix (FAT is case-blind).
+    files = {
+        "berth_1.0.0.efi": good,
+        "berth_9.9.9+3.efi": foreign,
+        "evil.efi": foreign,
+        "berth_8.0.0.EFI": SYSTEMD_BOOT.read_bytes(),
+        "notes.txt": b"left alone",
+    }
+    for name, data in files.items():
+        (linux / name).write_bytes(data)
+    refused = set_aside_refused(fake.esp, fake.efivars, None)
+    assert sorted(r.name for r in refused) == ["berth_8.0.0.EFI", "berth_9.9.9+3.efi", "evil.efi"]
+    reasons = {r.name: r.reason for r in refused}
+    assert reasons["evil.efi"].startswith("signed by CN=Someone Else Secure Boot db (sha256 ")
+    assert "it is not signed" in reasons["berth_8.0.0.EFI"]
+    after = {p.name: p.read_bytes() for p in linux.iterdir()}
+    assert after == {
+        "berth_1.0.0.efi": good,
+        "berth_9.9.9+3.efi.refused": foreign,
+        "evil.efi.refused": foreign,
+        "berth_8.0.0.EFI.refused": SYSTEMD_BOOT.read_bytes(),
+        "notes.txt": b"left alone",
+    }
+    # Nothing left to refuse: a second run changes nothing.
+    assert set_aside_refused(fake.esp, fake.efivars, None) == []
+
+
+def test_without_secure_boot_enforced_no_entry_is_set_aside(
+    fake: FakeMachine, keys: Path, tmp_path: Path
+) -> None:
+    from updater.update.bootcheck import set_aside_refused
+
+    set_flags(fake.efivars, SecureBoot=0, SetupMode=1)
+    (fake.esp / "EFI/Linux/berth_9.9.9+3.efi").write_bytes(SYSTEMD_BOOT.read_bytes())
+    before = fake.snapshot()
+    assert set_aside_refused(fake.esp, fake.efivars, None) == []
+    assert fake.snapshot() == before
+
+
+def test_check_entries_and_after_boot_say_what_they_set_aside(
+    site: Site, fake: FakeMachine, keys: Path, tmp_path: Path
+) -> None:
+    import io
+
+    from updater import cli
+
+    enforce(fake, keys / "db.crt", tmp_path)
+    agent = make_agent(fake, site)
+    (fake.esp / "EFI/Linux/berth_9.9.9+3.efi").write_bytes(SYSTEMD_BOOT.read_bytes())
+    out = io.StringIO()
+    assert cli.main(["check-entries"], agent_factory=lambda: agent, out=out) == 0
+    assert out.getvalue().startswith("set aside berth_9.9.9+3.efi: it is not signed")
+    (fake.esp / "EFI/Linux/berth_9.9.9+2-1.efi").write_bytes(SYSTEMD_BOOT.read_bytes())
+    result = agent.after_boot()
+    assert result.refused == ("berth_9.9.9+2-1.efi",)
+    assert result.rolled_back_from == ()  # never tried: no fallback to judge

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from updater.config import UpdateConfig
 from updater.release.channel import Selection
 from updater.release.version import Version
-from updater.update import choose, install, judge, status
+from updater.update import bootcheck, choose, install, judge, status
 from updater.update.context import Context
 from updater.update.install import Applied, ProgressCallback
 from updater.update.judge import AfterBoot, RolledBack
@@ -132,6 +132,12 @@ class Agent:
         """Judge the boot that just happened: a fallback, or a good boot to bless."""
         with self._locked("judging the boot") as ctx:
             return judge.after_boot(ctx)
+
+    def check_entries(self) -> list[bootcheck.Refused]:
+        """With Secure Boot enforced, set aside the boot entries the firmware would refuse
+        (berth-boot-check.service, as the machine stops)."""
+        with self._locked("checking the boot entries") as ctx:
+            return bootcheck.check_entries(ctx)
 
     def reject_trial(self, reason: str) -> Version | None:
         """The booted version, on trial, failed its health check: mark it bad now."""

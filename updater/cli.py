@@ -5,6 +5,9 @@
     berth-update apply [--version V] [--allow-downgrade] [--ignore-waves] [--no-wait]
     berth-update rollback [--no-wait]
     berth-update after-boot [--no-wait]
+    berth-update check-entries [--no-wait]
+                                  (berth-boot-check.service, as the machine stops) set aside
+                                  boot entries the firmware would refuse
     berth-update daemon           (berth-update.service)
     berth-update health           (berth-health.service, before boot-complete.target)
     berth-update lock id|show|release ID|slots N [--etcd URL] [--group G]
@@ -112,6 +115,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("rollback", parents=[locking], help="boot the previous version next")
     sub.add_parser(
         "after-boot", parents=[locking], help="judge this boot (run once per boot by systemd)"
+    )
+    sub.add_parser(
+        "check-entries",
+        parents=[locking],
+        help="with Secure Boot on, set aside boot entries the firmware would refuse",
     )
     revert = sub.add_parser(
         "etc-revert",
@@ -298,8 +306,13 @@ def _run(args: argparse.Namespace, agent: Agent, out: TextIO, err: TextIO) -> in
             f"{rolled.to_version} boots next (rolled back from {rolled.from_version}); reboot "
             "to use it\n"
         )
+    elif args.command == "check-entries":
+        for refused in agent.check_entries():
+            out.write(f"set aside {refused.name}: {refused.reason}\n")
     elif args.command == "after-boot":
         result = agent.after_boot()
+        for name in result.refused:
+            out.write(f"set aside {name}: the firmware would refuse it (Secure Boot)\n")
         for reason in result.reasons:
             out.write(f"{reason}\n")
         for path in result.etc_drift:

@@ -116,15 +116,21 @@ def entry_dir(esp: Path) -> Path:
     return esp / ENTRY_DIR
 
 
-def list_entries(esp: Path) -> list[Entry]:
-    """Berth's entries on the ESP in systemd-boot's boot order: the first one boots next."""
+def entry_files(esp: Path) -> list[Path]:
+    """Every file in the ESP's entry directory (none when there is no such directory)."""
     directory = entry_dir(esp)
     try:
-        names = [p.name for p in directory.iterdir() if p.is_file()]
+        return [p for p in directory.iterdir() if p.is_file()]
     except FileNotFoundError:
         return []
     except OSError as e:
         raise BootEntryError(f"cannot list boot entries in {directory}: {e}") from e
+
+
+def list_entries(esp: Path) -> list[Entry]:
+    """Berth's entries on the ESP in systemd-boot's boot order: the first one boots next."""
+    directory = entry_dir(esp)
+    names = [p.name for p in entry_files(esp)]
     entries = []
     for name in names:
         parsed = parse_entry_name(name)
@@ -233,6 +239,12 @@ def mark_bad(esp: Path, version: Version) -> list[Path]:
 def remove_entries(esp: Path, version: Version) -> list[Path]:
     """Delete `version`'s entries (before its slot is overwritten: its root is about to go)."""
     return remove(esp, [e for e in list_entries(esp) if e.version == version])
+
+
+def set_aside(source: Path, target: Path) -> None:
+    """Rename a file of the entry directory to a name systemd-boot ignores, durably."""
+    _rename(source, target)
+    fsync_dir(source.parent)
 
 
 def remove(esp: Path, entries: Collection[Entry]) -> list[Path]:

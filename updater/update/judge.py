@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from updater.disk import bootentries, slots
 from updater.errors import RefusedError
 from updater.release.version import Version
-from updater.update import etcdrift
+from updater.update import bootcheck, etcdrift
 from updater.update.context import Booted, Context
 from updater.update.machine import write_reboot_required
 
@@ -30,6 +30,8 @@ class AfterBoot:
     waiting: bool = False  # the pending version booted but is not blessed yet
     pruned: tuple[str, ...] = ()
     damaged: tuple[str, ...] = ()  # entries systemd-boot could not load: removed, to reinstall
+    # entries the firmware would refuse (Secure Boot), set aside as <name>.refused (bootcheck.py)
+    refused: tuple[str, ...] = ()
     # /etc files this machine changed that the booted release changed too (update/etcdrift.py)
     etc_drift: tuple[str, ...] = ()
 
@@ -48,6 +50,8 @@ def after_boot(ctx: Context) -> AfterBoot:
     esp = ctx.machine.esp
     state = replace(ctx.load_state(), last_booted=booted.version)
     boot_id = ctx.boot_id()
+    # Before the judging: an entry the firmware refuses was never tried, so it is no fallback.
+    refused = bootcheck.set_aside_refused(esp, ctx.machine.efivars, booted.version)
     entries = bootentries.list_entries(esp)
     loaded = bootentries.loaded_versions(ctx.machine.loader_entries)
     rolled: list[Version] = []
@@ -123,6 +127,7 @@ def after_boot(ctx: Context) -> AfterBoot:
         waiting,
         tuple(pruned),
         tuple(damaged),
+        tuple(r.name for r in refused),
         etcdrift.report(machine.state_dir, machine.etc_list, machine.etc_upper, booted.version),
     )
 
