@@ -15,7 +15,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.table import print_table
 from builder.config import Compression, load_image
@@ -29,11 +31,15 @@ REPO = Path(__file__).resolve().parent.parent
 MB = 1e6
 
 
-def boot_seconds(disk: Path) -> float:
+def boot_seconds(disk: Path, check: Callable[[VM], None] | None = None, **options: Any) -> float:
+    """Seconds from QEMU's start to SSH, on a fresh overlay; `check` looks at the booted guest
+    (outside the figure) and `options` are more VMConfig fields (the firmware, say)."""
     with tempfile.TemporaryDirectory(prefix="berth-bench-") as tmp:
-        config = VMConfig(disk=disk, disk_size="8G", work_dir=Path(tmp))
+        config = VMConfig(disk=disk, disk_size="8G", work_dir=Path(tmp), **options)
         with VM(config) as vm:
-            seconds = vm.wait_for_ssh(timeout=600)
+            seconds = vm.wait_for_ssh(timeout=900)
+            if check is not None:
+                check(vm)
             vm.shutdown()
             return seconds
 

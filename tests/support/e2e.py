@@ -25,7 +25,8 @@ import pytest
 from builder import publish as pub
 from builder.config import load_image
 from builder.image import BuildResult, build_image
-from qemu import VM, VMConfig
+from qemu import VM, Firmware, VMConfig
+from qemu.vm import OVMF_VARS
 from tests.support import REPO, console
 from tests.support.servers import NginxServer
 from updater.release.version import Version
@@ -134,8 +135,14 @@ class Machine:
     like what an operator would check."""
 
     def __init__(
-        self, image: BuildResult, work: Path, fw_cfg: tuple[tuple[str, Path], ...] = ()
+        self,
+        image: BuildResult,
+        work: Path,
+        fw_cfg: tuple[tuple[str, Path], ...] = (),
+        firmware: Firmware = Firmware.UEFI,
+        ovmf_vars: Path = OVMF_VARS,
     ) -> None:
+        self.image = image
         self.vm = VM(
             VMConfig(
                 disk=image.output / "disk.qcow2",
@@ -143,6 +150,9 @@ class Machine:
                 work_dir=work,
                 serial_log=work / "serial.log",
                 fw_cfg=fw_cfg,  # a first-boot config (Ignition) where a scenario needs one
+                # Secure Boot's firmware, in setup mode (OVMF_VARS) or with keys enrolled
+                firmware=firmware,
+                ovmf_vars=ovmf_vars,
             )
         )
         self.started = time.monotonic()

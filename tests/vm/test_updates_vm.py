@@ -22,8 +22,11 @@ from typing import Any
 import pytest
 
 from builder.image import BuildResult
+from qemu import Firmware
 from qemu.drives import make_vfat
+from qemu.secureboot import enrolled_vars
 from qemu.ssh import generate_key
+from tests.support import REPO
 from tests.support.containers import install_web_service, load_httpd_image, web_answers, web_starts
 from tests.support.e2e import MARKER, PANIC_WORD, Machine, Site, build_release, record
 from tests.support.oci import SLEEPER_C, oci_archive, static_binary
@@ -81,7 +84,9 @@ def releases(built_image: BuildResult, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture
 def machine(built_image: BuildResult, artifacts: Path) -> Iterator[Machine]:
-    m = Machine(built_image, artifacts / "vm")
+    """Secure Boot's firmware in setup mode, as a new machine comes: systemd-boot enrols the
+    keys on the image's ESP at the first start, and every boot after that is enforced."""
+    m = Machine(built_image, artifacts / "vm", firmware=Firmware.SECURE_BOOT)
     try:
         yield m
     finally:
@@ -112,7 +117,16 @@ def provisioned_machine(
             }
         )
     )
-    m = Machine(built_image, artifacts / "vm", fw_cfg=(("opt/org.berth/config", config),))
+    # Secure Boot enforced from the first start: the build's keys enrolled into the variable
+    # store beforehand, as a cloud's custom signature database or a vendor's factory keys are.
+    store = enrolled_vars(REPO / "keys/secureboot", tmp_path / "enrolled.fd")
+    m = Machine(
+        built_image,
+        artifacts / "vm",
+        fw_cfg=(("opt/org.berth/config", config),),
+        firmware=Firmware.SECURE_BOOT,
+        ovmf_vars=store,
+    )
     try:
         yield m
     finally:
@@ -172,6 +186,7 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         m = provisioned_machine
         m.start()
         assert m.version() == "1.0.0"
+        assert "secure boot:  enabled (kernel lockdown: integrity)" in m.ssh("berth-update status")
         assert login_as(m.vm, LOCAL_USER, tmp_path / LOCAL_USER, "whoami") == LOCAL_USER
         assert m.ssh("test -f /var/lib/berth/etc/upper/passwd && echo local") == "local"
         m.ssh("echo kept > /etc/berth-e2e.conf && mkdir -p /var/lib/e2e")
@@ -201,6 +216,7 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         assert web_answers(m.vm) == "served across updates"
         assert web_starts(m.vm) == starts + 1  # started once by the new boot, volume intact
         assert m.ssh("systemctl is-system-running --wait", timeout=300) == "running"
+        assert status["secure_boot"] == "enabled", status  # 2.0.0's UKI ran under Secure Boot
         # 2.0.0's package made its system user in a maintainer script and ships a log directory
         # in /var; on this machine, whose /etc/passwd and /var are its own, its service runs as
         # that user all the same, its log directory is there, and the local user logs in.
@@ -356,6 +372,50 @@ WantedBy=multi-user.target
 """
 
 
+def check_secure_boot(m: Machine) -> None:
+    """The first start enrolled the ESP's keys (setup mode); this boot is enforced and locked
+    down, and every module the image loads was accepted under lockdown."""
+    console = m.console()
+    assert "Custom Secure Boot keys successfully enrolled" in console, console[-3000:]
+    assert "Secure boot enabled" in console
+    status = m.status()
+    assert (status["secure_boot"], status["lockdown"]) == ("enabled", "integrity"), status
+    assert m.ssh("systemctl is-system-running --wait", timeout=300) == "running"
+    kernel = m.ssh("journalctl -k -b --no-pager -o cat")
+    for refusal in ("Loading of unsigned module", "module verification failed", "Lockdown: "):
+        lines = [line for line in kernel.splitlines() if refusal in line]
+        # Lockdown's own notices name what it restricts; only hibernation may be among them.
+        lines = [line for line in lines if "hibernation is restricted" not in line]
+        assert not lines, lines
+    modules = m.ssh("cut -d' ' -f1 /proc/modules").split()
+    assert len(modules) > 10, modules  # the image's drivers were loaded, signatures and all
+
+
+def check_foreign_uki_never_runs(m: Machine, work: Path) -> None:
+    """A UKI signed with another key, put on the ESP by hand as the newest entry with tries
+    left: the firmware would refuse it and then stop at its menu, so before the reboot the
+    agent sets it aside and 1.0.0 boots again."""
+    from builder import signing
+    from builder.publish import secureboot
+
+    other = work / "other-keys"
+    secureboot.init_secureboot_keys(other, owner="Someone Else")
+    uki = (m.image.output / "uki.efi").read_bytes()
+    foreign = signing.sign_image(
+        uki, other / "secureboot/db.key", other / "secureboot/db.crt", "the foreign UKI"
+    )
+    m.vm.ssh("cat > /boot/EFI/Linux/berth_9.9.9+3.efi && sync", input=foreign)
+    boot_id = m.vm.boot_id()
+    m.vm.ssh("systemctl reboot", check=False, timeout=30)
+    m.wait_for_boot("1.0.0", boot_id, timeout=900)
+    names = m.ssh("ls /boot/EFI/Linux").split()
+    assert "berth_9.9.9+3.efi.refused" in names and "berth_9.9.9+3.efi" not in names, names
+    assert "Access denied" not in m.console()  # the firmware was never asked to load it
+    journal = m.ssh("journalctl -b -1 --no-pager -o cat -u berth-boot-check")
+    assert "set aside berth_9.9.9+3.efi: signed by CN=Someone Else Secure Boot db" in journal
+    assert not any(b.startswith("9.9.9") for b in m.status()["bad"])  # never tried
+
+
 def _bad(m: Machine, version: str) -> str:
     reasons = [b for b in m.status()["bad"] if b.startswith(f"{version}: ")]
     assert reasons, m.status()
@@ -368,6 +428,12 @@ def test_bad_releases_roll_back_by_themselves(
     with Site(tmp_path / "site") as site:
         m = machine
         m.start()
+        check_secure_boot(m)
+        start, boots = m.seconds(), m.boots()
+        check_foreign_uki_never_runs(m, tmp_path)
+        record(
+            "UKI signed by another key, by hand", m.boots() - boots, m.seconds() - start, "1.0.0"
+        )
         m.ssh("mkdir -p /etc/berth/health.d")
         m.vm.ssh("cat > /etc/berth/health.d/50-e2e", input=HEALTH_HOOK.encode())
         m.vm.ssh("cat > /etc/systemd/system/e2e-required.service", input=REQUIRED_UNIT.encode())
