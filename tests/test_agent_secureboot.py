@@ -12,6 +12,7 @@ from tests.support.machine import FakeMachine, Site, make_agent
 from tests.support.secureboot import SYSTEMD_BOOT, sbsign, set_flags, signature_lists
 from updater.disk import authenticode
 from updater.errors import VerificationError
+from updater.release.version import Version
 
 
 def sign(keys: Path, out: Path) -> bytes:
@@ -139,3 +140,27 @@ def test_check_entries_and_after_boot_say_what_they_set_aside(
     result = agent.after_boot()
     assert result.refused == ("berth_9.9.9+2-1.efi",)
     assert result.rolled_back_from == ()  # never tried: no fallback to judge
+
+
+def test_a_type1_entry_naming_an_image_the_firmware_would_refuse_is_set_aside(
+    fake: FakeMachine, keys: Path, tmp_path: Path
+) -> None:
+    from updater.update.bootcheck import set_aside_refused
+
+    enforce(fake, keys / "db.crt", tmp_path)
+    (fake.esp / "vmlinuz.efi").write_bytes(SYSTEMD_BOOT.read_bytes())  # unsigned
+    (fake.esp / "signed.efi").write_bytes(sign(keys, tmp_path / "signed.efi"))
+    entries = fake.esp / "loader/entries"
+    entries.mkdir(parents=True)
+    (entries / "evil.conf").write_text("title Evil\nversion 99\nlinux /vmlinuz.efi\n")
+    (entries / "fine.conf").write_text("title Fine\nefi \\\\signed.efi\n")
+    (entries / "gone.conf").write_text("title Gone\nlinux /missing.efi\n")
+    refused = set_aside_refused(fake.esp, fake.efivars, Version.parse("1.0.0"))
+    assert [(r.name, r.reason.split(":")[0]) for r in refused] == [
+        ("evil.conf", "image vmlinuz.efi")
+    ]
+    assert sorted(p.name for p in entries.iterdir()) == [
+        "evil.conf.refused",
+        "fine.conf",
+        "gone.conf",
+    ]

@@ -39,33 +39,69 @@ def check_image_file(path: Path, db: authenticode.Database, dbx: authenticode.Da
     """VerificationError when the firmware would not start the PE image at `path`."""
     with path.open("rb") as f:
         if path.stat().st_size == 0:
-            raise VerificationError(f"refused boot entry {path.name}: the file is empty")
+            raise VerificationError(f"refused image {path.name}: the file is empty")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as image:
-            authenticode.check_image(image, db, dbx, f"boot entry {path.name}")
+            authenticode.check_image(image, db, dbx, f"image {path.name}")
+
+
+TYPE1_DIR = "loader/entries"
+# The keys of a type #1 entry (Boot Loader Specification) that name a PE image to load.
+_IMAGE_KEYS = ("linux", "efi", "uki")
+
+
+def _type1_images(esp: Path, conf: Path) -> list[Path]:
+    """The PE images a type #1 entry makes systemd-boot load (paths from the ESP's root)."""
+    images = []
+    for line in conf.read_text(errors="replace").splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key in _IMAGE_KEYS and value.strip():
+            images.append(esp / value.strip().replace("\\", "/").lstrip("/"))
+    return images
+
+
+def _candidates(esp: Path) -> list[tuple[Path, list[Path]]]:
+    """Every entry systemd-boot would offer: (the entry's file, the images it loads)."""
+    # FAT names are case-insensitive, and so is systemd-boot's match of ".efi" and ".conf".
+    found = [(p, [p]) for p in bootentries.entry_files(esp) if p.suffix.lower() == ".efi"]
+    try:
+        confs = [p for p in (esp / TYPE1_DIR).iterdir() if p.suffix.lower() == ".conf"]
+    except OSError:
+        confs = []  # none (Berth writes none), or unreadable as for systemd-boot
+    for conf in confs:
+        try:
+            found.append((conf, _type1_images(esp, conf)))
+        except OSError as e:
+            log.warning("cannot read boot entry %s: %s", conf.name, e)
+    return sorted(found)
 
 
 def set_aside_refused(esp: Path, efivars: Path, booted: Version | None) -> list[Refused]:
-    """Rename each `EFI/Linux/*.efi` the firmware would refuse to `<name>.refused`; the ones
-    renamed. Nothing is checked, and nothing renamed, unless Secure Boot is enforced; the
-    entries of the `booted` version are kept whatever the check says (the firmware started
-    one of them: a db changed since is the operator's to sort out, not a reason to leave the
-    machine without its running version)."""
+    """Rename each entry (`EFI/Linux/*.efi`, `loader/entries/*.conf`) that makes the firmware
+    load an image it would refuse to `<name>.refused`; the ones renamed. Nothing is checked,
+    and nothing renamed, unless Secure Boot is enforced; the entries of the `booted` version
+    are kept whatever the check says (the firmware started one of them: a db changed since is
+    the operator's to sort out, not a reason to leave the machine without its running
+    version)."""
     if firmware.secure_boot(efivars) is not firmware.SecureBoot.ENABLED:
         return []
     db = authenticode.read_database(efivars, "db")
     dbx = authenticode.read_database(efivars, "dbx")
-    # FAT names are case-insensitive, and so is systemd-boot's match of ".efi".
-    images = sorted(p for p in bootentries.entry_files(esp) if p.suffix.lower() == ".efi")
     refused = []
-    for path in images:
+    for path, images in _candidates(esp):
         parsed = bootentries.parse_entry_name(path.name)
         if booted is not None and parsed is not None and parsed[0] == booted:
             continue
         try:
-            check_image_file(path, db, dbx)
+            for image in images:
+                if image.exists():  # a missing file is skipped by systemd-boot itself
+                    check_image_file(image, db, dbx)
         except VerificationError as e:
             bootentries.set_aside(path, path.with_name(path.name + REFUSED_SUFFIX))
-            reason = str(e).removeprefix(f"refused boot entry {path.name}: ")
+            text, own = str(e), f"refused image {path.name}: "
+            # "signed by ..." for an entry that is the image; "image X: ..." for one naming it.
+            reason = (
+                text.removeprefix(own) if text.startswith(own) else text.removeprefix("refused ")
+            )
             log.warning(
                 "set aside boot entry %s as %s%s: the firmware would not start it (%s)",
                 path.name,
