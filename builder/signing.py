@@ -297,6 +297,32 @@ def _lists_current(files: dict[str, bytes], directory: Path, owner: uuid.UUID) -
     return True
 
 
+def _kept_enrolment(keys_dir: Path) -> dict[str, bytes] | None:
+    """The enrolment files kept in `keys/secureboot/` when all are there and current."""
+    directory = secureboot.secureboot_dir(keys_dir)
+    try:
+        kept = {f"{n}.auth": (directory / f"{n}.auth").read_bytes() for n in ENROLMENT}
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise BuildError(f"cannot read the enrolment files in {directory}: {e}") from e
+    return kept if _lists_current(kept, directory, secureboot.read_guid(keys_dir)) else None
+
+
+def describe_enrolment(keys_dir: Path) -> str:
+    """What `keys show` says of the enrolment files: current, or why a build cannot ship them."""
+    if _kept_enrolment(keys_dir) is not None:
+        return "PK.auth, KEK.auth, db.auth: current (every build puts them on the ESP)"
+    directory = secureboot.secureboot_dir(keys_dir)
+    online = all((directory / f"{s}.key").exists() for s, _ in ENROLMENT.values())
+    if online:
+        return "PK.auth, KEK.auth, db.auth: missing or stale; the next build makes them again"
+    return (
+        "PK.auth, KEK.auth, db.auth: missing or stale, and PK.key or KEK.key is offline: "
+        "builds carry no keys to enrol until they are back once"
+    )
+
+
 def secureboot_enrolment(keys_dir: Path) -> dict[str, bytes] | None:
     """PK.auth, KEK.auth and db.auth for the ESP's `loader/keys/auto/`.
 
@@ -307,15 +333,9 @@ def secureboot_enrolment(keys_dir: Path) -> dict[str, bytes] | None:
     build, and a machine enrolled from them would refuse to boot it.
     """
     directory = secureboot.secureboot_dir(keys_dir)
-    owner = secureboot.read_guid(keys_dir)
     paths = {f"{name}.auth": directory / f"{name}.auth" for name in ENROLMENT}
-    try:
-        kept = {name: path.read_bytes() for name, path in paths.items()}
-    except FileNotFoundError:
-        kept = {}
-    except OSError as e:
-        raise BuildError(f"cannot read the enrolment files in {directory}: {e}") from e
-    if kept and _lists_current(kept, directory, owner):
+    kept = _kept_enrolment(keys_dir)
+    if kept is not None:
         return kept
     if not all((directory / f"{signer}.key").exists() for signer, _ in ENROLMENT.values()):
         return None

@@ -107,6 +107,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print("secure boot: no keys (./build.py keys init makes them)")
         for key in described:
             print(f"secure boot {key.name:<4} {key.describe()}")
+        if described:
+            print(f"enrolment   {signing.describe_enrolment(args.keys)}")
     return 0
 
 

@@ -191,3 +191,9 @@ def test_keys_init_writes_the_enrolment_files_while_pk_and_kek_are_here(
     (directory / "PK.key").unlink()
     (directory / "KEK.key").unlink()
     assert signing.secureboot_enrolment(keys) == written
+    capsys.readouterr()
+    assert main(["keys", "show", "--keys", str(keys)]) == 0
+    assert "enrolment   PK.auth, KEK.auth, db.auth: current" in capsys.readouterr().out
+    (directory / "db.auth").unlink()
+    assert main(["keys", "show", "--keys", str(keys)]) == 0
+    assert "PK.key or KEK.key is offline: builds carry no keys" in capsys.readouterr().out
