@@ -28,7 +28,11 @@ def _pair(text: str) -> tuple[str, str]:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `run`, for embedding in another command line (build.py)."""
     parser.add_argument(
-        "image", help="disk image file, or an image name resolved to out/<name>/latest/disk.*"
+        "image",
+        nargs="?",
+        default="containerhost",
+        help="disk image file, or an image name resolved to out/<name>/latest/disk.* "
+        "(default: containerhost)",
     )
     parser.add_argument("--memory", type=int, default=2048, help="guest memory in MiB")
     parser.add_argument("--cpus", type=int, default=2)

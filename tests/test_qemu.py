@@ -359,3 +359,23 @@ def test_enrolling_without_the_certificates_names_the_missing_one(tmp_path: Path
     (tmp_path / "secureboot").mkdir()
     with pytest.raises(VMError, match=r"secureboot/PK\.crt: enrolling Secure Boot keys needs"):
         enrolled_vars(tmp_path / "secureboot", tmp_path / "vars.fd")
+
+
+def test_run_without_an_image_boots_the_default_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qemu.__main__ as cli
+
+    seen: list[tuple[Path, Firmware]] = []
+
+    def fake_run_vm(args: object, interactive: bool) -> int:
+        config_disk = cli.resolve_disk(args.image, tmp_path)  # type: ignore[attr-defined]
+        seen.append((config_disk, Firmware.SECURE_BOOT if args.secure_boot else Firmware.UEFI))  # type: ignore[attr-defined]
+        return 0
+
+    latest = tmp_path / "out/containerhost/latest"
+    latest.mkdir(parents=True)
+    blank_disk(latest / "disk.qcow2")
+    monkeypatch.setattr(cli, "run_vm", fake_run_vm)
+    assert main(["run", "--secure-boot"]) == 0
+    assert seen == [(latest / "disk.qcow2", Firmware.SECURE_BOOT)]
