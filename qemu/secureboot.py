@@ -19,9 +19,12 @@ from qemu.vm import OVMF_VARS, VMError
 NAMES = ("PK", "KEK", "db")
 
 
-def enrolled_vars(secureboot_dir: Path, output: Path, template: Path = OVMF_VARS) -> Path:
+def enrolled_vars(
+    secureboot_dir: Path, output: Path, template: Path = OVMF_VARS, *, enforce: bool = True
+) -> Path:
     """`template` (OVMF's empty store) with `secureboot_dir`'s PK, KEK and db enrolled, owned by
-    the GUID the keys were made with, and Secure Boot on: written to `output`."""
+    the GUID the keys were made with, and Secure Boot on (`enforce`) or switched off as a
+    firmware setup screen does (keys kept, nothing checked): written to `output`."""
     certificates = {name: secureboot_dir / f"{name}.crt" for name in NAMES}
     for name, path in certificates.items():
         if not path.is_file():
@@ -46,7 +49,7 @@ def enrolled_vars(secureboot_dir: Path, output: Path, template: Path = OVMF_VARS
             *("--set-pk", owner, certificates["PK"]),
             *("--add-kek", owner, certificates["KEK"]),
             *("--add-db", owner, certificates["db"]),
-            "--sb",
+            *(("--sb",) if enforce else ("--set-false", "SecureBootEnable")),
         ],
         quiet=True,
     )

@@ -353,6 +353,20 @@ def test_enrolled_variables_hold_the_keys_directory_certificates(tmp_path: Path)
         assert owner.bytes_le + der in data, name  # each list entry: owner GUID, then the cert
 
 
+def test_keys_can_be_enrolled_with_secure_boot_switched_off(tmp_path: Path) -> None:
+    from builder.publish import secureboot
+    from qemu.secureboot import enrolled_vars
+
+    secureboot.init_secureboot_keys(tmp_path / "keys")
+    store = enrolled_vars(tmp_path / "keys/secureboot", tmp_path / "off.fd", enforce=False)
+    printed = run(
+        [sys.executable, "-m", "virt.firmware.vars", "-i", store, "-p"], quiet=True
+    ).stdout.decode()
+    enable = [line for line in printed.splitlines() if line.startswith("SecureBootEnable")]
+    assert enable and enable[0].split()[-1] == "off", printed
+    assert any(line.startswith("PK ") for line in printed.splitlines())
+
+
 def test_enrolling_without_the_certificates_names_the_missing_one(tmp_path: Path) -> None:
     from qemu.secureboot import enrolled_vars
 
