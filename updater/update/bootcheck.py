@@ -4,12 +4,13 @@ The agent checks every UKI it installs (install.py, step 4b). A file put on the 
 by anything else that can write it, is not: with Secure Boot enforced the firmware refuses to
 load it, systemd-boot 257 (Debian 13's) then returns to the firmware, and after trying its
 other boot options the firmware stops at its menu, waiting for a key, with the good entries
-unused. So, with Secure Boot enforced, every PE image systemd-boot would pick from
-`EFI/Linux/` is checked against db and dbx as the firmware will check it (authenticode.py),
-and each one the firmware would refuse is renamed `<name>.refused`: systemd-boot only loads
-`*.efi`, so the machine boots the newest entry the firmware accepts, and the file stays there
-for the operator to look at. It runs when the machine stops (berth-boot-check.service, before
-every reboot and power-off) and after each boot (the judge).
+unused. So, with Secure Boot enforced, every PE image systemd-boot would pick (`EFI/Linux/*.efi`,
+and the images `loader/entries/*.conf` name) is checked against db and dbx as the firmware will
+check it (authenticode.py), and each entry that would be refused is renamed `<name>.refused`:
+systemd-boot only reads `*.efi` and `*.conf` there, so the machine boots the newest entry the
+firmware accepts, and the file stays there for the operator to look at. It runs when the
+machine stops (berth-boot-check.service, before every reboot and power-off) and after each boot
+(the judge).
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def _type1_images(esp: Path, conf: Path) -> list[Path]:
     """The PE images a type #1 entry makes systemd-boot load (paths from the ESP's root)."""
     images = []
     for line in conf.read_text(errors="replace").splitlines():
-        key, _, value = line.strip().partition(" ")
-        if key in _IMAGE_KEYS and value.strip():
-            images.append(esp / value.strip().replace("\\", "/").lstrip("/"))
+        fields = line.split(None, 1)  # "key value", separated by spaces or tabs
+        if len(fields) == 2 and fields[0] in _IMAGE_KEYS:
+            images.append(esp / fields[1].strip().replace("\\", "/").lstrip("/"))
     return images
 
 
