@@ -13,6 +13,7 @@ from typing import Any
 from builder.image import BuildResult
 from builder.run import run
 from qemu import DiskBus
+from qemu.secureboot import enrolled_vars
 from tests.support import REPO
 from tests.support.oci import oci_archive, static_hello
 from tests.support.vms import boot
@@ -164,7 +165,17 @@ def test_tampered_root_never_runs(
             f.write(bytes([byte[0] ^ 0xFF]))
     # On NVMe, so the same boot also proves the initrd drives NVMe disks (as on most clouds): the
     # corruption is only found once the root partition is read through that driver.
-    vm = boot(disk, artifacts / "vm", snapshot=False, no_reboot=True, disk_bus=DiskBus.NVME)
+    # With the keys enrolled beforehand: from setup mode, systemd-boot's reset after enrolling
+    # them would end QEMU (-no-reboot) before the kernel ran. So this boot is enforced as well.
+    store = enrolled_vars(REPO / "keys/secureboot", tmp_path / "enrolled.fd")
+    vm = boot(
+        disk,
+        artifacts / "vm",
+        snapshot=False,
+        no_reboot=True,
+        disk_bus=DiskBus.NVME,
+        ovmf_vars=store,
+    )
     vm_factory.append(vm)
     vm.start()
     # restart-on-corruption reboots; -no-reboot turns that into QEMU exiting.
@@ -172,6 +183,7 @@ def test_tampered_root_never_runs(
     log = vm.serial_text()
     assert "nvme0n1" in log, vm.serial_tail()
     assert "verity" in log and "corrupted" in log, vm.serial_tail()
+    assert "Secure boot enabled" in log
     assert "Reached target multi-user.target" not in log
     assert "Started ssh.service" not in log
     assert "login:" not in log
