@@ -62,7 +62,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-snapshot", action="store_true", help="write to the image instead of an overlay"
     )
-    parser.add_argument("--no-reboot", action="store_true", help="exit QEMU when the guest reboots")
+    parser.add_argument(
+        "--no-reboot",
+        action="store_true",
+        help="exit QEMU when the guest reboots (a new VM's first start resets once, after "
+        "systemd-boot enrols the image's Secure Boot keys)",
+    )
     parser.add_argument(
         "--secure-boot",
         action="store_true",
