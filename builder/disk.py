@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +55,10 @@ def make_esp(
     size: int,
     output: Path,
     seed: str,
-    enrolment: Mapping[str, bytes] | None = None,
+    enrolment: Sequence[Path] = (),
 ) -> None:
     """A FAT32 ESP with systemd-boot (`boot`, signed; no menu delay, editor off), the version's
-    UKI and, when given, the Secure Boot key lists (name -> .auth contents) to enrol."""
+    UKI and the Secure Boot key lists to enrol (`enrolment`: the .auth files, copied as named)."""
     output.unlink(missing_ok=True)
     with output.open("wb") as f:
         f.truncate(size)
@@ -79,20 +79,13 @@ def make_esp(
         (conf, "::loader/loader.conf"),
         (uki, f"::EFI/Linux/{uki_name(version)}"),
     ]
-    staged = []
     if enrolment:
         dirs += ["::loader/keys", f"::{ENROLMENT_DIR}"]
-        for name, data in sorted(enrolment.items()):
-            path = output.parent / name
-            path.write_bytes(data)
-            staged.append(path)
-            copies.append((path, f"::{ENROLMENT_DIR}/{name}"))
+        copies += [(path, f"::{ENROLMENT_DIR}/{path.name}") for path in sorted(enrolment)]
     run(["mmd", *img, *dirs], env=env)
     for source, dest in copies:
         run(["mcopy", *img, source, dest], env=env)
     conf.unlink()
-    for path in staged:
-        path.unlink()
 
 
 def make_state(tree: Path, var: Path, size: int, output: Path, seed: str) -> None:

@@ -113,20 +113,22 @@ def secure_boot_key(keys_dir: Path) -> tuple[Path, Path]:
     return key, directory / "db.crt"
 
 
-def enrolment_files(keys_dir: Path) -> dict[str, bytes]:
-    """The signed key lists the ESP carries for machines in setup mode; none (said loudly) when
-    they are stale or missing and PK or KEK is offline."""
+def esp_enrolment(keys_dir: Path) -> list[Path]:
+    """The signed key lists the ESP carries for machines in setup mode (kept in the keys
+    directory); none, said loudly, when they are stale or missing and PK or KEK is offline."""
+    from builder.publish import secureboot
+
+    directory = secureboot.secureboot_dir(keys_dir)
     found = signing.secureboot_enrolment(keys_dir)
     if found is None:
-        directory = keys_dir / "secureboot"
         warn("")
         warn(f"NO CURRENT ENROLMENT FILES in {directory} (PK.auth, KEK.auth, db.auth) and")
         warn("PK.key or KEK.key is offline: this ESP carries no keys to enrol, so machines in")
         warn("setup mode boot it with Secure Boot off. Bring PK.key and KEK.key back once, and")
         warn("build again (the files are kept): see docs/updates.md.")
         warn("")
-        return {}
-    return found
+        return []
+    return [directory / name for name in found]
 
 
 def update_defaults(config: ImageConfig) -> str:
@@ -244,7 +246,7 @@ def _build_image(
         # host_path, as everything after the overlays: a link they left must not lead out.
         anchor = trust_anchor(keys_dir or repo / "keys")
         db_key = secure_boot_key(keys_dir or repo / "keys")
-        enrolment = enrolment_files(keys_dir or repo / "keys")
+        enrolment = esp_enrolment(keys_dir or repo / "keys")
         overlay.install_file(tree, "/usr/share/berth/tuf/root.json", anchor)
         overlay.install_file(tree, "/usr/lib/berth/update.toml", update_defaults(config).encode())
         overlay.install_file(tree, "/usr/share/berth/packages.txt", _package_list(root.packages))

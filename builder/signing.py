@@ -309,13 +309,17 @@ def _kept_enrolment(keys_dir: Path) -> dict[str, bytes] | None:
     return kept if _lists_current(kept, directory, secureboot.read_guid(keys_dir)) else None
 
 
+def _signers_online(keys_dir: Path) -> bool:
+    """Whether PK.key and KEK.key, which sign the enrolment files, are in the keys directory."""
+    directory = secureboot.secureboot_dir(keys_dir)
+    return all((directory / f"{signer}.key").exists() for signer, _ in ENROLMENT.values())
+
+
 def describe_enrolment(keys_dir: Path) -> str:
     """What `keys show` says of the enrolment files: current, or why a build cannot ship them."""
     if _kept_enrolment(keys_dir) is not None:
         return "PK.auth, KEK.auth, db.auth: current (every build puts them on the ESP)"
-    directory = secureboot.secureboot_dir(keys_dir)
-    online = all((directory / f"{s}.key").exists() for s, _ in ENROLMENT.values())
-    if online:
+    if _signers_online(keys_dir):
         return "PK.auth, KEK.auth, db.auth: missing or stale; the next build makes them again"
     return (
         "PK.auth, KEK.auth, db.auth: missing or stale, and PK.key or KEK.key is offline: "
@@ -337,7 +341,7 @@ def secureboot_enrolment(keys_dir: Path) -> dict[str, bytes] | None:
     kept = _kept_enrolment(keys_dir)
     if kept is not None:
         return kept
-    if not all((directory / f"{signer}.key").exists() for signer, _ in ENROLMENT.values()):
+    if not _signers_online(keys_dir):
         return None
     made = enrolment_files(keys_dir, _enrolment_time(directory))
     for name, data in made.items():

@@ -217,7 +217,7 @@ def test_enrolment_files_are_kept_beside_the_keys_and_made_again_after_a_db_rota
 
 
 def test_the_esp_carries_the_key_lists_where_systemd_boot_enrols_them(tmp_path: Path) -> None:
-    from builder import disk, signing
+    from builder import disk, image, signing
 
     keys = tmp_path / "keys"
     secureboot.init_secureboot_keys(keys)
@@ -227,7 +227,7 @@ def test_the_esp_carries_the_key_lists_where_systemd_boot_enrols_them(tmp_path: 
     boot.write_bytes(b"boot")
     uki.write_bytes(b"uki")
     esp = tmp_path / "esp.vfat"
-    disk.make_esp(boot, uki, "1.2.3", 64 << 20, esp, "seed", files)
+    disk.make_esp(boot, uki, "1.2.3", 64 << 20, esp, "seed", image.esp_enrolment(keys))
     env = {"MTOOLS_SKIP_CHECK": "1"}
     for name, data in files.items():
         out = tmp_path / f"read-{name}"
@@ -238,6 +238,6 @@ def test_the_esp_carries_the_key_lists_where_systemd_boot_enrols_them(tmp_path: 
     assert "secure-boot-enroll if-safe" in conf.read_text().splitlines()
     # No key lists (PK or KEK offline and none kept): no keys directory at all.
     bare = tmp_path / "bare.vfat"
-    disk.make_esp(boot, uki, "1.2.3", 64 << 20, bare, "seed", {})
+    disk.make_esp(boot, uki, "1.2.3", 64 << 20, bare, "seed", [])
     listing = run(["mdir", "-i", bare, "-b", "::loader"], env=env, quiet=True).stdout.decode()
     assert "keys" not in listing
