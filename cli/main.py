@@ -78,7 +78,9 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("rest", nargs=argparse.REMAINDER)
     r.set_defaults(func=cmd_run)
-    k = sub.add_parser("keys", help="manage the TUF and Secure Boot keys (docs/updates.md)")
+    k = sub.add_parser(
+        "keys", help="manage the TUF, Secure Boot and PCR keys (docs/updates.md, docs/security.md)"
+    )
     k.add_argument("action", choices=["init", "rotate", "renew-root", "show"])
     k.add_argument(
         "role",

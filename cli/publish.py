@@ -10,7 +10,7 @@ import argparse
 
 from builder import publish, signing
 from builder.log import log
-from builder.publish import PublishResult, secureboot
+from builder.publish import PublishResult, pcrkey, secureboot
 from updater.release.packages import change_lines
 
 DEFAULT_CHANNEL = "stable"
@@ -109,6 +109,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(f"secure boot {key.name:<4} {key.describe()}")
         if described:
             print(f"enrolment   {signing.describe_enrolment(args.keys)}")
+        pcr = pcrkey.describe_pcr_key(args.keys)
+        if pcr is None:
+            print("pcr key    none (./build.py keys init makes it)")
+        else:
+            print(f"pcr key    {pcr.describe()}")
     return 0
 
 
@@ -117,16 +122,17 @@ def _init_keys(args: argparse.Namespace) -> None:
     that has both is refused (keys are never overwritten)."""
     has_tuf = publish.has_keys(args.keys)
     has_secureboot = secureboot.has_secureboot_keys(args.keys)
-    if has_tuf and has_secureboot:
+    has_pcr = pcrkey.has_pcr_key(args.keys)
+    if has_tuf and has_secureboot and has_pcr:
         raise publish.PublishError(
-            f"{args.keys} already holds TUF and Secure Boot keys",
+            f"{args.keys} already holds TUF, Secure Boot and PCR keys",
             hint="keys are never overwritten; choose another directory or rotate a key instead",
         )
     if has_tuf and (args.root_keys is not None or args.root_threshold is not None):
         raise publish.PublishError(
             f"{args.keys} already holds TUF keys: --root-keys and --root-threshold apply only "
             "when they are made",
-            hint="drop them to add the missing Secure Boot keys",
+            hint="drop them to add the missing Secure Boot or PCR keys",
         )
     if not has_tuf:
         root_keys = DEFAULT_ROOT_KEYS if args.root_keys is None else args.root_keys
@@ -150,6 +156,13 @@ def _init_keys(args: argparse.Namespace) -> None:
                 "Wrote the enrolment files PK.auth, KEK.auth and db.auth there: machines in "
                 "setup mode enrol them from the ESP."
             )
+
+    if not has_pcr and pcrkey.init_pcr_key(args.keys):
+        log(
+            f"Created the PCR key in {pcrkey.pcr_dir(args.keys)}/: every UKI carries PCR 11 "
+            "predictions signed with it, and machines unlock STATE only for those. Keep "
+            f"{pcrkey.PRIVATE} safe: see docs/security.md."
+        )
 
 
 def _print_result(result: PublishResult) -> None:

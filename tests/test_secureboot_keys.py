@@ -134,7 +134,7 @@ def test_keys_init_adds_secure_boot_keys_to_a_directory_with_tuf_keys(
     # Both sets there: refused, nothing changed.
     before = snapshot(keys / "secureboot")
     assert main(["keys", "init", "--keys", str(keys)]) == 1
-    assert "already holds TUF and Secure Boot keys" in capsys.readouterr().err
+    assert "already holds TUF, Secure Boot and PCR keys" in capsys.readouterr().err
     assert snapshot(keys / "secureboot") == before
     # Root key options only apply when the TUF keys are made.
     for path in (keys / "secureboot").iterdir():

@@ -185,6 +185,20 @@ def _owner_problem(path: Path, st: os.stat_result, what: str) -> tuple[str, str]
     )
 
 
+def _private_key_problems(
+    private: Path,
+) -> tuple[Path | None, list[tuple[str, str] | None]]:
+    """`private` when it exists (None: offline), with what is wrong with its mode and owner."""
+    try:
+        st = private.stat()
+    except FileNotFoundError:
+        return None, []
+    return private, [
+        _mode_problem(private, st, f"the private key {private}", 0o077, f"{PRIVATE_MODE:o}"),
+        _owner_problem(private, st, str(private)),
+    ]
+
+
 def _refuse(keys_dir: Path, problems: list[tuple[str, str] | None]) -> None:
     found = [p for p in problems if p is not None]
     if not found:

@@ -34,6 +34,7 @@ from builder.publish.keys import (
     PUBLIC_MODE,
     _mode_problem,
     _owner_problem,
+    _private_key_problems,
     _refuse,
     _write_new,
 )
@@ -185,17 +186,8 @@ def describe_secureboot_keys(keys_dir: Path) -> list[SecureBootKey]:
     ]
     found = []
     for name in NAMES:
-        private: Path | None = directory / f"{name}.key"
-        assert private is not None
-        try:
-            st = private.stat()
-        except FileNotFoundError:
-            private = None
-        else:
-            problems.append(
-                _mode_problem(private, st, f"the private key {private}", 0o077, f"{PRIVATE_MODE:o}")
-            )
-            problems.append(_owner_problem(private, st, str(private)))
+        private, found_problems = _private_key_problems(directory / f"{name}.key")
+        problems += found_problems
         certificate_path = directory / f"{name}.crt"
         if not certificate_path.exists():
             raise PublishError(
