@@ -44,6 +44,14 @@ class OutputFormat(StrEnum):
     RAW_ZST = "raw.zst"  # bare metal: zstd-compressed disk.raw to write to a drive
 
 
+class Encryption(StrEnum):
+    """Whether first boot makes STATE a LUKS2 volume sealed to the TPM (docs/security.md)."""
+
+    AUTO = "auto"  # when the machine has a TPM 2.0 at first boot; plain ext4 otherwise
+    TPM2 = "tpm2"  # always: a machine without a TPM 2.0 refuses to boot rather than go plain
+    OFF = "off"  # never: STATE stays plain ext4
+
+
 class Compression(StrEnum):
     """erofs compressors (`mkfs.erofs -z`); the image's kernel must be able to decompress them."""
 
@@ -124,6 +132,10 @@ class ImageConfig:
     # Container image archives (oci-archive or docker-archive) baked into the root's read-only
     # image store (builder.preload); absolute paths, parents' first.
     preload: tuple[Path, ...] = ()
+    encrypt: Encryption = Encryption.AUTO
+    # Also seal STATE to PCR 7 (the Secure Boot state: PK, KEK, db, dbx); a dbx update then
+    # needs the recovery key once (docs/security.md).
+    encrypt_bind_pcr7: bool = False
     # Read-only mapping; left out of the hash because a mapping proxy is unhashable.
     variables: Mapping[str, str] = field(default_factory=_no_variables, hash=False)
 
@@ -144,6 +156,8 @@ _TOP_KEYS = (
     "update",
     "variables",
     "preload",
+    "encrypt",
+    "encrypt_bind_pcr7",
 )
 _PARTITION_KEYS = ("esp", "root", "verity", "state")
 _PARTITION_MINIMUMS = {"esp": MIN_ESP, "root": MIN_ROOT, "verity": MIN_VERITY, "state": MIN_STATE}
@@ -202,6 +216,8 @@ class _Layer:
     update: Mapping[str, str]
     variables: Mapping[str, str]
     preload: tuple[Path, ...]
+    encrypt: Encryption | None
+    encrypt_bind_pcr7: bool | None
 
 
 def list_images(images_dir: Path) -> list[str]:
@@ -304,6 +320,8 @@ def _apply(parent: ImageConfig, layer: _Layer, path: Path) -> ImageConfig:
         extends=(layer.extends, *parent.extends) if layer.extends is not None else (),
         variables=MappingProxyType({**parent.variables, **layer.variables}),
         preload=tuple(dict.fromkeys((*parent.preload, *layer.preload))),
+        encrypt=_pick(layer.encrypt, parent.encrypt),
+        encrypt_bind_pcr7=_pick(layer.encrypt_bind_pcr7, parent.encrypt_bind_pcr7),
     )
 
 
@@ -484,6 +502,8 @@ def _parse_layer(source: _Source, table: dict[str, Any], images_dir: Path) -> _L
         update=update,
         variables=variables,
         preload=preload,
+        encrypt=_choice(source, table, "encrypt", Encryption),
+        encrypt_bind_pcr7=_boolean(source, table, "encrypt_bind_pcr7"),
     )
 
 
@@ -535,6 +555,15 @@ def _string(source: _Source, table: Mapping[str, Any], key: str, prefix: str = "
     value = table[key]
     if not isinstance(value, str):
         raise source.wrong_type(prefix + key, "a string", value)
+    return value
+
+
+def _boolean(source: _Source, table: Mapping[str, Any], key: str) -> bool | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if not isinstance(value, bool):
+        raise source.wrong_type(key, "true or false", value)
     return value
 
 

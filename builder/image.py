@@ -44,6 +44,8 @@ BUILD_TOOLS = (
 BUILD_FILES = ("/usr/share/keyrings/debian-archive-keyring.gpg",)
 # Directories the running system mounts over (STATE, the ESP, the initrd's switch-root target).
 MOUNT_POINTS = ("/boot", "/root", "/home", "/var", "/sysroot")
+# Below /usr/lib/berth/initrd, so the initrd has it too (as /usr/lib/berth/encrypt.conf).
+ENCRYPT_CONF = "/usr/lib/berth/initrd/encrypt.conf"
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,40 @@ def secure_boot_key(keys_dir: Path) -> tuple[Path, Path]:
             hint="bring it back from offline storage (PK and KEK may stay offline)",
         )
     return key, directory / "db.crt"
+
+
+def pcr_signing_key(keys_dir: Path) -> tuple[Path, Path]:
+    """The PCR key pair (private, public) that signs each UKI's PCR 11 predictions; a
+    development key is created (loudly) when the keys directory has none."""
+    from builder.publish import pcrkey
+
+    if not pcrkey.has_pcr_key(keys_dir):
+        pcrkey.init_pcr_key(keys_dir)
+        warn("")
+        warn(f"NO PCR KEY in {pcrkey.pcr_dir(keys_dir)}: created a DEVELOPMENT key there.")
+        warn("Machines seal STATE to it: only UKIs signed with it unlock STATE. For releases,")
+        warn("create it deliberately (./build.py keys init) and keep it safe: docs/security.md.")
+        warn("")
+    described = pcrkey.describe_pcr_key(keys_dir)
+    assert described is not None
+    if described.private is None:
+        raise BuildError(
+            f"no {pcrkey.pcr_dir(keys_dir) / pcrkey.PRIVATE}: the PCR key signs every UKI",
+            hint="bring it back from offline storage; a UKI without its signature never "
+            "unlocks STATE",
+        )
+    return described.private, described.public
+
+
+def encryption_settings(config: ImageConfig) -> str:
+    """/usr/lib/berth/initrd/encrypt.conf: what the initrd does with STATE at first boot
+    (sourced by overlays/base/usr/lib/berth/initrd/state-open; read by the agent's status)."""
+    pcrs = "7" if config.encrypt_bind_pcr7 else ""
+    return (
+        "# Written by the build from the image definition's `encrypt` and `encrypt_bind_pcr7`.\n"
+        f"ENCRYPT={config.encrypt}\n"
+        f"TPM2_PCRS={pcrs}\n"
+    )
 
 
 def esp_enrolment(keys_dir: Path) -> list[Path]:
@@ -247,6 +283,8 @@ def _build_image(
         anchor = trust_anchor(keys_dir or repo / "keys")
         db_key = secure_boot_key(keys_dir or repo / "keys")
         enrolment = esp_enrolment(keys_dir or repo / "keys")
+        pcr_key = pcr_signing_key(keys_dir or repo / "keys")
+        overlay.install_file(tree, ENCRYPT_CONF, encryption_settings(config).encode())
         overlay.install_file(tree, "/usr/share/berth/tuf/root.json", anchor)
         overlay.install_file(tree, "/usr/lib/berth/update.toml", update_defaults(config).encode())
         overlay.install_file(tree, "/usr/share/berth/packages.txt", _package_list(root.packages))
@@ -293,6 +331,7 @@ def _build_image(
             tree / "usr/lib/os-release",
             cmdline,
             staging / "uki.efi",
+            pcr_key,
         )
         # Machines only ever install signed UKIs: the payload's is this one.
         signing.sign_file(staging / "uki.efi", *db_key)
