@@ -31,7 +31,7 @@ _KEEP = re.compile(
     r"^/usr/lib/(systemd/(system|system-generators|systemd[^/]*$|system\.conf\.d)"
     r"|udev/(rules\.d/|[^/]+$)|modprobe\.d/|sysctl\.d/|tmpfiles\.d/)"
     r"|^/usr/bin/(systemctl|journalctl|udevadm|systemd-tmpfiles|systemd-escape|kmod"
-    r"|systemd-ask-password|systemd-tty-ask-password-agent|systemd-creds)$"
+    r"|systemd-ask-password|systemd-tty-ask-password-agent|systemd-creds|systemd-cryptenroll)$"
     r"|^/usr/sbin/(dmsetup|modprobe|insmod|rmmod|lsmod|depmod|modinfo)$"
 )
 # ...minus what an initrd never uses.
@@ -40,7 +40,7 @@ _DROP = re.compile(
     # Daemons of the real system that no initrd unit starts.
     r"|/systemd-(networkd|networkd-wait-online|network-generator|logind|hostnamed|localed"
     r"|timedated|storagetm|bsod|backlight|rfkill|user-sessions|socket-proxyd|ssh-proxy"
-    r"|pcrlock|pcrextend|measure|xdg-autostart-condition)$)"
+    r"|pcrlock|measure|xdg-autostart-condition)$)"
 )
 
 # Further programs used by the initrd units and for rescue from the emergency shell.
@@ -57,6 +57,26 @@ EXTRA_FILES = (
     "/usr/sbin/sfdisk",
     "/usr/bin/partx",
     "/usr/sbin/veritysetup",
+    # STATE: made a LUKS2 volume at first boot (mke2fs inside it, the image's /var copied back),
+    # opened with its TPM2 token on every boot (overlays/base/usr/lib/berth/initrd/state-open).
+    "/usr/sbin/cryptsetup",
+    "/usr/sbin/mke2fs",
+    "/usr/sbin/mkfs.ext4",
+    "/usr/sbin/dumpe2fs",
+    "/etc/mke2fs.conf",
+    "/usr/bin/cp",
+    "/usr/bin/dd",
+    "/usr/bin/base64",
+    "/usr/bin/chattr",
+    "/usr/bin/grep",
+    "/usr/bin/tr",
+    "/usr/bin/head",
+    "/usr/bin/mv",
+    "/usr/lib/udev/rules.d/61-berth-state.rules",
+    # libcryptsetup's handler for systemd's TPM2 token, which systemd-cryptsetup unlocks through.
+    "/usr/lib/x86_64-linux-gnu/cryptsetup/libcryptsetup-token-systemd-tpm2.so",
+    # systemd loads the TPM's TCTI by name (not a .note.dlopen feature).
+    "/usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0",
     "/usr/bin/mkdir",
     "/usr/bin/rm",
     "/usr/bin/sleep",
@@ -75,7 +95,7 @@ EXTRA_FILES = (
 )
 
 # Libraries that systemd and kmod load with dlopen() (named by their FDO .note.dlopen features).
-DLOPEN_FEATURES = ("cryptsetup", "kmod", "zstd", "lzma", "lz4")
+DLOPEN_FEATURES = ("cryptsetup", "kmod", "zstd", "lzma", "lz4", "tpm")
 
 # Kernel modules by name; their modules.dep closure and pre-softdeps come along.
 MODULES = (
@@ -107,6 +127,11 @@ MODULES = (
     "erofs",
     "dm_verity",
     "dm_mod",
+    # an encrypted STATE: LUKS2's aes-xts-plain64, and the kernel crypto API cryptsetup checks
+    "dm_crypt",
+    "xts",
+    "aesni_intel",
+    "algif_skcipher",
     "overlay",
     "ext4",
     "vfat",
