@@ -180,6 +180,8 @@ def format_status(status: Status) -> str:
     lines.extend(f"transfer:     {t}" for t in status.transfers)
     lines.append(f"boot entries: {', '.join(status.boot_entries) or 'none'}")
     lines.append(f"secure boot:  {status.secure_boot} (kernel lockdown: {status.lockdown})")
+    lines.append(f"state:        {status.state_encryption}")
+    lines.append(f"tpm:          {status.tpm}")
     return "\n".join(lines) + "\n"
 
 

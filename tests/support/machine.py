@@ -166,6 +166,7 @@ class FakeMachine:
         self.loader_entries_missing = False  # True: a boot loader without that variable
         self.efivars = root / "efivars"  # the Secure Boot variables go here, when a test sets them
         self.lockdown = root / "security/lockdown"
+        self.tpm_class = root / "sys/class/tpm"  # empty: no TPM, unless a test adds tpm0
         self.os_release = root / "etc/os-release"
         self.machine_id = root / "etc/machine-id"
         self.machine_id.write_text(MACHINE_ID + "\n")
@@ -214,6 +215,8 @@ class FakeMachine:
             etc_upper=self.var / "lib/berth/etc/upper",
             efivars=self.efivars,
             lockdown=self.lockdown,
+            state_report=self.run / "berth/state.json",
+            tpm_class=self.tpm_class,
         )
 
     def slots(self) -> tuple[slots.Slot, slots.Slot]:

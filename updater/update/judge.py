@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-from updater.disk import bootentries, slots
+from updater.disk import bootentries, encryption, slots
 from updater.errors import RefusedError
 from updater.release.version import Version
 from updater.update import bootcheck, etcdrift
@@ -54,6 +54,7 @@ def after_boot(ctx: Context) -> AfterBoot:
     refused = bootcheck.set_aside_refused(esp, ctx.machine.efivars, booted.version)
     entries = bootentries.list_entries(esp)
     loaded = bootentries.loaded_versions(ctx.machine.loader_entries)
+    unlock = encryption.unlock_failure(ctx.machine.efivars)
     rolled: list[Version] = []
     reasons: list[str] = []
     damaged: list[str] = []
@@ -80,7 +81,10 @@ def after_boot(ctx: Context) -> AfterBoot:
                 state = replace(state, pending=None)
             damaged.extend(names)
             continue
-        if any(e.state is bootentries.EntryState.BAD for e in mine):
+        if unlock is not None and unlock.version == str(version):
+            # Its initrd said why before it failed (disk/encryption.py): that beats "ran out".
+            why = f"STATE could not be unlocked: {unlock.reason}"
+        elif any(e.state is bootentries.EntryState.BAD for e in mine):
             why = (
                 "boot did not complete (its boot counter ran out; the health check "
                 "results of those boots are not available to the agent)"
@@ -118,6 +122,9 @@ def after_boot(ctx: Context) -> AfterBoot:
         else:
             waiting = True  # systemd-bless-boot has not run yet: judge on a later call
     ctx.save_state(state)
+    if unlock is not None:
+        # Recorded above (or about a version judged before): the variable has done its job.
+        encryption.clear_unlock_failure(ctx.machine.efivars)
     machine = ctx.machine
     return AfterBoot(
         booted.version,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from updater import files
-from updater.disk import bootentries, firmware, slots
+from updater.disk import bootentries, encryption, firmware, slots
 from updater.errors import StorageError
 
 MiB = 1 << 20
@@ -45,6 +45,9 @@ class Machine:
     # Secure Boot's and lockdown's state, for status (disk/firmware.py).
     efivars: Path = firmware.EFIVARS
     lockdown: Path = firmware.LOCKDOWN
+    # What the initrd found of STATE's encryption; the kernel's TPMs (disk/encryption.py).
+    state_report: Path = encryption.STATE_REPORT
+    tpm_class: Path = encryption.TPM_CLASS
 
     @classmethod
     def detect(cls) -> Machine:

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from updater.config import Strategy
-from updater.disk import bootentries, firmware, slots
+from updater.disk import bootentries, encryption, firmware, slots
 from updater.release.version import Version
 from updater.update import choose, etcdrift
 from updater.update.context import Context
@@ -74,6 +74,12 @@ class Status:
     # lockdown mode ("integrity", "none", ...): disk/firmware.py.
     secure_boot: str = str(firmware.SecureBoot.NOT_UEFI)
     lockdown: str = "unknown"
+    # STATE: "LUKS2, unlocked by the TPM: ...", "not encrypted (no TPM 2.0 at first boot)";
+    # and the TPM the kernel found ("TPM 2.0", "none"): disk/encryption.py.
+    state_encryption: str = "unknown (this boot's initrd left no report)"
+    state_encrypted: bool | None = None
+    state_binding: str = "none"
+    tpm: str = "none"
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -127,6 +133,7 @@ def read_status(ctx: Context) -> Status:
     if held is not None and (state.pending is None or state.pending.version != held.version):
         held = None  # about an update that is no longer pending: rebooted, or replaced
     config = ctx.config
+    sealed = encryption.state_encryption(ctx.machine.state_report, ctx.machine.tpm_class)
     return Status(
         image=booted.image,
         arch=ctx.machine.arch,
@@ -148,6 +155,10 @@ def read_status(ctx: Context) -> Status:
         transfers=tuple(t.describe() for t in state.transfers),
         secure_boot=str(firmware.secure_boot(ctx.machine.efivars)),
         lockdown=firmware.lockdown(ctx.machine.lockdown),
+        state_encryption=sealed.describe(),
+        state_encrypted=sealed.encrypted,
+        state_binding=sealed.binding,
+        tpm=sealed.tpm,
         rollback_note=note,
         boot_entries=tuple(e.name for e in bootentries.list_entries(ctx.machine.esp)),
         busy=None if holder is None else holder.describe(),
