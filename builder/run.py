@@ -52,6 +52,9 @@ HOST_TOOLS: dict[str, str] = {
     "timeout": "coreutils",
     "veritysetup": "cryptsetup-bin",
     "losetup": "mount",
+    # The encryption VM test opens a machine's LUKS2 STATE on the host with its recovery key.
+    "cryptsetup": "cryptsetup-bin",
+    "debugfs": "e2fsprogs",
     "partx": "util-linux",
     # Preloading container images runs the image's podman in a private mount namespace.
     "unshare": "util-linux",

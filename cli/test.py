@@ -33,6 +33,12 @@ TEST_TOOLS = (
     "cert-to-efi-sig-list",
     "hash-to-efi-sig-list",
     "openssl",
+    # The VM harness's software TPM 2.0 (VMConfig.tpm, `./build.py run --tpm`).
+    "swtpm",
+    # A machine's encrypted STATE read back on the host with its recovery key.
+    "cryptsetup",
+    "losetup",
+    "debugfs",
 )
 TEST_FILES = (
     "/usr/share/OVMF/OVMF_CODE_4M.fd",

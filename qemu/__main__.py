@@ -7,15 +7,20 @@ goes to a log file and progress is printed as plain lines until the guest answer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from types import FrameType
 
 from builder.errors import BuildError
 from builder.log import log
 from qemu.vm import VM, Accel, DiskBus, Firmware, VMConfig, VMError, resolve_disk
+
+# `--tpm` without DIR: the state goes beside the machine's disk (tpm_beside_disk).
+TPM_DEFAULT = object()
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -75,8 +80,25 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "from its ESP and the machine then enforces them",
     )
     parser.add_argument(
+        "--tpm",
+        nargs="?",
+        type=Path,
+        const=TPM_DEFAULT,
+        metavar="DIR",
+        help="attach a software TPM 2.0 (swtpm) whose state is kept in DIR, created if missing: "
+        "it persists across QEMU restarts and runs, and a new directory is a new TPM; without "
+        "DIR it is kept beside the machine's disk: in the VM's work dir with the overlay "
+        "(removed with it when the VM ends), or with --no-snapshot in <disk>.tpm beside the "
+        "disk file, which keeps what is sealed to it",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait for SSH (without a terminal)"
     )
+
+
+def tpm_beside_disk(disk: Path, snapshot: bool, work_dir: Path) -> Path:
+    """Where `--tpm` keeps the state without DIR: with the disk whose secrets it seals."""
+    return work_dir / "tpm" if snapshot else disk.parent / f"{disk.name}.tpm"
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -90,24 +112,38 @@ def run_vm(args: argparse.Namespace, interactive: bool) -> int:
         if not args.ssh_key.is_file():
             raise VMError(f"public key not found: {args.ssh_key}")
         authorized = (args.ssh_key.read_text().strip(),)
-    config = VMConfig(
-        disk=resolve_disk(args.image),
-        memory_mib=args.memory,
-        cpus=args.cpus,
-        disk_bus=args.bus,
-        extra_disks=tuple(args.disk),
-        fw_cfg=tuple((name, Path(file)) for name, file in args.fw_cfg),
-        credentials=tuple(args.credential),
-        authorized_keys=authorized,
-        snapshot=not args.no_snapshot,
-        disk_size=args.disk_size,
-        accel=args.accel,
-        interactive=interactive,
-        no_reboot=args.no_reboot,
-        firmware=Firmware.SECURE_BOOT if args.secure_boot else Firmware.UEFI,
-    )
-    log(f"booting {config.disk}" + (" with Secure Boot (setup mode)" if args.secure_boot else ""))
-    with VM(config) as vm:
+    disk = resolve_disk(args.image)
+    with contextlib.ExitStack() as stack:
+        work_dir: Path | None = None
+        tpm: Path | None = args.tpm
+        if args.tpm is TPM_DEFAULT:
+            # The TPM's directory is named before the VM exists, so the work dir is made here
+            # (and removed after the VM closes) instead of by the VM.
+            work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="berth-vm-")))
+            tpm = tpm_beside_disk(disk, not args.no_snapshot, work_dir)
+        config = VMConfig(
+            disk=disk,
+            memory_mib=args.memory,
+            cpus=args.cpus,
+            disk_bus=args.bus,
+            extra_disks=tuple(args.disk),
+            fw_cfg=tuple((name, Path(file)) for name, file in args.fw_cfg),
+            credentials=tuple(args.credential),
+            authorized_keys=authorized,
+            snapshot=not args.no_snapshot,
+            disk_size=args.disk_size,
+            accel=args.accel,
+            interactive=interactive,
+            no_reboot=args.no_reboot,
+            work_dir=work_dir,
+            firmware=Firmware.SECURE_BOOT if args.secure_boot else Firmware.UEFI,
+            tpm=tpm,
+        )
+        secure = " with Secure Boot (setup mode)" if args.secure_boot else ""
+        log(f"booting {config.disk}{secure}")
+        if tpm is not None:
+            log(f"software TPM (swtpm), state in {tpm}")
+        vm = stack.enter_context(VM(config))
         login = shlex.join(vm.ssh_command())
         if interactive:
             log(f"log in with: {login}")

@@ -5,6 +5,8 @@ overlay (so the image under test stays pristine), its own copy of the UEFI varia
 entries and boot counting must not leak between machines), the harness's SSH key, the serial log
 and the QMP socket. The guest is reached over user-mode networking with port 22 forwarded to a free
 local port; the SSH key goes in as the systemd credential `ssh.authorized_keys.root`.
+With `VMConfig.tpm` the machine also gets a TPM 2.0 from swtpm (`SoftwareTPM`), whose state lives
+in a directory of the caller's choosing so that it outlives QEMU, as a real machine's TPM does.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ HARNESS_MARK = "berth-harness:"
 AHCI_PORTS = 6
 # Unix socket paths are limited to 108 bytes; deep pytest tmp dirs can exceed that.
 _MAX_SOCKET_PATH = 100
+# swtpm creates its control socket within milliseconds of starting; this is the bound.
+SWTPM_START_SECONDS = 10.0
+SWTPM_STOP_SECONDS = 5.0
+SWTPM_LOG_TAIL_LINES = 10
 
 _ANSI_ESCAPE = re.compile(rb"\x1b(?:\[[0-9;:?=]*[A-Za-z]|[()][A-Za-z0-9]|[=>])")
 _LINE_END = re.compile(r"\r+\n|\r")
@@ -151,6 +157,10 @@ class VMConfig:
     # The variable store the machine starts from (copied): enrolled keys, say
     # (qemu/secureboot.py); the default is OVMF's empty one (setup mode under SECURE_BOOT).
     ovmf_vars: Path = OVMF_VARS
+    # A TPM 2.0 (swtpm) whose state is kept in this directory, created when missing. The state
+    # outlives QEMU, so a power cycle or a later VM with the same directory finds the same TPM
+    # (its seeds, so keys sealed to it still unseal); a new empty directory is a new TPM.
+    tpm: Path | None = None
     extra_args: tuple[str, ...] = ()
 
     @property
@@ -312,6 +322,122 @@ def nic_argument(config: VMConfig, ssh_port: int) -> str:
     )
 
 
+class SoftwareTPM:
+    """One machine's TPM 2.0: `swtpm socket` with its state in `state_dir`.
+
+    QEMU connects to the control socket (`socket`, by default in `work_dir`) and hands swtpm its
+    data channel over it; with `--terminate` swtpm ends when QEMU goes away. stop() ends and reaps
+    it in any case. swtpm writes the state (`tpm2-00.permall`, the seeds) when the TPM is first
+    initialized, not when it starts, and keeps it across starts.
+    """
+
+    def __init__(self, state_dir: Path, work_dir: Path, socket: Path | None = None) -> None:
+        self.state_dir = state_dir
+        self.socket = socket or work_dir / "swtpm.sock"
+        self.log = work_dir / "swtpm.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        # Where this start's lines begin in the log, which earlier starts' lines precede.
+        self._log_start = 0
+
+    def command(self) -> list[str]:
+        # swtpm's options have no escape for a comma inside a value.
+        for path in (self.state_dir, self.socket, self.log):
+            if "," in os.fspath(path):
+                raise VMError(f"swtpm cannot take a path with a comma: {path}")
+        return [
+            find_tool("swtpm"),
+            *("socket", "--tpm2"),
+            *("--tpmstate", f"dir={self.state_dir.resolve()}"),
+            *("--ctrl", f"type=unixio,path={self.socket.resolve()}"),
+            *("--log", f"file={self.log.resolve()},level=1"),
+            "--terminate",
+        ]
+
+    def qemu_arguments(self) -> list[str]:
+        """What QEMU needs to attach this TPM: the socket, the emulator backend, a CRB device."""
+        return [
+            *("-chardev", f"socket,id=chrtpm,path={_qemu_escape(self.socket.resolve())}"),
+            *("-tpmdev", "emulator,id=tpm0,chardev=chrtpm"),
+            *("-device", "tpm-crb,tpmdev=tpm0"),
+        ]
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def start(self, timeout: float = SWTPM_START_SECONDS) -> None:
+        """Start swtpm and wait until its control socket exists, for QEMU to connect to."""
+        if self.running:
+            raise VMError("swtpm is already running")
+        argv = self.command()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        # A socket left by a swtpm that was killed: QEMU must not find it before the new one.
+        self.socket.unlink(missing_ok=True)
+        self._log_start = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as output:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while not self._listening():
+            status = self._proc.poll()
+            if status is not None:
+                self._proc = None
+                raise VMError(
+                    f"swtpm exited with status {status} before creating {self.socket}"
+                    + self._log_tail()
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise VMError(
+                    f"swtpm did not create {self.socket} within {timeout:.0f}s" + self._log_tail()
+                )
+            time.sleep(0.05)
+
+    def _listening(self) -> bool:
+        """Whether the control socket accepts connections: swtpm creates the file (bind) a
+        moment before it listens, and a QEMU that connects in between fails to start. The probe
+        connection is closed at once; swtpm then waits for the next one (QEMU's)."""
+        if not self.socket.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(os.fspath(self.socket))
+            except OSError:
+                return False
+        return True
+
+    def stop(self) -> int | None:
+        """End swtpm if it still runs and reap it; its exit status, None if it was not started."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(SWTPM_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return proc.wait()
+
+    def _log_tail(self) -> str:
+        try:
+            with self.log.open("rb") as f:
+                f.seek(self._log_start)
+                text = f.read().decode(errors="replace").strip()
+        except FileNotFoundError:
+            return ""
+        if not text:
+            return ""
+        tail = "\n".join(text.splitlines()[-SWTPM_LOG_TAIL_LINES:])
+        return f"\n--- swtpm log ({self.log}) ---\n{tail}"
+
+
 def disk_arguments(index: int, path: Path, fmt: str, bus: DiskBus, *, boot: bool) -> list[str]:
     """-drive/-device arguments for disk `index` on `bus`; the boot disk is the firmware's first."""
     drive_id = f"disk{index}"
@@ -372,6 +498,9 @@ class VM:
         self.vars_file = self.work_dir / "OVMF_VARS.fd"
         self._socket_dir: Path | None = None
         self.qmp_socket = self.work_dir / "qmp.sock"
+        self.tpm_socket = self.work_dir / "swtpm.sock"
+        # The machine's swtpm, set up by prepare() when the config asks for a TPM.
+        self.tpm: SoftwareTPM | None = None
         self.accel = Accel.TCG
         # Seconds from QEMU start (or from the reboot request) until SSH answered.
         self.boot_seconds: float | None = None
@@ -415,9 +544,12 @@ class VM:
         if not config.disk.is_file():
             raise VMError(f"disk image not found: {config.disk}")
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        if len(os.fspath(self.qmp_socket)) > _MAX_SOCKET_PATH:
+        if max(len(os.fspath(s)) for s in (self.qmp_socket, self.tpm_socket)) > _MAX_SOCKET_PATH:
             self._socket_dir = Path(tempfile.mkdtemp(prefix="berth-qmp-"))
             self.qmp_socket = self._socket_dir / "qmp.sock"
+            self.tpm_socket = self._socket_dir / "swtpm.sock"
+        if config.tpm is not None:
+            self.tpm = SoftwareTPM(config.tpm, self.work_dir, socket=self.tpm_socket)
 
         disk = config.disk.resolve()
         info = image_info(disk)
@@ -508,6 +640,8 @@ class VM:
             argv += ["-smbios", smbios_credential(name, value)]
         for table in config.smbios:
             argv += ["-smbios", table]
+        if self.tpm is not None:
+            argv += self.tpm.qemu_arguments()
         if config.no_reboot:
             argv.append("-no-reboot")
         argv += config.extra_args
@@ -531,14 +665,23 @@ class VM:
         self.boot_seconds = None
         self.qmp_socket.unlink(missing_ok=True)
         log(f"starting VM ({self.accel}, ssh port {self.ssh_port}, work dir {self.work_dir})")
+        if self.tpm is not None:
+            # A power cycle: the last QEMU's swtpm has ended by itself (--terminate) or ends
+            # now; the new one starts from the same state, as a machine's TPM keeps power off.
+            self.tpm.stop()
+            self.tpm.start()
         self._started_at = time.monotonic()
-        if self.config.interactive:
-            self._proc = subprocess.Popen(argv)
-        else:
-            with self.qemu_log.open("ab") as output:
-                self._proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
-                )
+        try:
+            if self.config.interactive:
+                self._proc = subprocess.Popen(argv)
+            else:
+                with self.qemu_log.open("ab") as output:
+                    self._proc = subprocess.Popen(
+                        argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+                    )
+        except BaseException:
+            self._stop_tpm()
+            raise
 
     @property
     def running(self) -> bool:
@@ -557,14 +700,22 @@ class VM:
         """Wait for QEMU to end (poweroff, `SuccessAction=exit`); return its exit status."""
         proc = self._require_proc()
         try:
-            return proc.wait(timeout)
+            status = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise self._boot_error(f"QEMU was still running after {timeout:.0f}s") from None
+        self._stop_tpm()
+        return status
+
+    @property
+    def disk(self) -> Path:
+        """The disk QEMU writes: the overlay when `snapshot`, else the configured disk."""
+        return self._disk
 
     def shutdown(self, timeout: float = 120.0) -> int:
         """Power off cleanly (systemctl over SSH, else ACPI power button); kill after `timeout`."""
         proc = self._require_proc()
         if proc.poll() is not None:
+            self._stop_tpm()
             return proc.returncode
         asked = False
         if self._ssh_answered:
@@ -576,17 +727,21 @@ class VM:
             with contextlib.suppress(VMError):
                 self.qmp("system_powerdown")
         try:
-            return proc.wait(timeout)
+            status = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             log(f"VM did not power off within {timeout:.0f}s, killing it")
             return self.kill()
+        self._stop_tpm()
+        return status
 
     def kill(self) -> int:
         """Pull the plug: SIGKILL QEMU, so nothing the guest did not flush reaches the disk."""
         proc = self._require_proc()
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-        return proc.wait()
+        status = proc.wait()
+        self._stop_tpm()
+        return status
 
     def recover_hung_reset(self, silence: float = RESET_SILENCE) -> bool:
         """Power-cycle a machine that went silent after a reset, as a BMC's watchdog would.
@@ -621,6 +776,7 @@ class VM:
     def close(self) -> None:
         if self.running:
             self.kill()
+        self._stop_tpm()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
         if self._own_work_dir:
@@ -801,6 +957,10 @@ class VM:
         if self._proc is None:
             raise VMError("the VM was never started")
         return self._proc
+
+    def _stop_tpm(self) -> None:
+        if self.tpm is not None:
+            self.tpm.stop()
 
     def _require_running(self, reason: str) -> None:
         if not self.running:

@@ -81,6 +81,7 @@ def build_release(
     cmdline: tuple[str, ...] = (),
     packages: tuple[str, ...] = (),
     files: tuple[tuple[str, str], ...] = (),
+    keys_dir: Path | None = None,
 ) -> BuildResult:
     """Another version of the session's image: same packages (the cache is reused) unless a
     scenario adds some, a marker file from an extra tree and extra kernel command-line words
@@ -99,7 +100,12 @@ def build_release(
             path.write_text(text)
         trees.append(tree)
     return build_image(
-        config, Version.parse(version), REPO, out_dir=out_dir, extra_trees=tuple(trees)
+        config,
+        Version.parse(version),
+        REPO,
+        out_dir=out_dir,
+        extra_trees=tuple(trees),
+        keys_dir=keys_dir,  # None: the repository's keys, which 1.0.0 was built with
     )
 
 
@@ -141,6 +147,7 @@ class Machine:
         fw_cfg: tuple[tuple[str, Path], ...] = (),
         firmware: Firmware = Firmware.UEFI,
         ovmf_vars: Path = OVMF_VARS,
+        tpm: Path | None = None,
     ) -> None:
         self.image = image
         self.vm = VM(
@@ -153,6 +160,8 @@ class Machine:
                 # Secure Boot's firmware, in setup mode (OVMF_VARS) or with keys enrolled
                 firmware=firmware,
                 ovmf_vars=ovmf_vars,
+                # swtpm's state directory: kept across this machine's power cycles
+                tpm=tpm,
             )
         )
         self.started = time.monotonic()
