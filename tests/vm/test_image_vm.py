@@ -105,6 +105,11 @@ def test_first_boot_reboot_and_containers(
     )
     status = json.loads(vm.ssh_output("berth-update status --json"))
     assert str(built_image.version) in json.dumps(status), status
+    # No TPM here: the image's encrypt = "auto" left STATE plain ext4, mounted as ever, and
+    # status says why (tests/vm/test_encryption_vm.py has the machine with one).
+    assert (status["state_encrypted"], status["tpm"]) == (False, "none"), status
+    assert status["state_encryption"] == "not encrypted (no TPM 2.0 at first boot)"
+    assert Path(vm.ssh_output("readlink -f /dev/disk/berth-state")).name == "vda6"
     anchor = (REPO / "keys" / "root.json").read_text()
     assert host.file("/usr/share/berth/tuf/root.json").content_string == anchor
     assert "[update]" in host.file("/usr/lib/berth/update.toml").content_string

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from builder.image import BuildResult
+from builder.publish import pcrkey
 from qemu import Firmware
 from qemu.drives import make_vfat
 from qemu.secureboot import enrolled_vars
@@ -76,6 +78,15 @@ class Releases:
         """4.0.0: boots, but the operator's health hook and a required unit fail on it."""
         return self.get("4.0.0")
 
+    def other_pcr_key(self) -> BuildResult:
+        """5.0.0: the same keys as 1.0.0 (TUF, Secure Boot) but another PCR key: it installs and
+        the firmware starts it, but its UKI's PCR 11 signature cannot unlock STATE."""
+        keys = self.work / "keys-other-pcr"
+        if not keys.exists():
+            shutil.copytree(REPO / "keys", keys, ignore=shutil.ignore_patterns("tpm2"))
+            pcrkey.init_pcr_key(keys)
+        return self.get("5.0.0", keys_dir=keys)
+
 
 @pytest.fixture(scope="module")
 def releases(built_image: BuildResult, tmp_path_factory: pytest.TempPathFactory) -> Releases:
@@ -86,7 +97,8 @@ def releases(built_image: BuildResult, tmp_path_factory: pytest.TempPathFactory)
 def machine(built_image: BuildResult, artifacts: Path) -> Iterator[Machine]:
     """Secure Boot's firmware in setup mode, as a new machine comes: systemd-boot enrols the
     keys on the image's ESP at the first start, and every boot after that is enforced."""
-    m = Machine(built_image, artifacts / "vm", firmware=Firmware.SECURE_BOOT)
+    # With a TPM: first boot encrypts STATE, and every boot of every scenario unlocks it.
+    m = Machine(built_image, artifacts / "vm", firmware=Firmware.SECURE_BOOT, tpm=artifacts / "tpm")
     try:
         yield m
     finally:
@@ -126,6 +138,7 @@ def provisioned_machine(
         fw_cfg=(("opt/org.berth/config", config),),
         firmware=Firmware.SECURE_BOOT,
         ovmf_vars=store,
+        tpm=artifacts / "tpm",  # STATE sealed to it at first boot; 2.0.0 must unlock it
     )
     try:
         yield m
@@ -217,6 +230,8 @@ def test_the_daemon_updates_skips_a_pulled_release_and_obeys_a_manual_rollback(
         assert web_starts(m.vm) == starts + 1  # started once by the new boot, volume intact
         assert m.ssh("systemctl is-system-running --wait", timeout=300) == "running"
         assert status["secure_boot"] == "enabled", status  # 2.0.0's UKI ran under Secure Boot
+        # 2.0.0, signed with the same PCR key, unlocked STATE on its first boot: no re-enrolment.
+        assert (status["state_encrypted"], status["state_binding"]) == (True, "tpm2-pcr11-signed")
         # 2.0.0's package made its system user in a maintainer script and ships a log directory
         # in /var; on this machine, whose /etc/passwd and /var are its own, its service runs as
         # that user all the same, its log directory is there, and the local user logs in.
@@ -391,6 +406,15 @@ def check_secure_boot(m: Machine) -> None:
     assert len(modules) > 10, modules  # the image's drivers were loaded, signatures and all
 
 
+def check_state_sealed(m: Machine) -> None:
+    """First boot with a TPM made STATE LUKS2, sealed to PCR 11 as signed by the build's key."""
+    status = m.status()
+    assert status["state_encrypted"] is True, status
+    assert (status["state_binding"], status["tpm"]) == ("tpm2-pcr11-signed", "TPM 2.0")
+    assert m.ssh("lsblk -no TYPE /dev/mapper/berth-state") == "crypt"
+    assert "STATE RECOVERY KEY" in m.console()
+
+
 def check_foreign_uki_never_runs(m: Machine, work: Path) -> None:
     """A UKI signed with another key, put on the ESP by hand as the newest entry with tries
     left: the firmware would refuse it and then stop at its menu, so before the reboot the
@@ -429,6 +453,7 @@ def test_bad_releases_roll_back_by_themselves(
         m = machine
         m.start()
         check_secure_boot(m)
+        check_state_sealed(m)
         start, boots = m.seconds(), m.boots()
         check_foreign_uki_never_runs(m, tmp_path)
         record(
@@ -465,6 +490,24 @@ def test_bad_releases_roll_back_by_themselves(
         assert "e2e-required.service" in reason and "does not answer on 4.0.0" in reason
         assert m.ssh("systemctl is-system-running --wait", timeout=300) == "running"
         record("bad release: health check fails", m.boots() - boots, m.seconds() - start, "1.0.0")
+
+        # (2d) Signed with another PCR key: its initrd cannot unlock STATE, says why, and the
+        # tries run out; 1.0.0 unlocks it again.
+        site.publish(releases.other_pcr_key())
+        start, boots = m.seconds(), m.boots()
+        boot_id = m.vm.boot_id()
+        m.ssh("systemctl restart berth-update.service")
+        m.wait_for_boot("1.0.0", boot_id, timeout=1500)
+        m.wait_for("the fallback to be judged", lambda: bool(_bad(m, "5.0.0")), 300)
+        reason = _bad(m, "5.0.0")
+        assert "rolled back from 5.0.0: STATE could not be unlocked: this release's UKI is " in (
+            reason
+        ), reason
+        assert "signed with another PCR key" in reason
+        assert "STATE could not be unlocked" in m.console()
+        assert m.status()["state_encrypted"] is True
+        assert m.ssh("ls /sys/firmware/efi/efivars | grep -c BerthStateUnlock || true") == "0"
+        record("bad release: other PCR key", m.boots() - boots, m.seconds() - start, "1.0.0")
 
         # (4) Bytes change in the installed, inactive slot: the daemon re-verifies it before
         # rebooting and refuses it.
