@@ -148,6 +148,7 @@ class Machine:
         firmware: Firmware = Firmware.UEFI,
         ovmf_vars: Path = OVMF_VARS,
         tpm: Path | None = None,
+        credentials: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.image = image
         self.vm = VM(
@@ -162,6 +163,8 @@ class Machine:
                 ovmf_vars=ovmf_vars,
                 # swtpm's state directory: kept across this machine's power cycles
                 tpm=tpm,
+                # systemd credentials by SMBIOS, as a platform's provisioning would pass them
+                credentials=credentials,
             )
         )
         self.started = time.monotonic()
