@@ -221,12 +221,21 @@ class Machine:
     def journal(self, units: str = "-u berth-update -u berth-health") -> str:
         return self.ssh(f"journalctl -b --no-pager -o cat {units}")
 
-    def configure(self, url: str, strategy: str = "immediate", restart: bool = True) -> None:
-        """The operator's /etc/berth/update.toml, flushed (a power cut must not lose it)."""
+    def configure(
+        self,
+        url: str,
+        strategy: str = "immediate",
+        restart: bool = True,
+        reboot_delay: str | None = None,
+    ) -> None:
+        """The operator's /etc/berth/update.toml, flushed (a power cut must not lose it).
+        `reboot_delay="0s"` where an install is quick: the SSH session that restarted the
+        daemon may still count as a logged-in user, who would be given 10 minutes."""
+        delay = "" if reboot_delay is None else f'reboot_delay = "{reboot_delay}"\n'
         self.ssh(
             "mkdir -p /etc/berth && cat > /etc/berth/update.toml <<'EOF'\n"
             f'[update]\nurl = "{url}"\nchannel = "stable"\nstrategy = "{strategy}"\n'
-            'interval = "1m"\nEOF\nsync'
+            f'interval = "1m"\n{delay}EOF\nsync'
         )
         if restart:  # the daemon checks at once instead of at its next interval
             self.ssh("systemctl restart berth-update.service")
