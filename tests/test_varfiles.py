@@ -50,6 +50,41 @@ def test_new_directories_are_made_and_the_machines_own_are_left_alone(tmp_path: 
     assert os.readlink(machine / "var/run") == "/run"
 
 
+def test_owners_follow_the_name_not_the_image_id(tmp_path: Path) -> None:
+    """A package's system user got id 100 in the new release's build but 101 on the machine
+    (whose own /etc/passwd already gave 100 to another user): its directory goes to 101."""
+    var = tmp_path / "image-var"
+    (var / "log/tinyproxy").mkdir(parents=True)
+    os.chown(var / "log/tinyproxy", 100, 4)
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/passwd").write_text(
+        "root:x:0:0::/root:/bin/sh\ntinyproxy:x:100:65534::/:/bin/false\n"
+    )
+    (tree / "etc/group").write_text("root:x:0:\nadm:x:4:\n")
+    conf = var_tmpfiles(var, tree)
+    assert "d /var/log/tinyproxy :0755 :tinyproxy :adm -" in conf
+    machine = tmp_path / "machine"
+    (machine / "etc").mkdir(parents=True)
+    (machine / "etc/passwd").write_text(
+        "root:x:0:0::/root:/bin/sh\ntss:x:100:102::/:/bin/false\ntinyproxy:x:101:65534::/:/bin/false\n"
+    )
+    (machine / "etc/group").write_text("root:x:0:\nadm:x:4:\ntss:x:102:\n")
+    (tmp_path / "berth-var.conf").write_text(conf)
+    subprocess.run(
+        [
+            find_tool("systemd-tmpfiles"),
+            f"--root={machine}",
+            "--create",
+            str(tmp_path / "berth-var.conf"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    made = (machine / "var/log/tinyproxy").stat()
+    assert (made.st_uid, made.st_gid) == (101, 4)
+
+
 def test_odd_names_are_escaped(tmp_path: Path) -> None:
     (tmp_path / "var/lib/with space").mkdir(parents=True)
     (tmp_path / "tree").mkdir()
