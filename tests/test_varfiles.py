@@ -11,6 +11,21 @@ from builder.run import find_tool
 from builder.varfiles import var_tmpfiles
 
 
+def create(conf: str, machine: Path, work: Path) -> None:
+    """What a machine's boot does with the lines: the real systemd-tmpfiles --create."""
+    (work / "berth-var.conf").write_text(conf)
+    subprocess.run(
+        [
+            find_tool("systemd-tmpfiles"),
+            f"--root={machine}",
+            "--create",
+            str(work / "berth-var.conf"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
 def test_new_directories_are_made_and_the_machines_own_are_left_alone(tmp_path: Path) -> None:
     # The new release's /var: a package's log directory (setgid, owned by its user) and a link.
     var = tmp_path / "image-var"
@@ -33,17 +48,7 @@ def test_new_directories_are_made_and_the_machines_own_are_left_alone(tmp_path: 
     machine = tmp_path / "machine"
     (machine / "var/lib/app").mkdir(parents=True)
     os.chmod(machine / "var/lib/app", 0o700)
-    (tmp_path / "berth-var.conf").write_text(conf)
-    subprocess.run(
-        [
-            find_tool("systemd-tmpfiles"),
-            f"--root={machine}",
-            "--create",
-            str(tmp_path / "berth-var.conf"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    create(conf, machine, tmp_path)
     made = (machine / "var/log/tinyproxy").stat()
     assert (made.st_mode & 0o7777, made.st_uid, made.st_gid) == (0o2750, 4242, 4)
     assert (machine / "var/lib/app").stat().st_mode & 0o777 == 0o700
@@ -70,17 +75,7 @@ def test_owners_follow_the_name_not_the_image_id(tmp_path: Path) -> None:
         "root:x:0:0::/root:/bin/sh\ntss:x:100:102::/:/bin/false\ntinyproxy:x:101:65534::/:/bin/false\n"
     )
     (machine / "etc/group").write_text("root:x:0:\nadm:x:4:\ntss:x:102:\n")
-    (tmp_path / "berth-var.conf").write_text(conf)
-    subprocess.run(
-        [
-            find_tool("systemd-tmpfiles"),
-            f"--root={machine}",
-            "--create",
-            str(tmp_path / "berth-var.conf"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    create(conf, machine, tmp_path)
     made = (machine / "var/log/tinyproxy").stat()
     assert (made.st_uid, made.st_gid) == (101, 4)
 
